@@ -1,0 +1,377 @@
+"""Typed run configuration: one dataclass per concern, a YAML file, and ``--key=value`` overrides.
+
+Resolution order: dataclass defaults < YAML file (``--config``) < command line.  Every key is
+checked: an unknown key or a value of the wrong type is a ``ValueError`` naming the key, the
+expected type and the fix.  Keys are unique across sections, so ``--resolution=128`` and
+``--data.resolution=128`` are the same override.
+"""
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+# configs/ beside the packages (editable install / source checkout).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "cpu-small.yaml"
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line help text (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = opt("cpu-small", "architecture preset: tiny | cpu-small | sd-f8c4 | f8c16 (autoencoder/presets.py)")
+    latent_channels: Optional[int] = opt(None, "override the preset's latent channels")
+    block_out_channels: Optional[list[int]] = opt(None, "override the preset's block widths (one per resolution level)")
+    layers_per_block: Optional[int] = opt(None, "override the preset's ResNet layers per block")
+    pretrained_model_name_or_path: Optional[str] = opt(
+        None, "initialise from a diffusers AutoencoderKL (local folder or Hub id) instead of the preset"
+    )
+    pretrained_subfolder: Optional[str] = opt(None, "subfolder of the pretrained repo, e.g. 'vae' for a pipeline repo")
+    revision: Optional[str] = opt(None, "Hub revision of the pretrained model")
+    train_decoder_only: bool = opt(False, "freeze encoder + quant_conv and train the decoder only (sd-vae-ft-mse style)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory on large images")
+
+
+@dataclass
+class LossConfig:
+    rec_loss: Literal["l1", "l2"] = opt("l1", "pixel reconstruction loss, mean over pixels")
+    rec_weight: float = opt(1.0, "weight of the pixel reconstruction loss")
+    lpips_weight: float = opt(0.5, "weight of the LPIPS perceptual loss (0 disables it)")
+    lpips_net: Literal["vgg", "alex"] = opt("vgg", "LPIPS backbone used for training")
+    lpips_weights: Optional[str] = opt(
+        None,
+        "torchvision-format backbone weights for LPIPS (a .pth file or a folder holding one); "
+        "falls back to $LPIPS_WEIGHTS, then torchvision's cache/download",
+    )
+    kl_weight: float = opt(1e-6, "beta: KL = posterior.kl().sum() / batch * beta")
+    kl_schedule: Literal["constant", "linear", "cyclical"] = opt("constant", "beta schedule over optimizer steps")
+    kl_warmup_steps: int = opt(0, "linear: steps to ramp beta from 0 to kl_weight")
+    kl_cycle_steps: int = opt(1000, "cyclical: length of one cycle in steps (Fu et al. 2019)")
+    kl_cycle_ratio: float = opt(0.5, "cyclical: fraction of each cycle spent ramping up, the rest at kl_weight")
+    free_bits: float = opt(0.0, "minimum KL per latent element (nats), applied per latent channel; 0 disables")
+    learn_logvar: bool = opt(False, "latent-diffusion NLL: rec / exp(logvar) + logvar with a learned scalar logvar")
+    logvar_init: float = opt(0.0, "initial value of the learned log-variance")
+    disc_enabled: bool = opt(False, "add a PatchGAN discriminator (adversarial loss)")
+    disc_start: int = opt(0, "optimizer step at which the adversarial loss switches on")
+    disc_weight: float = opt(0.5, "weight of the adversarial term (times the adaptive weight)")
+    disc_adaptive_weight: bool = opt(True, "scale the GAN term by ||grad rec|| / ||grad gan|| at the decoder's last layer")
+    disc_loss: Literal["hinge", "vanilla"] = opt("hinge", "discriminator loss")
+    disc_num_layers: int = opt(3, "PatchGAN depth (3 gives a 70x70 receptive field)")
+    disc_channels: int = opt(64, "PatchGAN width of the first layer")
+
+
+@dataclass
+class DataConfig:
+    dataset_name: Optional[str] = opt(None, "Hub dataset id (or a local dataset script/folder) for datasets.load_dataset")
+    dataset_config_name: Optional[str] = opt(None, "config name of the Hub dataset")
+    train_data_dir: Optional[str] = opt(
+        None, "local image folder, parquet file(s) or folder of them; neither this nor dataset_name = embedded photos"
+    )
+    image_column: str = opt("image", "column holding the images")
+    validation_split: Optional[str] = opt(
+        None, "split used for validation; default: 'validation' or 'test' if present, else held out from train"
+    )
+    num_validation_images: int = opt(64, "images held out (or taken from the validation split) for validation")
+    max_train_samples: Optional[int] = opt(None, "truncate the training set (debugging)")
+    resolution: int = opt(64, "training resolution (square crops, pixels)")
+    train_crop: Literal["auto", "random", "center", "random_resized"] = opt(
+        "auto", "train crop: random/center after resizing the shorter side; random_resized = multi-scale crops; "
+        "auto = random_resized for the embedded photos, random otherwise"
+    )
+    min_crop_scale: float = opt(0.02, "random_resized: smallest crop area as a fraction of the image")
+    random_flip: bool = opt(True, "random horizontal flips during training")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)")
+    cache_dir: Optional[str] = opt(None, "datasets cache directory")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("outputs/vae", "where checkpoints, logs, samples and the exported VAE go")
+    seed: int = opt(0, "global seed (model init, data order, crops, posterior samples)")
+    max_train_steps: int = opt(300, "optimizer steps to train")
+    train_batch_size: int = opt(8, "batch size per device")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    learning_rate: float = opt(2e-4, "peak learning rate of the VAE")
+    scale_lr: bool = opt(False, "multiply learning_rate by batch size x accumulation x processes")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = opt("cosine", "diffusers.optimization.get_scheduler name")
+    lr_warmup_steps: int = opt(20, "linear LR warm-up steps")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    disc_learning_rate: Optional[float] = opt(None, "discriminator learning rate (default: learning_rate)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; master weights stay fp32")
+    checkpointing_steps: int = opt(500, "save a resumable checkpoint every N steps (0 disables)")
+    checkpoints_total_limit: Optional[int] = opt(3, "keep at most this many checkpoints (None keeps all)")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder to resume from")
+    validation_steps: int = opt(100, "validate (PSNR/SSIM/LPIPS + grid) every N steps (0: only at the end)")
+    validation_batch_size: int = opt(16, "batch size per device for validation")
+    validate_at_start: bool = opt(True, "also validate the untrained model at step 0 (the baseline figure)")
+    val_lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone for the validation metric (AlexNet, as published)")
+    num_grid_images: int = opt(8, "validation images shown in the reconstruction grid")
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = opt("tensorboard", "experiment tracker")
+    logging_dir: str = opt("logs", "tracker folder, relative to output_dir")
+    log_every: int = opt(10, "log training scalars every N steps")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _section_types() -> dict[str, type]:
+    """Map section name -> its dataclass type."""
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def key_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Map every flat key to (section, field, resolved type); keys are unique across sections."""
+    index: dict[str, tuple[str, dataclasses.Field, Any]] = {}
+    for section, cls in _section_types().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in index and f.name not in SECTIONS, f"duplicate config key {f.name}"
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+def _type_name(tp: Any) -> str:
+    """Human-readable name of a type annotation."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float only), or raise a ValueError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_value(key, value, arg)
+            except ValueError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [check_value(key, v, item_tp) for v in value]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise AssertionError(f"unsupported config type {tp!r} for {key}")
+    raise ValueError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def parse_cli_value(key: str, text: str, tp: Any) -> Any:
+    """Parse a command-line string for a key of type ``tp`` (YAML scalars/lists; strings stay verbatim)."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    if optional and text.lower() in ("none", "null", "~"):
+        return None
+    base = [a for a in args if a is not type(None)][0] if optional else tp
+    if base is str or typing.get_origin(base) is Literal:
+        return check_value(key, text, tp)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config key '{key}': cannot parse {text!r}: {exc}") from None
+    return check_value(key, value, tp)
+
+
+def _unknown_key_error(key: str, where: str) -> ValueError:
+    """A ValueError for an unknown key, suggesting close matches."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(key_index()), n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " Run with --help for the list of keys."
+    return ValueError(f"unknown config key '{key}' in {where}.{hint}")
+
+
+def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
+    """Apply a YAML-style mapping ({section: {key: value}} or flat {key: value}) onto ``cfg``."""
+    index = key_index()
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where}: expected a mapping of config sections, got {type(mapping).__name__}")
+    for name, value in mapping.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: section '{name}' must be a mapping, got {value!r}")
+            for key, sub in value.items():
+                if key not in index or index[key][0] != name:
+                    raise _unknown_key_error(f"{name}.{key}", where)
+                setattr(getattr(cfg, name), key, check_value(key, sub, index[key][2]))
+        elif name in index:
+            section, _, tp = index[name]
+            setattr(getattr(cfg, section), name, check_value(name, value, tp))
+        else:
+            raise _unknown_key_error(str(name), where)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML config file, with a clear error if it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"config file {str(path)!r} not found; preset files: {presets} in {CONFIG_DIR}")
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    return data or {}
+
+
+def resolve_config_path(value: str) -> Path:
+    """A config path, or a preset name such as 'tiny' meaning configs/tiny.yaml."""
+    path = Path(value)
+    if not path.exists() and not path.suffix and (CONFIG_DIR / f"{value}.yaml").exists():
+        return CONFIG_DIR / f"{value}.yaml"
+    return path
+
+
+def split_argv(argv: list[str]) -> list[tuple[str, Optional[str]]]:
+    """Split ``--k=v``, ``--k v`` and bare ``--flag`` arguments into (key, text-or-None) pairs."""
+    pairs: list[tuple[str, Optional[str]]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: options are written --key=value or --key value")
+        body = arg[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, text = body, argv[i + 1]
+            i += 1
+        else:
+            key, text = body, None
+        pairs.append((key.replace("-", "_") if key not in ("config",) else key, text))
+        i += 1
+    return pairs
+
+
+def apply_overrides(cfg: Config, pairs: list[tuple[str, Optional[str]]]) -> None:
+    """Apply command-line (key, text) pairs onto ``cfg``; a bare flag means True for booleans."""
+    index = key_index()
+    for key, text in pairs:
+        name = key.split(".", 1)[1] if key.split(".", 1)[0] in SECTIONS and "." in key else key
+        if name not in index or ("." in key and index[name][0] != key.split(".", 1)[0]):
+            raise _unknown_key_error(key, "the command line")
+        section, _, tp = index[name]
+        if text is None:
+            if tp is not bool:
+                raise ValueError(f"config key '{name}' needs a value: --{name}=<{_type_name(tp)}>")
+            value = True
+        else:
+            value = parse_cli_value(name, text, tp)
+        setattr(getattr(cfg, section), name, value)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that single-key type checks cannot catch."""
+    if cfg.data.dataset_name and cfg.data.train_data_dir:
+        raise ValueError("give either --dataset_name or --train_data_dir, not both")
+    positive = {
+        "max_train_steps": cfg.train.max_train_steps,
+        "train_batch_size": cfg.train.train_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "resolution": cfg.data.resolution,
+        "validation_batch_size": cfg.train.validation_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"config key '{key}' must be >= 1, got {value}")
+    for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight"):
+        section = key_index()[key][0]
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ValueError(f"config key '{key}' must be >= 0")
+    if cfg.loss.kl_schedule == "cyclical" and cfg.loss.kl_cycle_steps < 1:
+        raise ValueError("kl_schedule=cyclical needs kl_cycle_steps >= 1")
+    if not 0.0 < cfg.loss.kl_cycle_ratio <= 1.0:
+        raise ValueError(f"kl_cycle_ratio must be in (0, 1], got {cfg.loss.kl_cycle_ratio}")
+    if not 0.0 < cfg.data.min_crop_scale <= 1.0:
+        raise ValueError(f"min_crop_scale must be in (0, 1], got {cfg.data.min_crop_scale}")
+
+
+def help_text() -> str:
+    """The config reference: every key with its section, type, default and help."""
+    lines = ["Options (--key=value or --key value; YAML sections model/loss/data/train):", "  --config PATH|PRESET"]
+    for key, (section, f, tp) in key_index().items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{key}  [{section}] {_type_name(tp)} = {default!r}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_config(argv: Optional[list[str]] = None, default_config: Path = DEFAULT_CONFIG) -> Config:
+    """Build a Config from defaults, the YAML file named by --config (default cpu-small) and overrides."""
+    pairs = split_argv(list(argv or []))
+    config_paths = [text for key, text in pairs if key == "config"]
+    if any(text is None for text in config_paths):
+        raise ValueError("--config needs a path or a preset name, e.g. --config configs/tiny.yaml")
+    path = resolve_config_path(config_paths[-1]) if config_paths else default_config
+    cfg = Config()
+    apply_mapping(cfg, load_yaml(path), where=str(path))
+    apply_overrides(cfg, [(k, v) for k, v in pairs if k != "config"])
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Nested plain-dict form of the config (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict:
+    """Flat {key: value} form for trackers (lists become strings, None becomes 'None')."""
+    out = {}
+    for section in to_dict(cfg).values():
+        for key, value in section.items():
+            out[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (loadable again with --config)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)

@@ -1,0 +1,259 @@
+"""Image data through ``datasets``: Hub ids, local folders/parquet, and an embedded real-photo default.
+
+Images are decoded here rather than by ``datasets`` so that an unreadable file is skipped and
+counted instead of crashing a run, and so that grayscale, palette, RGBA and 16-bit images are all
+converted to 8-bit RGB the same way.
+"""
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms as T
+
+from .config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+# Real photographs inside the scikit-image wheel (no download needed).  Synthetic images
+# (phantom, logo, chessboards, text pages) are left out.  The held-out set is never trained on.
+EMBEDDED_TRAIN = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "clock_motion.png", "coins.png", "grass.png",
+    "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png",
+    "motorcycle_right.png", "retina.jpg",
+)  # fmt: skip
+EMBEDDED_VALIDATION = ("chelsea.png", "coffee.png", "rocket.jpg")
+# Each embedded photo yields this many random crops per epoch.
+EMBEDDED_REPEATS = 64
+# Held-out photos are cut into tiles at this multiple of the resolution (shorter side).
+EMBEDDED_TILE_SCALE = 4
+# Consecutive unreadable images tolerated before the dataset is declared broken.
+MAX_CONSECUTIVE_BAD = 16
+
+
+@dataclass
+class ImageSplits:
+    """Train and validation datasets (``datasets.Dataset`` with an undecoded image column)."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    image_column: str
+    description: str
+    embedded: bool
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: EXIF-rotated, 16-bit rescaled, alpha composited onto white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            # float images: [0,1] if they fit, else already on a 0-255 scale
+            arr = arr * 255.0 if arr.max(initial=0.0) <= 1.0 else arr
+        elif img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr * (255.0 / 65535.0)  # 16-bit (PNG 16-bit grayscale opens as I;16 or I)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Open an image stored by ``datasets`` (dict of bytes/path), a path, or a PIL image, as RGB."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict):
+        if value.get("bytes"):
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            img = Image.open(value["path"])
+        else:
+            raise ValueError("image entry has neither bytes nor path")
+    elif isinstance(value, (str, Path)):
+        img = Image.open(value)
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    img.load()
+    return to_rgb(img)
+
+
+def train_transform(cfg: DataConfig, embedded: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB -> [3,R,R] tensor in [-1,1] with the configured crop and flip."""
+    crop = cfg.train_crop if cfg.train_crop != "auto" else ("random_resized" if embedded else "random")
+    res = cfg.resolution
+    if crop == "random_resized":
+        steps: list = [T.RandomResizedCrop(res, scale=(cfg.min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
+                                           interpolation=T.InterpolationMode.BICUBIC, antialias=True)]  # fmt: skip
+    else:
+        steps = [
+            T.Resize(res, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.RandomCrop(res) if crop == "random" else T.CenterCrop(res),
+        ]
+    if cfg.random_flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize([0.5], [0.5])]
+    return T.Compose(steps)
+
+
+def eval_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Evaluation policy: resize the shorter side (antialiased bicubic), centre crop, scale to [-1,1]."""
+    return T.Compose(
+        [
+            T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(resolution),
+            T.ToTensor(),
+            T.Normalize([0.5], [0.5]),
+        ]
+    )
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a ``datasets.Dataset`` image column that skips unreadable images.
+
+    An unreadable image is replaced by the next readable one and counted in the sample's
+    ``num_skipped``, so batch shapes stay fixed (important under DDP) and nothing crashes mid-run.
+    """
+
+    def __init__(self, hf_dataset: datasets.Dataset, image_column: str, transform: Callable):
+        self.ds = hf_dataset
+        self.column = image_column
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % len(self.ds)
+            try:
+                img = decode_image(self.ds[i][self.column])
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                logger.warning("skipping unreadable image #%d: %s: %s", i, type(exc).__name__, exc)
+                continue
+            return {"pixel_values": self.transform(img), "num_skipped": attempt, "index": i}
+        raise RuntimeError(
+            f"{MAX_CONSECUTIVE_BAD} consecutive images from #{index} could not be read; "
+            f"check the dataset files (column {self.column!r})"
+        )
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack pixel values [B,3,H,W]; sum the skipped-image counts."""
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "num_skipped": torch.tensor(sum(s["num_skipped"] for s in samples)),
+        "index": torch.tensor([s["index"] for s in samples]),
+    }
+
+
+def embedded_photo_dir() -> Path:
+    """Folder of the photographs shipped inside the scikit-image wheel."""
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    missing = [n for n in EMBEDDED_TRAIN + EMBEDDED_VALIDATION if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"scikit-image's bundled photographs {missing} are missing from {folder}; "
+            "reinstall scikit-image, or pass --train_data_dir / --dataset_name"
+        )
+    return folder
+
+
+def tile_image(img: Image.Image, resolution: int, scale: int) -> list[Image.Image]:
+    """Resize the shorter side to ``scale * resolution`` and cut non-overlapping R x R tiles."""
+    w, h = img.size
+    factor = scale * resolution / min(w, h)
+    img = img.resize((round(w * factor), round(h * factor)), Image.Resampling.BICUBIC)
+    w, h = img.size
+    return [
+        img.crop((x, y, x + resolution, y + resolution))
+        for y in range(0, h - resolution + 1, resolution)
+        for x in range(0, w - resolution + 1, resolution)
+    ]
+
+
+def embedded_splits(cfg: DataConfig) -> ImageSplits:
+    """The default: random crops of 14 bundled photographs; 3 held-out photographs, tiled, for validation."""
+    folder = embedded_photo_dir()
+    image = datasets.Image(decode=False)
+    train = datasets.Dataset.from_dict(
+        {"image": [str(folder / n) for n in EMBEDDED_TRAIN] * EMBEDDED_REPEATS}
+    ).cast_column("image", image)
+    tiles = [
+        tile
+        for name in EMBEDDED_VALIDATION
+        for tile in tile_image(decode_image(folder / name), cfg.resolution, EMBEDDED_TILE_SCALE)
+    ]
+    tiles = tiles[: cfg.num_validation_images]
+    validation = datasets.Dataset.from_dict({"image": tiles}, features=datasets.Features({"image": datasets.Image()}))
+    validation = validation.cast_column("image", image)
+    description = (
+        f"embedded scikit-image photographs: {len(EMBEDDED_TRAIN)} for training (random crops), "
+        f"{len(tiles)} validation tiles from {len(EMBEDDED_VALIDATION)} held-out photographs"
+    )
+    return ImageSplits(train, validation, "image", description, embedded=True)
+
+
+def _load_local(path_text: str, cache_dir: Optional[str]) -> datasets.DatasetDict:
+    """``--train_data_dir``: an image folder, a folder of parquet files, or parquet file(s)."""
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise ValueError(f"--train_data_dir {path_text!r} does not exist")
+    if path.is_file():
+        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"--train_data_dir file {path_text!r}: expected .parquet (or a folder of images)")
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir)
+    # A folder: datasets infers imagefolder or parquet, and train/test splits from file names.
+    return datasets.load_dataset(str(path), cache_dir=cache_dir)
+
+
+def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
+    """Train and validation splits for the configured source (embedded photographs by default)."""
+    if not cfg.dataset_name and not cfg.train_data_dir:
+        return embedded_splits(cfg)
+    if cfg.dataset_name:
+        dd = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
+        source = f"dataset {cfg.dataset_name}"
+    else:
+        dd = _load_local(cfg.train_data_dir, cfg.cache_dir)
+        source = f"{cfg.train_data_dir}"
+    train_name = "train" if "train" in dd else next(iter(dd))
+    train = dd[train_name]
+    if cfg.image_column not in train.column_names:
+        raise ValueError(
+            f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names}); "
+            "set --image_column"
+        )
+    train = train.cast_column(cfg.image_column, datasets.Image(decode=False))
+    val_name = cfg.validation_split or next((s for s in ("validation", "test") if s in dd), None)
+    if cfg.validation_split and cfg.validation_split not in dd:
+        raise ValueError(f"validation split {cfg.validation_split!r} not in {source} (splits: {list(dd)})")
+    if val_name is not None and val_name != train_name:
+        validation = dd[val_name].cast_column(cfg.image_column, datasets.Image(decode=False))
+        validation = validation.select(range(min(cfg.num_validation_images, len(validation))))
+        held = f"first {len(validation)} images of split '{val_name}'"
+    else:
+        if len(train) <= cfg.num_validation_images:
+            raise ValueError(
+                f"{source} has {len(train)} images, too few to hold out num_validation_images="
+                f"{cfg.num_validation_images}; lower --num_validation_images or add a validation split"
+            )
+        parts = train.train_test_split(test_size=cfg.num_validation_images, seed=seed)
+        train, validation = parts["train"], parts["test"]
+        held = f"{len(validation)} images held out of '{train_name}' (seed {seed})"
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    description = f"{source}: {len(train)} training images of '{train_name}'; validation: {held}"
+    return ImageSplits(train, validation, cfg.image_column, description, embedded=False)

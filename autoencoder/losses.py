@@ -1,0 +1,219 @@
+"""The VAE objective: reconstruction + LPIPS + beta-weighted KL (+ learned log-variance, + PatchGAN).
+
+Follows latent-diffusion's ``LPIPSWithDiscriminator`` with two deliberate differences: pixel
+terms are means over pixels (diffusers' convention, so ``kl_weight`` is comparable with
+``train_autoencoderkl.py``), and the discriminator is a separate module so it can be prepared
+(and gradient-synchronised) by accelerate on its own.
+"""
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
+from .config import LossConfig
+from .lpips_weights import build_lpips
+
+
+def beta_at(step: int, cfg: LossConfig) -> float:
+    """KL weight at optimizer step ``step`` under the configured schedule."""
+    if cfg.kl_schedule == "constant":
+        return cfg.kl_weight
+    if cfg.kl_schedule == "linear":
+        if cfg.kl_warmup_steps <= 0:
+            return cfg.kl_weight
+        return cfg.kl_weight * min(1.0, step / cfg.kl_warmup_steps)
+    if cfg.kl_schedule == "cyclical":
+        # Fu et al. 2019: within each cycle ramp 0 -> beta over `ratio` of it, then hold.
+        position = (step % cfg.kl_cycle_steps) / cfg.kl_cycle_steps
+        return cfg.kl_weight * min(1.0, position / cfg.kl_cycle_ratio)
+    raise AssertionError(cfg.kl_schedule)
+
+
+def kl_loss(posterior: DiagonalGaussianDistribution, free_bits: float = 0.0) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over latent elements and averaged over the batch (nats per image).
+
+    With ``free_bits > 0`` each latent channel's KL (per image) is floored at ``free_bits`` nats per
+    latent element, so channels are not pushed below that budget (Kingma et al. 2016).
+    """
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    if free_bits <= 0:
+        return posterior.kl().float().sum() / mean.shape[0]
+    kl_elem = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # [B, C, h, w]
+    per_channel = kl_elem.sum(dim=(2, 3)).mean(dim=0)  # [C], nats per image
+    floor = free_bits * mean.shape[2] * mean.shape[3]
+    return torch.clamp(per_channel, min=floor).sum()
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge discriminator loss."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating (softplus) discriminator loss."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def generator_adv_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """Generator side of the adversarial loss."""
+    if kind == "hinge":
+        return -logits_fake.mean()
+    return F.softplus(-logits_fake).mean()
+
+
+def adaptive_disc_weight(
+    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """||d nll / d last|| / (||d g / d last|| + 1e-4), clamped to [0, max_weight] and detached (taming)."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily stop gradients into ``module``'s parameters (they still flow to its inputs)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator of pix2pix / taming-transformers (no maintained package ships it).
+
+    [B,3,H,W] -> logits [B,1,H',W'], one per overlapping patch (70x70 receptive field for n_layers=3).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """DCGAN initialisation, as in pix2pix."""
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def build_discriminator(cfg: LossConfig) -> Optional[NLayerDiscriminator]:
+    """The PatchGAN discriminator if enabled, else None."""
+    if not cfg.disc_enabled:
+        return None
+    return NLayerDiscriminator(channels=cfg.disc_channels, n_layers=cfg.disc_num_layers)
+
+
+class VAELoss(nn.Module):
+    """Generator-side objective returning ``(loss, logs)``; ``discriminator_loss`` gives the D step.
+
+    Inputs and reconstructions are [B,3,H,W] in [-1, 1].  LPIPS is frozen (eval mode, no
+    gradient into its weights) but differentiable w.r.t. the reconstruction.
+    """
+
+    def __init__(self, cfg: LossConfig, lpips_model: Optional[nn.Module] = None):
+        super().__init__()
+        self.cfg = cfg
+        if lpips_model is None and cfg.lpips_weight > 0:
+            lpips_model = build_lpips(cfg.lpips_net, cfg.lpips_weights)
+        self.lpips = lpips_model
+        if self.lpips is not None:
+            self.lpips.eval().requires_grad_(False)
+        # Learned scalar log-variance of the pixel likelihood (latent-diffusion); a buffer-like
+        # constant when disabled so checkpoints have the same keys.
+        self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)), requires_grad=cfg.learn_logvar)
+
+    def train(self, mode: bool = True) -> "VAELoss":
+        """Keep LPIPS in eval mode whatever the loss module's mode."""
+        super().train(mode)
+        if self.lpips is not None:
+            self.lpips.eval()
+        return self
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        posterior: DiagonalGaussianDistribution,
+        step: int,
+        discriminator: Optional[nn.Module] = None,
+        last_layer: Optional[torch.Tensor] = None,
+        split: str = "train",
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total generator loss and detached log scalars keyed ``{split}/...``."""
+        cfg = self.cfg
+        inputs, reconstructions = inputs.float(), reconstructions.float()
+        diff = reconstructions - inputs
+        pixel = diff.abs() if cfg.rec_loss == "l1" else diff.pow(2)  # [B,3,H,W]
+        rec = cfg.rec_weight * pixel
+        logs: dict[str, torch.Tensor] = {f"{split}/rec_loss": pixel.mean().detach()}
+        if self.lpips is not None and cfg.lpips_weight > 0:
+            p_loss = self.lpips(reconstructions, inputs)  # [B,1,1,1], broadcast over pixels
+            rec = rec + cfg.lpips_weight * p_loss
+            logs[f"{split}/lpips"] = p_loss.mean().detach()
+        nll = rec / torch.exp(self.logvar) + self.logvar if cfg.learn_logvar else rec
+        nll_loss = nll.mean()
+        kl = kl_loss(posterior, cfg.free_bits)
+        beta = beta_at(step, cfg)
+        loss = nll_loss + beta * kl
+        logs.update(
+            {
+                f"{split}/nll_loss": nll_loss.detach(),
+                f"{split}/kl": kl.detach(),
+                f"{split}/beta": torch.tensor(beta),
+                f"{split}/logvar": self.logvar.detach(),
+            }
+        )
+        if discriminator is not None and step >= cfg.disc_start:
+            with frozen(discriminator):  # G step: gradients reach the VAE, never D's weights
+                g_loss = generator_adv_loss(discriminator(reconstructions), cfg.disc_loss)
+            if cfg.disc_adaptive_weight and torch.is_grad_enabled() and last_layer is not None:
+                d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer) * cfg.disc_weight
+            else:
+                d_weight = torch.tensor(cfg.disc_weight, device=g_loss.device)
+            loss = loss + d_weight * g_loss
+            logs[f"{split}/g_loss"] = g_loss.detach()
+            logs[f"{split}/d_weight"] = d_weight.detach()
+        logs[f"{split}/loss"] = loss.detach()
+        return loss, logs
+
+    def discriminator_loss(
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module, split: str = "train"
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """D step on real inputs vs *detached* reconstructions (no gradient can reach the VAE)."""
+        real, fake = inputs.detach().float(), reconstructions.detach().float()
+        # One forward over [real; fake]: a single DDP forward per backward.
+        logits = discriminator(torch.cat([real, fake]))
+        logits_real, logits_fake = logits.chunk(2)
+        d_fn = hinge_d_loss if self.cfg.disc_loss == "hinge" else vanilla_d_loss
+        d_loss = d_fn(logits_real, logits_fake)
+        logs = {
+            f"{split}/d_loss": d_loss.detach(),
+            f"{split}/logits_real": logits_real.mean().detach(),
+            f"{split}/logits_fake": logits_fake.mean().detach(),
+        }
+        return d_loss, logs

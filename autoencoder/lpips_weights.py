@@ -1,0 +1,103 @@
+"""LPIPS with real ImageNet backbones: torchvision's cache/download, or a local torchvision-format file.
+
+``lpips.LPIPS(pretrained=True)`` takes its learned linear heads from files inside the ``lpips``
+wheel, but its VGG/AlexNet backbone from torchvision's download.  Offline that download fails;
+rather than ever run with a random backbone, we build the network with ``pnet_rand=True`` and
+load the backbone ourselves with a strict key check, or stop with a message naming the remedies.
+"""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import lpips
+import torch
+from torchvision import models as tv_models
+
+ENV_VAR = "LPIPS_WEIGHTS"
+
+# torchvision weight enums per LPIPS net (their files are what torchvision caches).
+TORCHVISION_WEIGHTS = {
+    "vgg": tv_models.VGG16_Weights.IMAGENET1K_V1,
+    "alex": tv_models.AlexNet_Weights.IMAGENET1K_V1,
+}
+
+# File names looked for inside a weights folder: features-only exports, then torchvision's own names.
+LOCAL_FILENAMES = {
+    "vgg": ("vgg16_features_imagenet.pth", "vgg16-397923af.pth"),
+    "alex": ("alexnet_features_imagenet.pth", "alexnet-owt-7be5be79.pth"),
+}
+
+
+class LPIPSWeightsError(RuntimeError):
+    """The LPIPS backbone weights cannot be found or do not fit."""
+
+
+def _remedies(net: str) -> str:
+    """The two ways to provide backbone weights, for error messages."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(TORCHVISION_WEIGHTS[net].url).name
+    return (
+        f"Either (1) let torchvision download/cache them: go online once, or copy "
+        f"{Path(TORCHVISION_WEIGHTS[net].url).name} to {cache}; or (2) point to a local torchvision-format file "
+        f"(features-only is enough, e.g. {LOCAL_FILENAMES[net][0]}) or a folder holding one, with the config key "
+        f"lpips_weights (--lpips_weights=PATH) or the environment variable {ENV_VAR}=PATH."
+    )
+
+
+def resolve_local_weights(net: str, weights: Optional[str] = None) -> Optional[Path]:
+    """The local backbone file from the config key or $LPIPS_WEIGHTS (file or folder), or None."""
+    source = weights or os.environ.get(ENV_VAR)
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in LOCAL_FILENAMES[net]:
+            if (path / name).is_file():
+                return path / name
+        raise LPIPSWeightsError(
+            f"LPIPS weights folder {str(path)!r} holds none of {list(LOCAL_FILENAMES[net])} for net={net!r}. "
+            + _remedies(net)
+        )
+    raise LPIPSWeightsError(f"LPIPS weights path {str(path)!r} does not exist. " + _remedies(net))
+
+
+def backbone_features(net: str, weights: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The ``features.*`` tensors of the ImageNet backbone for ``net`` ('vgg' or 'alex')."""
+    path = resolve_local_weights(net, weights)
+    if path is not None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        try:  # torchvision's normal path: the torch hub cache, else a download
+            state = TORCHVISION_WEIGHTS[net].get_state_dict(progress=False)
+        except Exception as exc:  # offline: URLError, socket errors, partial files
+            raise LPIPSWeightsError(
+                f"cannot obtain the ImageNet {net} backbone for LPIPS ({type(exc).__name__}: {exc}). "
+                + _remedies(net)
+            ) from exc
+    return {k: v for k, v in state.items() if k.startswith("features.")}
+
+
+def build_lpips(net: str = "vgg", weights: Optional[str] = None) -> lpips.LPIPS:
+    """A frozen (eval, no grad to its weights) LPIPS that is still differentiable w.r.t. its inputs."""
+    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    features = backbone_features(net, weights)
+    # lpips splits torchvision's `features` Sequential into slices keeping the original indices:
+    # slice{k}.{i}.weight <- features.{i}.weight.
+    mapped = {}
+    for name, param in model.net.state_dict().items():
+        _, index, kind = name.split(".")
+        key = f"features.{index}.{kind}"
+        if key not in features or features[key].shape != param.shape:
+            raise LPIPSWeightsError(
+                f"LPIPS {net} backbone file lacks {key} of shape {tuple(param.shape)}; is it a torchvision "
+                f"{'vgg16' if net == 'vgg' else 'alexnet'} state dict? " + _remedies(net)
+            )
+        mapped[name] = features[key]
+    unused = set(features) - {f"features.{n.split('.', 1)[1]}" for n in mapped}
+    if unused:
+        raise LPIPSWeightsError(f"LPIPS {net} backbone file has unexpected keys {sorted(unused)[:4]}. " + _remedies(net))
+    model.net.load_state_dict(mapped, strict=True)
+    model.eval().requires_grad_(False)
+    return model

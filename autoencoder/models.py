@@ -1,0 +1,108 @@
+"""Model presets: diffusers ``AutoencoderKL`` built from constructor kwargs, or loaded for fine-tuning."""
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
+from .config import ModelConfig
+
+# Architecture kwargs per preset; everything else is AutoencoderKL's default.  Each level after
+# the first halves the resolution, so len(block_out_channels) = 4 gives 8x downsampling.
+PRESETS: dict[str, dict] = {
+    # ~12k parameters, 2x downsampling: unit tests and smoke runs only.
+    "tiny": dict(block_out_channels=[4, 8], layers_per_block=1, latent_channels=4, norm_num_groups=2),
+    # ~3.9M parameters, 8x / 4 channels like SD, narrow enough to train on 2 CPU cores.
+    "cpu-small": dict(block_out_channels=[32, 64, 128, 128], layers_per_block=1, latent_channels=4),
+    # Stable Diffusion 1.x / 2.x / SDXL VAE (83.7M parameters).
+    "sd-f8c4": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512),
+    # SD3 / FLUX style: 16 latent channels and no 1x1 quant / post-quant convs.
+    "f8c16": dict(
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=16,
+        sample_size=1024,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+}
+
+
+def preset_kwargs(cfg: ModelConfig) -> dict:
+    """AutoencoderKL constructor kwargs for the configured preset plus any overrides."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown model preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    kwargs = dict(PRESETS[cfg.preset])
+    for key in ("latent_channels", "block_out_channels", "layers_per_block"):
+        if getattr(cfg, key) is not None:
+            kwargs[key] = getattr(cfg, key)
+    n = len(kwargs["block_out_channels"])
+    kwargs["down_block_types"] = ["DownEncoderBlock2D"] * n
+    kwargs["up_block_types"] = ["UpDecoderBlock2D"] * n
+    # A freshly trained VAE has no measured latent scale yet; 1.0 (not SD's 0.18215) until the
+    # latent statistics are computed and written into the config.
+    kwargs.setdefault("scaling_factor", 1.0)
+    return kwargs
+
+
+def build_vae(cfg: ModelConfig) -> AutoencoderKL:
+    """The VAE to train: a pretrained diffusers VAE if configured, else a fresh preset."""
+    if cfg.pretrained_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(
+            cfg.pretrained_model_name_or_path, subfolder=cfg.pretrained_subfolder, revision=cfg.revision
+        )
+        vae = vae.to(torch.float32)  # train in fp32 whatever the checkpoint's storage dtype
+    else:
+        vae = AutoencoderKL(**preset_kwargs(cfg))
+    if cfg.train_decoder_only:
+        freeze_encoder(vae)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    return vae
+
+
+def freeze_encoder(vae: AutoencoderKL) -> None:
+    """Freeze the encoder side (encoder + quant_conv) for decoder-only fine-tuning."""
+    vae.encoder.requires_grad_(False)
+    if vae.quant_conv is not None:
+        vae.quant_conv.requires_grad_(False)
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Spatial downsampling of the encoder (8 for SD-style VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class VAEForTraining(nn.Module):
+    """Wraps an ``AutoencoderKL`` so one ``forward`` returns reconstruction *and* posterior.
+
+    diffusers' ``AutoencoderKL.forward`` returns only the reconstruction, which tempts training
+    code to call ``vae.encode``/``vae.decode`` on the unwrapped model and so bypass DDP's gradient
+    synchronisation.  Preparing this wrapper with ``accelerator.prepare`` keeps the whole
+    encode -> sample -> decode inside the DDP/FSDP forward.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(
+        self, pixel_values: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """pixel_values [B,3,H,W] in [-1,1] -> (reconstruction [B,3,H,W], posterior over [B,C,H/f,W/f])."""
+        if self.vae.encoder.conv_in.weight.requires_grad:
+            posterior = self.vae.encode(pixel_values).latent_dist
+        else:  # decoder-only fine-tuning: no graph through the frozen encoder
+            with torch.no_grad():
+                posterior = self.vae.encode(pixel_values).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        return self.vae.decode(z).sample, posterior
+
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's output conv weight, where the adaptive GAN weight is measured."""
+        return self.vae.decoder.conv_out.weight

@@ -1,0 +1,63 @@
+"""Reconstruction metrics shared by training validation and the evaluation runner.
+
+Images are compared as published VAE tables do: quantised to 8 bit, per-image scores, averaged
+over images.  PSNR and SSIM come from torchmetrics (SSIM: 11x11 Gaussian window, sigma 1.5);
+LPIPS from the ``lpips`` package with real ImageNet backbones (``autoencoder.lpips_weights``).
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+def quantize_01(x: torch.Tensor) -> torch.Tensor:
+    """[-1,1] images -> [0,1] on the 8-bit grid (what a saved PNG would hold)."""
+    return ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 255.0
+
+
+def psnr_per_image(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image, data range 1.0: [B,C,H,W] x2 -> [B]."""
+    return peak_signal_noise_ratio(pred01, target01, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def ssim_per_image(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """SSIM per image (Gaussian 11x11, sigma 1.5, data range 1.0): [B,C,H,W] x2 -> [B]."""
+    return structural_similarity_index_measure(pred01, target01, data_range=1.0, reduction="none")
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    reconstructions: torch.Tensor, inputs: torch.Tensor, lpips_model: Optional[nn.Module] = None
+) -> dict[str, torch.Tensor]:
+    """Per-image psnr/ssim(/lpips) for [-1,1] batches [B,3,H,W]; each value is a [B] tensor."""
+    pred01, target01 = quantize_01(reconstructions), quantize_01(inputs)
+    out = {"psnr": psnr_per_image(pred01, target01), "ssim": ssim_per_image(pred01, target01)}
+    if lpips_model is not None:
+        # LPIPS takes [-1,1]; feed the same quantised images.
+        out["lpips"] = lpips_model(pred01 * 2 - 1, target01 * 2 - 1).flatten()
+    return out
+
+
+class MeanAccumulator:
+    """Streaming per-key sum/count of per-image values (feed it gathered tensors)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, values: dict[str, torch.Tensor]) -> None:
+        """Add [N] tensors of per-image values."""
+        for key, v in values.items():
+            v = v.detach().double().flatten()
+            self.sums[key] = self.sums.get(key, 0.0) + v.sum().item()
+            self.counts[key] = self.counts.get(key, 0) + v.numel()
+
+    def compute(self) -> dict[str, float]:
+        """Mean of each key over everything seen."""
+        return {key: self.sums[key] / self.counts[key] for key in self.sums}
+
+    def count(self, key: str) -> int:
+        """Number of values seen for ``key``."""
+        return self.counts.get(key, 0)

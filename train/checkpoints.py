@@ -1,0 +1,77 @@
+"""Checkpoint folders: atomic writes, a total limit, and 'latest' lookup.
+
+A checkpoint is written into ``.tmp-checkpoint-N`` by ``accelerator.save_state`` and renamed to
+``checkpoint-N`` only when complete, so a run killed while saving leaves the previous
+checkpoints intact and never a half-written one that looks finished.
+"""
+
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Completed checkpoints under ``root`` as (step, path), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The completed checkpoint with the highest step, or None."""
+    found = checkpoint_dirs(root)
+    return found[-1][1] if found else None
+
+
+def tmp_path(root: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is complete."""
+    return root / f".tmp-checkpoint-{step}"
+
+
+def final_path(root: Path, step: int) -> Path:
+    """Name of the completed checkpoint for ``step``."""
+    return root / f"checkpoint-{step}"
+
+
+def publish(root: Path, step: int) -> Path:
+    """Atomically turn the finished temporary folder into ``checkpoint-step`` (main process only)."""
+    tmp, final = tmp_path(root, step), final_path(root, step)
+    assert tmp.is_dir(), tmp
+    if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
+        old = root / f".old-checkpoint-{step}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)  # atomic on one filesystem
+    return final
+
+
+def prune(root: Path, total_limit: Optional[int]) -> list[Path]:
+    """Delete the oldest completed checkpoints beyond ``total_limit``; returns what was removed."""
+    if total_limit is None:
+        return []
+    found = checkpoint_dirs(root)
+    removed = [p for _, p in found[: max(0, len(found) - total_limit)]]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def clean_incomplete(root: Path) -> list[Path]:
+    """Remove leftovers of interrupted saves; an ``.old-`` folder whose replacement never landed is restored."""
+    if not root.is_dir():
+        return []
+    for old in [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".old-checkpoint-")]:
+        final = root / old.name.removeprefix(".old-")
+        if not final.exists():
+            old.rename(final)
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale

@@ -1,0 +1,387 @@
+"""The Accelerate training loop for a diffusers ``AutoencoderKL``.
+
+Standard shape: ``prepare`` once; forward through the *prepared* model inside
+``accelerator.accumulate``; clip under ``sync_gradients``; ``save_state``/``load_state`` +
+``skip_first_batches`` to resume; ``gather_for_metrics`` for validation;
+``unwrap_model(...).vae.save_pretrained(...)`` to export (fp32, safetensors).
+"""
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator, skip_first_batches
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from autoencoder.config import Config, flat_dict, help_text, parse_config, save_config
+from autoencoder.data import ImageDataset, collate, eval_transform, load_splits, train_transform
+from autoencoder.losses import VAELoss, build_discriminator
+from autoencoder.lpips_weights import LPIPSWeightsError, build_lpips
+from autoencoder.models import VAEForTraining, build_vae, count_parameters, downsampling_factor
+from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
+
+from . import checkpoints
+
+logger = get_logger(__name__)
+
+
+class TrainingState:
+    """Counters and loss-module state saved with every checkpoint (``register_for_checkpointing``)."""
+
+    def __init__(self, loss_fn: VAELoss):
+        self.loss_fn = loss_fn
+        self.global_step = 0
+        self.skipped_images = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "skipped_images": self.skipped_images,
+            "logvar": self.loss_fn.logvar.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.skipped_images = int(state["skipped_images"])
+        with torch.no_grad():
+            self.loss_fn.logvar.copy_(state["logvar"])
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail at start-up, not at the first checkpoint, if ``path`` cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise SystemExit(f"error: output_dir {str(path)!r} is not writable ({exc}); choose another --output_dir")
+
+
+def build_optimizers(cfg: Config, model: torch.nn.Module, loss_fn: VAELoss, disc: Optional[torch.nn.Module], world: int):
+    """AdamW for the VAE (+ learned logvar) and, if enabled, for the discriminator."""
+    t = cfg.train
+    lr = t.learning_rate
+    if t.scale_lr:
+        lr *= t.train_batch_size * t.gradient_accumulation_steps * world
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params}]
+    if cfg.loss.learn_logvar:
+        groups.append({"params": [loss_fn.logvar]})
+    betas = (t.adam_beta1, t.adam_beta2)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    disc_opt = None
+    if disc is not None:
+        disc_opt = torch.optim.AdamW(
+            disc.parameters(), lr=t.disc_learning_rate or lr, betas=betas,
+            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+        )  # fmt: skip
+    return opt, disc_opt
+
+
+def log_grid(accelerator: Accelerator, inputs: torch.Tensor, recons: torch.Tensor, path: Path, step: int) -> None:
+    """Save originals (top row) over reconstructions (bottom row) as a PNG and send it to trackers."""
+    n = inputs.shape[0]
+    grid = make_grid(torch.cat([quantize_01(inputs), quantize_01(recons)]).cpu(), nrow=n, padding=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    hwc = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"val/reconstructions": hwc[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"val/reconstructions": [hwc]}, step=step)
+
+
+@torch.no_grad()
+def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Config) -> dict:
+    """Held-out PSNR/SSIM/LPIPS and loss terms, gathered over processes; saves the grid on main."""
+    vae_model = accelerator.unwrap_model(model)
+    was_training = vae_model.training
+    vae_model.eval()
+    acc = MeanAccumulator()
+    grid_inputs, grid_recons = [], []
+    for batch in val_dl:
+        x = batch["pixel_values"]
+        with accelerator.autocast():
+            recon, posterior = vae_model(x, sample_posterior=False)  # deterministic: decode the mode
+        recon = recon.float()
+        _, logs = loss_fn(x, recon, posterior, step=step, split="val")
+        per_image = reconstruction_metrics(recon, x, val_lpips)
+        # Batch-mean loss terms repeated per image so padding duplicates are dropped consistently.
+        per_image.update({k.split("/", 1)[1]: v.expand(x.shape[0]) for k, v in logs.items() if k != "val/beta"})
+        acc.update(accelerator.gather_for_metrics(per_image))
+        if sum(t.shape[0] for t in grid_inputs) < cfg.train.num_grid_images:
+            grid_inputs.append(x)
+            grid_recons.append(recon)
+    vae_model.train(was_training)
+    results = {f"val/{k}": v for k, v in acc.compute().items()}
+    results["val/n_images"] = acc.count("psnr")
+    if accelerator.is_main_process:
+        n = cfg.train.num_grid_images
+        path = Path(cfg.train.output_dir) / "samples" / f"step_{step:07d}.png"
+        log_grid(accelerator, torch.cat(grid_inputs)[:n], torch.cat(grid_recons)[:n], path, step)
+    accelerator.log({k: v for k, v in results.items()}, step=step)
+    return results
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: Config, step: int) -> Path:
+    """``save_state`` into a temporary folder, then publish it atomically and apply the total limit."""
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    tmp = checkpoints.tmp_path(root, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    final = checkpoints.final_path(root, step)
+    if accelerator.is_main_process:
+        save_config(cfg, tmp / "training_config.yaml")
+        final = checkpoints.publish(root, step)
+        removed = checkpoints.prune(root, cfg.train.checkpoints_total_limit)
+        logger.info(f"saved {final}" + (f"; removed {[p.name for p in removed]}" if removed else ""))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(cfg: Config) -> Optional[Path]:
+    """The checkpoint to resume from: 'latest' (None if there is none yet) or an explicit folder."""
+    value = cfg.train.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        return checkpoints.latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
+    path = Path(value)
+    if not path.is_dir():
+        raise SystemExit(f"error: --resume_from_checkpoint {value!r} is not a checkpoint folder (or use 'latest')")
+    return path
+
+
+def export(accelerator: Accelerator, model, cfg: Config, metrics: dict) -> Path:
+    """Write ``<output_dir>/vae`` (fp32 safetensors + config), the resolved config and metrics.json."""
+    out = Path(cfg.train.output_dir)
+    vae_dir = out / "vae"
+    if accelerator.is_main_process:
+        vae = accelerator.unwrap_model(model).vae
+        assert all(p.dtype == torch.float32 for p in vae.parameters()), "master weights must stay fp32"
+        tmp = out / ".tmp-vae"
+        shutil.rmtree(tmp, ignore_errors=True)
+        vae.save_pretrained(tmp, safe_serialization=True)
+        save_config(cfg, tmp / "training_config.yaml")
+        shutil.rmtree(vae_dir, ignore_errors=True)
+        tmp.rename(vae_dir)
+        with open(out / "metrics.json", "w") as fh:
+            json.dump(metrics, fh, indent=2)
+    accelerator.wait_for_everyone()
+    return vae_dir
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the metrics written to metrics.json."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / t.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        check_output_dir(out)
+        checkpoints.clean_incomplete(out / "checkpoints")
+        save_config(cfg, out / "config.yaml")
+    set_seed(t.seed)
+
+    # LPIPS first: missing backbone weights must stop the run before any data or model work.
+    try:
+        loss_fn = VAELoss(cfg.loss)
+        reuse = loss_fn.lpips is not None and cfg.loss.lpips_net == t.val_lpips_net
+        val_lpips = loss_fn.lpips if reuse else build_lpips(t.val_lpips_net, cfg.loss.lpips_weights)
+    except LPIPSWeightsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    loss_fn.to(accelerator.device)
+    val_lpips.to(accelerator.device)
+
+    vae = build_vae(cfg.model)
+    factor = downsampling_factor(vae)
+    if cfg.data.resolution % factor:
+        raise SystemExit(f"error: resolution {cfg.data.resolution} is not a multiple of the VAE's downsampling {factor}")
+    model = VAEForTraining(vae)
+    disc = build_discriminator(cfg.loss)
+
+    splits = load_splits(cfg.data, seed=t.seed)
+    train_ds = ImageDataset(splits.train, splits.image_column, train_transform(cfg.data, splits.embedded))
+    val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
+    if len(train_ds) < t.train_batch_size * accelerator.num_processes:
+        raise SystemExit(f"error: {len(train_ds)} training images, fewer than one global batch")
+    loader_kw = dict(collate_fn=collate, num_workers=cfg.data.dataloader_num_workers,
+                     persistent_workers=cfg.data.dataloader_num_workers > 0)  # fmt: skip
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=t.train_batch_size, shuffle=True, drop_last=True, **loader_kw)
+    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=t.validation_batch_size, shuffle=False, **loader_kw)
+
+    optimizer, disc_optimizer = build_optimizers(cfg, model, loss_fn, disc, accelerator.num_processes)
+    # Prepared schedulers step once per process per optimizer step, hence the scaling (as in diffusers).
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=t.max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    model, optimizer, scheduler, train_dl, val_dl = accelerator.prepare(model, optimizer, scheduler, train_dl, val_dl)
+    if disc is not None:
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    state = TrainingState(loss_fn)
+    accelerator.register_for_checkpointing(state)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("autoencoder-kl", config=flat_dict(cfg))
+    logger.info(f"data: {splits.description}")
+    logger.info(
+        f"model: {cfg.model.pretrained_model_name_or_path or cfg.model.preset}, "
+        f"{count_parameters(vae) / 1e6:.2f}M parameters ({count_parameters(vae, True) / 1e6:.2f}M trainable), "
+        f"f={factor}, latent channels {vae.config.latent_channels}; processes: {accelerator.num_processes}, "
+        f"device: {accelerator.device}, mixed precision: {t.mixed_precision}"
+    )
+
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        logger.info(f"resumed from {resume} at step {state.global_step}")
+    elif t.resume_from_checkpoint:
+        logger.info("no checkpoint to resume from yet; starting a new run")
+
+    steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
+    first_epoch, step_in_epoch = divmod(state.global_step, steps_per_epoch)
+    results: dict = {}
+    initial: dict = {}
+    if t.validate_at_start and state.global_step == 0:
+        initial = validate(accelerator, model, loss_fn, val_lpips, val_dl, 0, cfg)
+        logger.info(f"untrained: {fmt(initial)}")
+
+    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
+    last_layer = accelerator.unwrap_model(model).last_layer()
+    progress = tqdm(total=t.max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+                    desc="train", dynamic_ncols=True)  # fmt: skip
+    images_per_step = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    interval_start, interval_steps = time.perf_counter(), 0
+    train_start = time.perf_counter()
+    model.train()
+    for epoch in itertools.count(first_epoch):
+        if state.global_step >= t.max_train_steps:
+            break
+        train_dl.set_epoch(epoch)
+        loader = train_dl
+        if epoch == first_epoch and step_in_epoch:
+            loader = skip_first_batches(train_dl, step_in_epoch * t.gradient_accumulation_steps)
+        for batch in loader:
+            x = batch["pixel_values"]
+            step = state.global_step
+            use_disc = disc is not None and step >= cfg.loss.disc_start
+            with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
+                recon, posterior = model(x)
+                loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
+                                     last_layer=last_layer)  # fmt: skip
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.loss.learn_logvar and accelerator.num_processes > 1:
+                        # logvar lives outside the DDP-wrapped model: average its gradient by hand.
+                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+                    if t.max_grad_norm > 0:
+                        logs["train/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if use_disc:
+                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc)
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients and t.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
+                    disc_optimizer.step()
+                    disc_optimizer.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+            state.skipped_images += int(batch["num_skipped"])
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            interval_steps += 1
+            progress.update(1)
+            if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
+                elapsed = time.perf_counter() - interval_start
+                logs = {k: float(v) for k, v in logs.items()}
+                logs["train/lr"] = scheduler.get_last_lr()[0]
+                logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
+                logs["train/skipped_images"] = state.skipped_images
+                accelerator.log(logs, step=state.global_step)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
+                interval_start, interval_steps = time.perf_counter(), 0
+            if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
+                save_checkpoint(accelerator, cfg, state.global_step)
+            if t.validation_steps and state.global_step % t.validation_steps == 0:
+                results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
+                results["step"] = state.global_step
+                logger.info(f"step {state.global_step}: {fmt(results)}")
+            if state.global_step >= t.max_train_steps:
+                break
+    progress.close()
+    train_time = time.perf_counter() - train_start
+
+    if results.get("step") != state.global_step:
+        results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
+        logger.info(f"final: {fmt(results)}")
+    metrics = {
+        "step": state.global_step,
+        "resolution": cfg.data.resolution,
+        "data": splits.description,
+        "n_images": results["val/n_images"],
+        "lpips_net": t.val_lpips_net,
+        "psnr": results["val/psnr"],
+        "ssim": results["val/ssim"],
+        "lpips": results["val/lpips"],
+        "val": {k: v for k, v in results.items() if k.startswith("val/")},
+        "initial": {k.split("/", 1)[1]: initial[k] for k in ("val/psnr", "val/ssim", "val/lpips")} if initial else None,
+        "skipped_images": state.skipped_images,
+        "train_seconds_this_run": train_time,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": t.mixed_precision,
+    }
+    if t.checkpointing_steps and state.global_step % t.checkpointing_steps:
+        save_checkpoint(accelerator, cfg, state.global_step)  # the end is always resumable/extendable
+    vae_dir = export(accelerator, model, cfg, metrics)
+    logger.info(f"exported {vae_dir}; metrics in {out / 'metrics.json'}")
+    accelerator.end_training()
+    return metrics
+
+
+def fmt(results: dict) -> str:
+    """One-line summary of validation results."""
+    keys = ("val/psnr", "val/ssim", "val/lpips", "val/n_images")
+    return ", ".join(f"{k.split('/')[1]}={results[k]:.4f}" if isinstance(results[k], float) else f"{k.split('/')[1]}={results[k]}" for k in keys)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: ``python -m train [--config PRESET|PATH] [--key=value ...]``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    try:
+        cfg = parse_config(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
