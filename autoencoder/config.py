@@ -214,6 +214,11 @@ def parse_cli_value(key: str, text: str, tp: Any) -> Any:
     base = [a for a in args if a is not type(None)][0] if optional else tp
     if base is str or typing.get_origin(base) is Literal:
         return check_value(key, text, tp)
+    if base is float:  # YAML 1.1 reads '3e-4' as a string; Python's float() does not
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"config key '{key}' expects float, got {text!r}") from None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -202,6 +202,9 @@ def train(cfg: Config) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger(__name__).setLevel(logging.INFO)
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # we log one line per checkpoint
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if accelerator.is_main_process:
         check_output_dir(out)
         checkpoints.clean_incomplete(out / "checkpoints")

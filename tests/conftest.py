@@ -1,0 +1,29 @@
+"""Shared fixtures: the verified assets in ../shared (LPIPS backbones, real images)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The ../shared folder; its absence is a test failure, not a silent skip."""
+    if not (SHARED / "weights" / "lpips").is_dir():
+        pytest.fail(f"../shared assets not found at {SHARED}; set SHARED_DIR to the folder holding weights/ and data/")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def lpips_dir(shared: Path) -> Path:
+    """Folder with the torchvision-format LPIPS backbones (features only)."""
+    return shared / "weights" / "lpips"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

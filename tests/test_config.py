@@ -1,0 +1,102 @@
+"""Config: YAML + --key=value overrides, strict keys and types."""
+
+import pytest
+
+from autoencoder.config import CONFIG_DIR, Config, key_index, parse_config, save_config
+
+
+def test_default_config_is_cpu_small():
+    cfg = parse_config([])
+    assert cfg.model.preset == "cpu-small"
+    assert cfg.data.resolution == 64
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu-small", "sd-f8c4", "f8c16"])
+def test_preset_files_load(preset):
+    cfg = parse_config(["--config", str(CONFIG_DIR / f"{preset}.yaml")])
+    assert cfg.model.preset == preset
+
+
+def test_diffusers_style_flags_both_forms():
+    argv = [
+        "--config=tiny", "--output_dir", "/tmp/x", "--max_train_steps=7", "--train_batch_size", "3",
+        "--resolution=48", "--learning_rate=3e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps=2",
+        "--checkpointing_steps=5", "--validation_steps=4", "--mixed_precision=bf16",
+        "--resume_from_checkpoint=latest", "--seed=3", "--train_data_dir=/data", "--image_column=img",
+    ]  # fmt: skip
+    cfg = parse_config(argv)
+    assert (cfg.train.output_dir, cfg.train.max_train_steps, cfg.train.train_batch_size) == ("/tmp/x", 7, 3)
+    assert cfg.data.resolution == 48 and cfg.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.train.lr_scheduler == "cosine" and cfg.train.mixed_precision == "bf16"
+    assert cfg.train.resume_from_checkpoint == "latest" and cfg.train.seed == 3
+    assert cfg.data.train_data_dir == "/data" and cfg.data.image_column == "img"
+
+
+def test_dotted_keys_bare_flags_and_lists():
+    cfg = parse_config(["--config=tiny", "--data.resolution=16", "--train_decoder_only", "--block_out_channels=[8,16]"])
+    assert cfg.data.resolution == 16 and cfg.model.train_decoder_only is True
+    assert cfg.model.block_out_channels == [8, 16]
+
+
+def test_unknown_key_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*Did you mean: learning_rate"):
+        parse_config(["--learning_rat=1e-4"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_steps: 10\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'train.max_steps' in .*bad.yaml"):
+        parse_config(["--config", str(path)])
+
+
+def test_key_in_wrong_section(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  resolution: 10\n")
+    with pytest.raises(ValueError, match="unknown config key 'model.resolution'"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--max_train_steps=ten", "expects int"),
+        ("--max_train_steps=1.5", "expects int"),
+        ("--mixed_precision=fp8", "expects 'no' | 'fp16' | 'bf16'"),
+        ("--random_flip=maybe", "expects bool"),
+        ("--learning_rate=fast", "expects float"),
+        ("--block_out_channels=[8,x]", "expects list of int"),
+    ],
+)
+def test_wrong_types_are_errors(arg, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config([arg])
+
+
+def test_yaml_wrong_type(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  train_batch_size: '8'\n")
+    with pytest.raises(ValueError, match="'train_batch_size' expects int, got '8'"):
+        parse_config(["--config", str(path)])
+
+
+def test_cross_field_errors():
+    with pytest.raises(ValueError, match="either --dataset_name or --train_data_dir"):
+        parse_config(["--dataset_name=a/b", "--train_data_dir=/x"])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        parse_config(["--train_batch_size=0"])
+    with pytest.raises(ValueError, match="config file .* not found"):
+        parse_config(["--config=nope.yaml"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_config(["--config=tiny", "--kl_weight=0.25", "--validation_split=test"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = parse_config(["--config", str(tmp_path / "c.yaml")])
+    assert again == cfg
+
+
+def test_keys_are_unique_and_documented():
+    index = key_index()
+    assert all(field.metadata.get("help") for _, field, _ in index.values())
+    assert len(index) == sum(len(vars(getattr(Config(), s))) for s in ("model", "loss", "data", "train"))

@@ -1,0 +1,119 @@
+"""Data: mode conversions, unreadable-image skipping, local folders/parquet, the embedded default."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autoencoder.config import DataConfig
+from autoencoder.data import (
+    EMBEDDED_TRAIN,
+    ImageDataset,
+    collate,
+    decode_image,
+    eval_transform,
+    load_splits,
+    to_rgb,
+    train_transform,
+)
+
+
+def test_grayscale_to_rgb():
+    out = to_rgb(Image.new("L", (4, 4), 77))
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (77, 77, 77)
+
+
+def test_rgba_is_composited_on_white():
+    img = Image.new("RGBA", (2, 1))
+    img.putpixel((0, 0), (10, 20, 30, 0))  # fully transparent -> white
+    img.putpixel((1, 0), (10, 20, 30, 255))  # opaque -> unchanged
+    out = to_rgb(img)
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 20, 30)
+
+
+def test_16bit_png_is_rescaled(tmp_path):
+    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)  # 32896 = 128.5 * 257 -> 128
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    out = decode_image(str(tmp_path / "deep.png"))
+    assert out.mode == "RGB"
+    assert [out.getpixel((i, 0))[0] for i in range(3)] == [0, 128, 255]
+
+
+def test_palette_with_transparency():
+    img = Image.new("P", (1, 1), 0)
+    img.putpalette([200, 0, 0] * 256)
+    img.info["transparency"] = 0
+    assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+
+
+def _folder(tmp_path, n=6, bad=0, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    for i in range(bad):
+        (tmp_path / f"bad{i}.png").write_bytes(b"not a png at all")
+    return tmp_path
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    folder = _folder(tmp_path, n=3, bad=2)
+    paths = sorted(str(p) for p in folder.iterdir())  # bad0, bad1, img0, img1, img2
+    ds = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image(decode=False))
+    dataset = ImageDataset(ds, "image", eval_transform(16))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (5, 3, 16, 16)
+    # item 0 skips bad0 and bad1 (2), item 1 skips bad1 (1): every item is a readable image
+    assert batch["num_skipped"].item() == 3
+    assert set(batch["index"].tolist()) <= {2, 3, 4}
+
+
+def test_all_unreadable_is_a_clear_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")]}).cast_column("image", datasets.Image(decode=False))
+    with pytest.raises(RuntimeError, match="could not be read"):
+        ImageDataset(ds, "image", eval_transform(8))[0]
+
+
+def test_image_folder_split(tmp_path):
+    cfg = DataConfig(train_data_dir=str(_folder(tmp_path)), num_validation_images=2, resolution=16)
+    splits = load_splits(cfg, seed=0)
+    assert (len(splits.train), len(splits.validation)) == (4, 2)
+    item = ImageDataset(splits.train, splits.image_column, train_transform(cfg, splits.embedded))[0]
+    x = item["pixel_values"]
+    assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_parquet_file_and_image_column(tmp_path):
+    images = [Image.new("RGB", (12, 12), (i * 20, 0, 0)) for i in range(5)]
+    datasets.Dataset.from_dict({"img": images}).cast_column("img", datasets.Image()).to_parquet(tmp_path / "d.parquet")
+    cfg = DataConfig(train_data_dir=str(tmp_path / "d.parquet"), image_column="img", num_validation_images=1)
+    splits = load_splits(cfg)
+    assert (len(splits.train), len(splits.validation)) == (4, 1)
+    with pytest.raises(ValueError, match=r"image column 'image' not in .*columns: \['img'\]"):
+        load_splits(DataConfig(train_data_dir=str(tmp_path / "d.parquet")))
+
+
+def test_validation_split_is_used_when_present(shared):
+    cfg = DataConfig(train_data_dir=str(shared / "data" / "cifar10"), num_validation_images=10, max_train_samples=100)
+    splits = load_splits(cfg)
+    assert len(splits.train) == 100 and len(splits.validation) == 10
+    assert "split 'test'" in splits.description
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_splits(DataConfig(train_data_dir=str(tmp_path / "nope")))
+
+
+def test_embedded_default_is_real_photographs_with_held_out_tiles():
+    cfg = DataConfig(resolution=32, num_validation_images=1000)
+    splits = load_splits(cfg)
+    assert splits.embedded
+    assert len(splits.train) % len(EMBEDDED_TRAIN) == 0
+    # held-out photos tiled at 4x the resolution: chelsea 451x300, coffee 600x400, rocket 640x427 -> 6x4 tiles each
+    assert len(splits.validation) == 3 * 24
+    dataset = ImageDataset(splits.train, "image", train_transform(cfg, True))
+    crops = torch.stack([dataset[i]["pixel_values"] for i in range(8)])
+    assert crops.shape == (8, 3, 32, 32) and crops.std() > 0.1  # real, varied content

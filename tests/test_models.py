@@ -1,0 +1,64 @@
+"""Presets are real diffusers AutoencoderKL architectures; fine-tuning init and decoder-only mode."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from autoencoder.config import ModelConfig
+from autoencoder.models import PRESETS, VAEForTraining, build_vae, count_parameters, downsampling_factor
+
+
+def test_tiny_and_cpu_small_sizes():
+    tiny = build_vae(ModelConfig(preset="tiny"))
+    small = build_vae(ModelConfig(preset="cpu-small"))
+    assert 1_000 < count_parameters(tiny) < 20_000
+    assert 1_000_000 < count_parameters(small) < 10_000_000
+    assert downsampling_factor(small) == 8 and small.config.latent_channels == 4
+    z = small.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+    assert z.shape == (1, 4, 8, 8)
+
+
+def test_sd_f8c4_matches_stable_diffusion_vae():
+    vae = build_vae(ModelConfig(preset="sd-f8c4"))
+    assert list(vae.config.block_out_channels) == [128, 256, 512, 512] and vae.config.layers_per_block == 2
+    assert count_parameters(vae) == 83_653_863  # parameter count of SD 1.x / SDXL's AutoencoderKL
+
+
+def test_f8c16_is_sd3_flux_style():
+    vae = build_vae(ModelConfig(preset="f8c16"))
+    assert vae.config.latent_channels == 16 and downsampling_factor(vae) == 8
+    assert vae.quant_conv is None and vae.post_quant_conv is None
+
+
+def test_overrides_and_unknown_preset():
+    vae = build_vae(ModelConfig(preset="tiny", latent_channels=2, block_out_channels=[4, 8, 8]))
+    assert vae.config.latent_channels == 2 and downsampling_factor(vae) == 4
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        build_vae(ModelConfig(preset="huge"))
+    assert set(PRESETS) >= {"tiny", "cpu-small", "sd-f8c4", "f8c16"}
+
+
+def test_init_from_pretrained_folder(tmp_path):
+    src = build_vae(ModelConfig(preset="tiny"))
+    src.save_pretrained(tmp_path / "repo" / "vae")
+    vae = build_vae(ModelConfig(pretrained_model_name_or_path=str(tmp_path / "repo"), pretrained_subfolder="vae"))
+    assert isinstance(vae, AutoencoderKL)
+    for (name, a), b in zip(src.state_dict().items(), vae.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_forward_reaches_encoder_through_the_sample():
+    model = VAEForTraining(build_vae(ModelConfig(preset="tiny")))
+    recon, posterior = model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert recon.shape == (2, 3, 16, 16) and posterior.mean.shape == (2, 4, 8, 8)
+    (recon.abs().mean() + posterior.kl().mean()).backward()
+    assert model.vae.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_decoder_only_freezes_encoder():
+    model = VAEForTraining(build_vae(ModelConfig(preset="tiny", train_decoder_only=True)))
+    recon, _ = model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    recon.abs().mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.vae.encoder.parameters())
+    assert all(p.grad is None for p in model.vae.quant_conv.parameters())
+    assert model.vae.decoder.conv_out.weight.grad.abs().sum() > 0

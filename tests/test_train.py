@@ -1,0 +1,118 @@
+"""End-to-end training runs of the tiny preset through the real Accelerate loop."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+import train.trainer as trainer
+from autoencoder.data import ImageDataset, eval_transform, load_splits
+from autoencoder.config import DataConfig
+from conftest import REPO
+from test_lpips import _offline
+
+
+@pytest.fixture
+def run(tmp_path, lpips_dir, monkeypatch):
+    """Call ``train.main`` in-process on the tiny preset; returns (exit code, output dir)."""
+    monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
+    out = tmp_path / "run"
+
+    def _run(*args: str):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        code = trainer.main(["--config=tiny", f"--output_dir={out}", *args])
+        return code, out
+
+    return _run
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_tiny_run_exports_a_loadable_vae(run):
+    code, out = run("--max_train_steps=6", "--checkpointing_steps=3", "--validation_steps=3",
+                    "--checkpoints_total_limit=1")  # fmt: skip
+    assert code == 0
+    metrics = _metrics(out)
+    assert metrics["step"] == 6 and metrics["n_images"] == 8
+    for key in ("psnr", "ssim", "lpips"):
+        assert isinstance(metrics[key], float) and isinstance(metrics["initial"][key], float)
+    assert metrics["lpips_net"] == "alex"
+
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+    assert (out / "vae" / "training_config.yaml").is_file() and (out / "config.yaml").is_file()
+    # exported weights are the trained ones (same as the final checkpoint's model)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-6"]  # total limit 1, no temporary leftovers
+    saved = load_file(out / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert torch.equal(saved["vae.decoder.conv_out.weight"], vae.decoder.conv_out.weight)
+    assert (out / "checkpoints" / "checkpoint-6" / "training_config.yaml").is_file()
+    # it reconstructs held-out images
+    splits = load_splits(DataConfig(resolution=32, num_validation_images=4))
+    x = torch.stack([ImageDataset(splits.validation, "image", eval_transform(32))[i]["pixel_values"] for i in range(4)])
+    with torch.no_grad():
+        recon = vae(x, sample_posterior=False).sample
+    assert recon.shape == x.shape and torch.isfinite(recon).all()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000000.png", "step_0000003.png", "step_0000006.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_resume_latest_continues_the_step_count(run, caplog):
+    caplog.set_level(logging.INFO)
+    code, out = run("--max_train_steps=4", "--checkpointing_steps=2", "--validation_steps=0")
+    assert code == 0 and _metrics(out)["step"] == 4
+    code, out = run("--max_train_steps=6", "--checkpointing_steps=2", "--validation_steps=0",
+                    "--resume_from_checkpoint=latest")  # fmt: skip
+    assert code == 0
+    metrics = _metrics(out)
+    assert metrics["step"] == 6 and metrics["initial"] is None  # no step-0 baseline on a resumed run
+    assert any("resumed from" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records)
+    assert (out / "checkpoints" / "checkpoint-6").is_dir()
+
+
+def test_resume_from_missing_folder_is_an_error(run, tmp_path):
+    with pytest.raises(SystemExit, match="not a checkpoint folder"):
+        run("--max_train_steps=1", f"--resume_from_checkpoint={tmp_path / 'nope'}")
+
+
+def test_offline_without_lpips_weights_stops_before_training(run, monkeypatch, tmp_path):
+    def unreachable(*args, **kwargs):
+        raise AssertionError("training work started before the LPIPS check")
+
+    monkeypatch.setattr(trainer, "load_splits", unreachable)
+    monkeypatch.setattr(trainer, "build_vae", unreachable)
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run("--max_train_steps=1")
+    message = str(info.value)
+    assert message.startswith("error: cannot obtain the ImageNet vgg backbone")
+    assert "--lpips_weights" in message and "LPIPS_WEIGHTS" in message and "checkpoints" in message
+
+
+@pytest.mark.slow
+def test_trains_on_parquet_and_image_folder(run, shared):
+    code, out = run(f"--train_data_dir={shared / 'data' / 'cifar10' / 'train.parquet'}", "--max_train_steps=2",
+                    "--num_validation_images=8", "--validation_steps=0", "--checkpointing_steps=0")  # fmt: skip
+    assert code == 0 and _metrics(out)["step"] == 2 and "8 images held out" in _metrics(out)["data"]
+    code, out = run(f"--train_data_dir={shared / 'data' / 'cbsd68'}", "--max_train_steps=2", "--resolution=64",
+                    "--num_validation_images=4", "--validation_steps=0", "--checkpointing_steps=0")  # fmt: skip
+    assert code == 0 and _metrics(out)["n_images"] == 4 and _metrics(out)["resolution"] == 64
+
+
+def test_cli_help_and_bad_key():
+    help_out = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert help_out.returncode == 0 and "--max_train_steps" in help_out.stdout and "--lpips_weights" in help_out.stdout
+    bad = subprocess.run([sys.executable, "-m", "train", "--max_train_step=3"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown config key 'max_train_step'" in bad.stderr
