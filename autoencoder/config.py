@@ -30,7 +30,7 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    preset: str = opt("cpu-small", "architecture preset: tiny | cpu-small | sd-f8c4 | f8c16 (autoencoder/presets.py)")
+    preset: str = opt("cpu-small", "architecture preset: tiny, cpu-small, sd-f8c4 or f8c16 (autoencoder/models.py)")
     latent_channels: Optional[int] = opt(None, "override the preset's latent channels")
     block_out_channels: Optional[list[int]] = opt(None, "override the preset's block widths (one per resolution level)")
     layers_per_block: Optional[int] = opt(None, "override the preset's ResNet layers per block")
@@ -164,6 +164,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "None"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -345,6 +347,19 @@ def help_text() -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  --{key}  [{section}] {_type_name(tp)} = {default!r}\n      {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table per section (pasted into the README)."""
+    out = []
+    for section, cls in _section_types().items():
+        out += [f"**{section}** (`{cls.__name__}`)", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"| `--{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {f.metadata['help']} |")
+        out.append("")
+    return "\n".join(out).replace("' | '", "'\\|'")
 
 
 def parse_config(argv: Optional[list[str]] = None, default_config: Path = DEFAULT_CONFIG) -> Config:

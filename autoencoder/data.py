@@ -205,7 +205,7 @@ def embedded_splits(cfg: DataConfig) -> ImageSplits:
     return ImageSplits(train, validation, "image", description, embedded=True)
 
 
-def _load_local(path_text: str, cache_dir: Optional[str]) -> datasets.DatasetDict:
+def load_local_dataset(path_text: str, cache_dir: Optional[str]) -> datasets.DatasetDict:
     """``--train_data_dir``: an image folder, a folder of parquet files, or parquet file(s)."""
     path = Path(path_text).expanduser()
     if not path.exists():
@@ -227,7 +227,7 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         dd = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
         source = f"dataset {cfg.dataset_name}"
     else:
-        dd = _load_local(cfg.train_data_dir, cfg.cache_dir)
+        dd = load_local_dataset(cfg.train_data_dir, cfg.cache_dir)
         source = f"{cfg.train_data_dir}"
     train_name = "train" if "train" in dd else next(iter(dd))
     train = dd[train_name]

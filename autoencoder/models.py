@@ -106,3 +106,14 @@ class VAEForTraining(nn.Module):
     def last_layer(self) -> nn.Parameter:
         """The decoder's output conv weight, where the adaptive GAN weight is measured."""
         return self.vae.decoder.conv_out.weight
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print each preset's parameter count, downsampling and latent channels."""
+    del argv  # no options
+    print("| preset | parameters | downsampling | latent channels | quant convs |\n|---|---|---|---|---|")
+    for name in PRESETS:
+        vae = build_vae(ModelConfig(preset=name))
+        quant = "yes" if vae.quant_conv is not None else "no"
+        print(f"| {name} | {count_parameters(vae):,} | {downsampling_factor(vae)} | {vae.config.latent_channels} | {quant} |")
+    return 0

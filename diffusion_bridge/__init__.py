@@ -1,0 +1,1 @@
+"""Bridge from a trained VAE to latent diffusion: latent facts/statistics, caching, pipelines, publishing."""

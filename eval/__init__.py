@@ -1,0 +1,1 @@
+"""Reconstruction metrics (PSNR, SSIM, LPIPS) and the side-by-side evaluation runner."""

@@ -100,3 +100,11 @@ def test_keys_are_unique_and_documented():
     index = key_index()
     assert all(field.metadata.get("help") for _, field, _ in index.values())
     assert len(index) == sum(len(vars(getattr(Config(), s))) for s in ("model", "loss", "data", "train"))
+
+
+def test_readme_documents_every_key():
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key in key_index() if f"`--{key}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}; regenerate with autoencoder.config.reference_markdown()"
