@@ -85,11 +85,13 @@ class DataConfig:
     num_validation_images: int = opt(64, "images held out (or taken from the validation split) for validation")
     max_train_samples: Optional[int] = opt(None, "truncate the training set (debugging)")
     resolution: int = opt(64, "training resolution (square crops, pixels)")
-    train_crop: Literal["auto", "random", "center", "random_resized"] = opt(
-        "auto", "train crop: random/center after resizing the shorter side; random_resized = multi-scale crops; "
-        "auto = random_resized for the embedded photos, random otherwise"
+    train_crop: Literal["auto", "random", "center", "multiscale"] = opt(
+        "auto", "train crop after resizing the shorter side: random, center, or multiscale (shorter side "
+        "resized to a random multiple of the resolution first); auto = multiscale for the embedded photos, "
+        "random otherwise"
     )
-    min_crop_scale: float = opt(0.02, "random_resized: smallest crop area as a fraction of the image")
+    multiscale_min: float = opt(2.0, "multiscale: smallest shorter side, as a multiple of the resolution")
+    multiscale_max: float = opt(6.0, "multiscale: largest shorter side, as a multiple of the resolution")
     random_flip: bool = opt(True, "random horizontal flips during training")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)")
     cache_dir: Optional[str] = opt(None, "datasets cache directory")
@@ -336,8 +338,10 @@ def validate(cfg: Config) -> None:
         raise ValueError("kl_schedule=cyclical needs kl_cycle_steps >= 1")
     if not 0.0 < cfg.loss.kl_cycle_ratio <= 1.0:
         raise ValueError(f"kl_cycle_ratio must be in (0, 1], got {cfg.loss.kl_cycle_ratio}")
-    if not 0.0 < cfg.data.min_crop_scale <= 1.0:
-        raise ValueError(f"min_crop_scale must be in (0, 1], got {cfg.data.min_crop_scale}")
+    if not 1.0 <= cfg.data.multiscale_min <= cfg.data.multiscale_max:
+        raise ValueError(
+            f"need 1 <= multiscale_min <= multiscale_max, got {cfg.data.multiscale_min}, {cfg.data.multiscale_max}"
+        )
 
 
 def help_text() -> str:

@@ -117,3 +117,11 @@ def test_embedded_default_is_real_photographs_with_held_out_tiles():
     dataset = ImageDataset(splits.train, "image", train_transform(cfg, True))
     crops = torch.stack([dataset[i]["pixel_values"] for i in range(8)])
     assert crops.shape == (8, 3, 32, 32) and crops.std() > 0.1  # real, varied content
+
+
+def test_dataset_name_goes_through_load_dataset(tmp_path):
+    """--dataset_name is passed to datasets.load_dataset (a Hub id online; here a local dataset folder)."""
+    cfg = DataConfig(dataset_name=str(_folder(tmp_path, n=5)), num_validation_images=1)
+    splits = load_splits(cfg)
+    assert (len(splits.train), len(splits.validation)) == (4, 1)
+    assert splits.description.startswith("dataset ")
