@@ -82,7 +82,9 @@ class DataConfig:
     validation_split: Optional[str] = opt(
         None, "split used for validation; default: 'validation' or 'test' if present, else held out from train"
     )
-    num_validation_images: int = opt(64, "images held out (or taken from the validation split) for validation")
+    num_validation_images: int = opt(
+        64, "validation images: the first N of the validation split, else N held out of train (at most 10%)"
+    )
     max_train_samples: Optional[int] = opt(None, "truncate the training set (debugging)")
     resolution: int = opt(64, "training resolution (square crops, pixels)")
     train_crop: Literal["auto", "random", "center", "multiscale"] = opt(

@@ -255,12 +255,11 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         validation = validation.select(range(min(cfg.num_validation_images, len(validation))))
         held = f"first {len(validation)} images of split '{val_name}'"
     else:
-        if len(train) <= cfg.num_validation_images:
-            raise ValueError(
-                f"{source} has {len(train)} images, too few to hold out num_validation_images="
-                f"{cfg.num_validation_images}; lower --num_validation_images or add a validation split"
-            )
-        parts = train.train_test_split(test_size=cfg.num_validation_images, seed=seed)
+        # Hold out num_validation_images, but never more than a tenth of a small dataset.
+        n_val = min(cfg.num_validation_images, max(1, len(train) // 10))
+        if len(train) < 2:
+            raise ValueError(f"{source} has {len(train)} image(s): too few to hold out a validation image")
+        parts = train.train_test_split(test_size=n_val, seed=seed)
         train, validation = parts["train"], parts["test"]
         held = f"{len(validation)} images held out of '{train_name}' (seed {seed})"
     if cfg.max_train_samples is not None:
