@@ -130,6 +130,12 @@ class TrainConfig:
     report_to: Literal["tensorboard", "wandb", "all", "none"] = opt("tensorboard", "experiment tracker")
     logging_dir: str = opt("logs", "tracker folder, relative to output_dir")
     log_every: int = opt(10, "log training scalars every N steps")
+    use_ema: bool = opt(False, "keep an EMA of the VAE weights (diffusers EMAModel) for validation and export")
+    ema_decay: float = opt(0.999, "EMA decay (the maximum, with ema_warmup)")
+    ema_warmup: bool = opt(True, "EMA decay warm-up 1 - (1 + step)^-2/3, capped at ema_decay")
+    max_consecutive_nonfinite: int = opt(
+        5, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"
+    )
 
 
 @dataclass

@@ -132,12 +132,30 @@ class ImageDataset(torch.utils.data.Dataset):
 
     An unreadable image is replaced by the next readable one and counted in the sample's
     ``num_skipped``, so batch shapes stay fixed (important under DDP) and nothing crashes mid-run.
+
+    With a ``seed``, the random crop/flip of sample ``i`` in epoch ``e`` is drawn from a generator
+    seeded by (seed, e, i) instead of the global RNG: augmentation is then identical whatever the
+    number of workers, prefetching or a resume in mid-epoch (the global RNG is left untouched).
     """
 
-    def __init__(self, hf_dataset: datasets.Dataset, image_column: str, transform: Callable):
+    def __init__(self, hf_dataset: datasets.Dataset, image_column: str, transform: Callable, seed: Optional[int] = None):
         self.ds = hf_dataset
         self.column = image_column
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoaderShard.set_epoch: selects the epoch's augmentations."""
+        self.epoch = epoch
+
+    def _apply_transform(self, img: Image.Image, index: int) -> torch.Tensor:
+        """The transform, under a per-(seed, epoch, index) RNG when seeded."""
+        if self.seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.transform(img)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -150,7 +168,7 @@ class ImageDataset(torch.utils.data.Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 logger.warning("skipping unreadable image #%d: %s: %s", i, type(exc).__name__, exc)
                 continue
-            return {"pixel_values": self.transform(img), "num_skipped": attempt, "index": i}
+            return {"pixel_values": self._apply_transform(img, index), "num_skipped": attempt, "index": i}
         raise RuntimeError(
             f"{MAX_CONSECUTIVE_BAD} consecutive images from #{index} could not be read; "
             f"check the dataset files (column {self.column!r})"

@@ -6,23 +6,27 @@ Standard shape: ``prepare`` once; forward through the *prepared* model inside
 ``unwrap_model(...).vae.save_pretrained(...)`` to export (fp32, safetensors).
 """
 
+import contextlib
 import itertools
 import json
 import logging
 import math
-import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
@@ -34,28 +38,32 @@ from autoencoder.models import VAEForTraining, build_vae, count_parameters, down
 from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
 
 from . import checkpoints
+from .launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 
 logger = get_logger(__name__)
 
 
 class TrainingState:
-    """Counters and loss-module state saved with every checkpoint (``register_for_checkpointing``)."""
+    """Counters, data position and loss-module state saved with every checkpoint."""
 
     def __init__(self, loss_fn: VAELoss):
         self.loss_fn = loss_fn
         self.global_step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches consumed in `epoch` (skip_first_batches on resume)
         self.skipped_images = 0
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
 
     def state_dict(self) -> dict:
-        return {
-            "global_step": self.global_step,
-            "skipped_images": self.skipped_images,
-            "logvar": self.loss_fn.logvar.detach().cpu().clone(),
-        }
+        counters = ("global_step", "epoch", "batches_in_epoch", "skipped_images", "nonfinite_steps",
+                    "consecutive_nonfinite")  # fmt: skip
+        return {**{k: getattr(self, k) for k in counters}, "logvar": self.loss_fn.logvar.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.global_step = int(state["global_step"])
-        self.skipped_images = int(state["skipped_images"])
+        for key, value in state.items():
+            if key != "logvar":
+                setattr(self, key, int(value))
         with torch.no_grad():
             self.loss_fn.logvar.copy_(state["logvar"])
 
@@ -110,6 +118,8 @@ def log_grid(accelerator: Accelerator, inputs: torch.Tensor, recons: torch.Tenso
 def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Config) -> dict:
     """Held-out PSNR/SSIM/LPIPS and loss terms, gathered over processes; saves the grid on main."""
     vae_model = accelerator.unwrap_model(model)
+    # Invariant: autocast computes in bf16/fp16, but the master weights never leave fp32.
+    assert all(p.dtype == torch.float32 for p in vae_model.parameters()), "master weights must stay fp32"
     was_training = vae_model.training
     vae_model.eval()
     acc = MeanAccumulator()
@@ -190,11 +200,77 @@ def export(accelerator: Accelerator, model, cfg: Config, metrics: dict) -> Path:
     return vae_dir
 
 
+class StopRequest:
+    """Records SIGINT/SIGTERM so the loop can checkpoint and exit at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def ema_weights(ema: Optional[EMAModel], params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Temporarily swap the EMA weights into ``params`` (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def param_checksum(module: torch.nn.Module) -> float:
+    """Order-insensitive float64 fingerprint of a module's parameters (to compare ranks)."""
+    return float(sum(p.detach().double().sum() + p.detach().double().pow(2).sum() for p in module.parameters()))
+
+
+def check_disk_space(path: Path, n_params: int, cfg: Config) -> None:
+    """Stop at start-up if one checkpoint cannot fit; warn if the kept checkpoints will not."""
+    t = cfg.train
+    # fp32 weights + two AdamW moments (+ EMA copy); the exported model is one more copy.
+    ckpt = n_params * 4 * (3 + int(t.use_ema))
+    free = shutil.disk_usage(path).free
+    if free < ckpt + n_params * 4:
+        raise SystemExit(
+            f"error: only {free / 1e9:.2f} GB free under {str(path)!r}, but one checkpoint plus the export needs "
+            f"~{(ckpt + n_params * 4) / 1e9:.2f} GB; free space or choose another --output_dir"
+        )
+    kept = t.checkpoints_total_limit or (math.ceil(t.max_train_steps / t.checkpointing_steps) if t.checkpointing_steps else 0)
+    if free < (kept + 1) * ckpt + n_params * 4:
+        logger.warning(
+            f"{free / 1e9:.2f} GB free under {path}; {kept} checkpoints need ~{kept * ckpt / 1e9:.2f} GB: "
+            "lower --checkpoints_total_limit or free space"
+        )
+
+
 def train(cfg: Config) -> dict:
-    """Run training as configured; returns the metrics written to metrics.json."""
+    """Run training as configured; returns the metrics written to metrics.json.
+
+    On SIGINT/SIGTERM it checkpoints and returns early with ``metrics["interrupted"]`` set to the
+    signal number.
+    """
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = Accelerator(
+        cpu=use_cpu_backend(),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         log_with=None if t.report_to == "none" else t.report_to,
@@ -227,14 +303,20 @@ def train(cfg: Config) -> dict:
         raise SystemExit(f"error: resolution {cfg.data.resolution} is not a multiple of the VAE's downsampling {factor}")
     model = VAEForTraining(vae)
     disc = build_discriminator(cfg.loss)
+    if accelerator.is_main_process:
+        n_params = count_parameters(vae) + (count_parameters(disc) if disc is not None else 0)
+        check_disk_space(out, n_params, cfg)
+    initial_checksum = param_checksum(vae)
 
     splits = load_splits(cfg.data, seed=t.seed)
-    train_ds = ImageDataset(splits.train, splits.image_column, train_transform(cfg.data, splits.embedded))
+    train_ds = ImageDataset(splits.train, splits.image_column, train_transform(cfg.data, splits.embedded), seed=t.seed)
     val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
     if len(train_ds) < t.train_batch_size * accelerator.num_processes:
         raise SystemExit(f"error: {len(train_ds)} training images, fewer than one global batch")
+    # Own generators: creating a DataLoader iterator draws a base seed, which must not come from
+    # the global RNG (it drives posterior sampling and must replay exactly after a resume).
     loader_kw = dict(collate_fn=collate, num_workers=cfg.data.dataloader_num_workers,
-                     persistent_workers=cfg.data.dataloader_num_workers > 0)  # fmt: skip
+                     generator=torch.Generator().manual_seed(t.seed))  # fmt: skip
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=t.train_batch_size, shuffle=True, drop_last=True, **loader_kw)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=t.validation_batch_size, shuffle=False, **loader_kw)
 
@@ -247,8 +329,16 @@ def train(cfg: Config) -> dict:
     model, optimizer, scheduler, train_dl, val_dl = accelerator.prepare(model, optimizer, scheduler, train_dl, val_dl)
     if disc is not None:
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    vae_params = list(accelerator.unwrap_model(model).vae.parameters())
+    ema = None
+    if t.use_ema:
+        ema = EMAModel(vae_params, decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
+                       model_cls=AutoencoderKL, model_config=vae.config)  # fmt: skip
+        ema.to(accelerator.device)
     state = TrainingState(loss_fn)
     accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("autoencoder-kl", config=flat_dict(cfg))
@@ -257,7 +347,7 @@ def train(cfg: Config) -> dict:
         f"model: {cfg.model.pretrained_model_name_or_path or cfg.model.preset}, "
         f"{count_parameters(vae) / 1e6:.2f}M parameters ({count_parameters(vae, True) / 1e6:.2f}M trainable), "
         f"f={factor}, latent channels {vae.config.latent_channels}; processes: {accelerator.num_processes}, "
-        f"device: {accelerator.device}, mixed precision: {t.mixed_precision}"
+        f"device: {accelerator.device}, mixed precision: {t.mixed_precision}, EMA: {t.use_ema}"
     )
 
     resume = resolve_resume(cfg)
@@ -267,12 +357,11 @@ def train(cfg: Config) -> dict:
     elif t.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")
 
-    steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
-    first_epoch, step_in_epoch = divmod(state.global_step, steps_per_epoch)
     results: dict = {}
     initial: dict = {}
     if t.validate_at_start and state.global_step == 0:
-        initial = validate(accelerator, model, loss_fn, val_lpips, val_dl, 0, cfg)
+        with ema_weights(ema, vae_params):
+            initial = validate(accelerator, model, loss_fn, val_lpips, val_dl, 0, cfg)
         logger.info(f"untrained: {fmt(initial)}")
 
     raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
@@ -282,88 +371,145 @@ def train(cfg: Config) -> dict:
     images_per_step = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     interval_start, interval_steps = time.perf_counter(), 0
     train_start = time.perf_counter()
+    window_bad = False  # a micro-batch of the current accumulation window had a non-finite loss
+    interrupted: Optional[int] = None
     model.train()
-    for epoch in itertools.count(first_epoch):
-        if state.global_step >= t.max_train_steps:
-            break
-        train_dl.set_epoch(epoch)
-        loader = train_dl
-        if epoch == first_epoch and step_in_epoch:
-            loader = skip_first_batches(train_dl, step_in_epoch * t.gradient_accumulation_steps)
-        for batch in loader:
-            x = batch["pixel_values"]
-            step = state.global_step
-            use_disc = disc is not None and step >= cfg.loss.disc_start
-            with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
-                recon, posterior = model(x)
-                loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
-                                     last_layer=last_layer)  # fmt: skip
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if cfg.loss.learn_logvar and accelerator.num_processes > 1:
-                        # logvar lives outside the DDP-wrapped model: average its gradient by hand.
-                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
-                    if t.max_grad_norm > 0:
-                        logs["train/grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if use_disc:
-                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc)
-                    accelerator.backward(d_loss)
-                    if accelerator.sync_gradients and t.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-                    logs.update(d_logs)
-            state.skipped_images += int(batch["num_skipped"])
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            interval_steps += 1
-            progress.update(1)
-            if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
-                elapsed = time.perf_counter() - interval_start
-                logs = {k: float(v) for k, v in logs.items()}
-                logs["train/lr"] = scheduler.get_last_lr()[0]
-                logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
-                logs["train/skipped_images"] = state.skipped_images
-                accelerator.log(logs, step=state.global_step)
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
-                interval_start, interval_steps = time.perf_counter(), 0
-            if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
-                save_checkpoint(accelerator, cfg, state.global_step)
-            if t.validation_steps and state.global_step % t.validation_steps == 0:
-                results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
-                results["step"] = state.global_step
-                logger.info(f"step {state.global_step}: {fmt(results)}")
-            if state.global_step >= t.max_train_steps:
+    with StopRequest() as stop:
+        for epoch in itertools.count(state.epoch):
+            if state.global_step >= t.max_train_steps or interrupted:
                 break
+            state.epoch = epoch
+            train_dl.set_epoch(epoch)  # sampler order and per-sample augmentation of this epoch
+            loader = skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
+            for batch in loader:
+                state.batches_in_epoch += 1
+                x = batch["pixel_values"]
+                step = state.global_step
+                use_disc = disc is not None and step >= cfg.loss.disc_start
+                with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
+                    recon, posterior = model(x)
+                    loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
+                                         last_layer=last_layer)  # fmt: skip
+                    # One tiny all-reduce so every rank takes the same branch (no DDP hang).
+                    flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum is not None)],
+                                         device=accelerator.device)  # fmt: skip
+                    flags = accelerator.reduce(flags, "sum") if accelerator.num_processes > 1 else flags
+                    bad_loss, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
+                    window_bad |= bad_loss
+                    if not bad_loss:
+                        accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if cfg.loss.learn_logvar and accelerator.num_processes > 1 and loss_fn.logvar.grad is not None:
+                            # logvar lives outside the DDP-wrapped model: average its gradient by hand.
+                            loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+                        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                        logs["train/grad_norm"] = grad_norm
+                        # fp16: the GradScaler itself skips inf/NaN steps and lowers its scale.
+                        window_bad |= t.mixed_precision != "fp16" and not bool(torch.isfinite(grad_norm))
+                    if not (accelerator.sync_gradients and window_bad):
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if use_disc and not bad_loss:
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc)
+                        accelerator.backward(d_loss)
+                        if accelerator.sync_gradients and t.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
+                        disc_optimizer.step()
+                        disc_optimizer.zero_grad(set_to_none=True)
+                        logs.update(d_logs)
+                state.skipped_images += int(batch["num_skipped"])
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                interval_steps += 1
+                progress.update(1)
+                if window_bad:
+                    state.nonfinite_steps += 1
+                    state.consecutive_nonfinite += 1
+                    logger.warning(f"step {state.global_step}: non-finite loss or gradient, update skipped "
+                                   f"({state.consecutive_nonfinite} in a row, {state.nonfinite_steps} in total)")  # fmt: skip
+                    if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+                        last = checkpoints.latest_checkpoint(out / "checkpoints")
+                        accelerator.end_training()
+                        raise SystemExit(
+                            f"error: {state.consecutive_nonfinite} consecutive steps with a non-finite loss or "
+                            f"gradient (up to step {state.global_step}); stopping. Last good checkpoint: "
+                            f"{last or 'none'}. Resume from it with --resume_from_checkpoint "
+                            f"{last or 'PATH'} and e.g. a lower --learning_rate or --mixed_precision=bf16/no"
+                        )
+                else:
+                    state.consecutive_nonfinite = 0
+                    if ema is not None:
+                        ema.step(vae_params)
+                window_bad = False
+                if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    logs = {k: float(v) for k, v in logs.items()}
+                    logs["train/lr"] = scheduler.get_last_lr()[0]
+                    logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
+                    logs["train/skipped_images"] = state.skipped_images
+                    logs["train/nonfinite_steps"] = state.nonfinite_steps
+                    if ema is not None:
+                        logs["train/ema_decay"] = ema.cur_decay_value or 0.0
+                    accelerator.log(logs, step=state.global_step)
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if stop_now:
+                    interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
+                    break
+                if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, cfg, state.global_step)
+                if t.validation_steps and state.global_step % t.validation_steps == 0:
+                    with ema_weights(ema, vae_params):
+                        results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
+                    results["step"] = state.global_step
+                    logger.info(f"step {state.global_step}: {fmt(results)}")
+                if state.global_step >= t.max_train_steps:
+                    break
+            else:
+                state.batches_in_epoch = 0  # the epoch ran to its end
     progress.close()
     train_time = time.perf_counter() - train_start
 
+    if interrupted:
+        path = save_checkpoint(accelerator, cfg, state.global_step)
+        logger.warning(f"{signal.Signals(interrupted).name} received: saved {path} at step {state.global_step}; "
+                       "continue with --resume_from_checkpoint latest")  # fmt: skip
+        accelerator.end_training()
+        return {"step": state.global_step, "interrupted": int(interrupted), "checkpoint": str(path)}
+
     if results.get("step") != state.global_step:
-        results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
+        with ema_weights(ema, vae_params):
+            results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
         logger.info(f"final: {fmt(results)}")
+    checksums = accelerator.gather(torch.tensor([param_checksum(vae)], dtype=torch.float64, device=accelerator.device))
     metrics = {
         "step": state.global_step,
         "resolution": cfg.data.resolution,
         "data": splits.description,
         "n_images": results["val/n_images"],
         "lpips_net": t.val_lpips_net,
+        "ema": t.use_ema,
         "psnr": results["val/psnr"],
         "ssim": results["val/ssim"],
         "lpips": results["val/lpips"],
         "val": {k: v for k, v in results.items() if k.startswith("val/")},
         "initial": {k.split("/", 1)[1]: initial[k] for k in ("val/psnr", "val/ssim", "val/lpips")} if initial else None,
         "skipped_images": state.skipped_images,
+        "nonfinite_steps": state.nonfinite_steps,
         "train_seconds_this_run": train_time,
         "num_processes": accelerator.num_processes,
         "mixed_precision": t.mixed_precision,
+        # Trained (non-EMA) weights per rank: equal when gradients are synchronised.
+        "param_checksum_per_rank": checksums.cpu().tolist(),
+        "param_checksum_initial": initial_checksum,
     }
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps:
         save_checkpoint(accelerator, cfg, state.global_step)  # the end is always resumable/extendable
-    vae_dir = export(accelerator, model, cfg, metrics)
+    with ema_weights(ema, vae_params):
+        vae_dir = export(accelerator, model, cfg, metrics)
     logger.info(f"exported {vae_dir}; metrics in {out / 'metrics.json'}")
     accelerator.end_training()
     return metrics
@@ -376,7 +522,7 @@ def fmt(results: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: ``python -m train [--config PRESET|PATH] [--key=value ...]``."""
+    """Entry point: ``python -m train [--config PRESET|PATH] [--key=value ...]``; 128+signal if interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         print(help_text())
@@ -386,5 +532,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train(cfg)
-    return 0
+    n = requested_cpu_processes()
+    if n > 1:
+        print(f"accelerate launch --cpu started 1 process for --num_processes {n}: starting {n} CPU ranks "
+              "with torch.distributed.run", file=sys.stderr)  # fmt: skip
+        return relaunch_cpu(n, "train", argv)
+    metrics = train(cfg)
+    return 128 + metrics["interrupted"] if metrics.get("interrupted") else 0

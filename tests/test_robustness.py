@@ -1,0 +1,187 @@
+"""Training that holds: DDP sync, exact resume, kill/terminate, mixed precision, non-finite steps."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train.trainer as trainer
+from autoencoder.losses import VAELoss
+from autoencoder.models import VAEForTraining
+from conftest import REPO
+
+TINY_FAST = ["--config=tiny", "--report_to=none", "--validation_steps=0", "--validate_at_start=false"]
+
+
+def _env(lpips_dir):
+    return {**os.environ, "LPIPS_WEIGHTS": str(lpips_dir), "PYTHONUNBUFFERED": "1"}
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_parameters(tmp_path, lpips_dir):
+    """accelerate launch --num_processes 2 --cpu: ranks see different data, yet end with equal weights."""
+    out = tmp_path / "ddp"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [
+        accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "train", *TINY_FAST, f"--output_dir={out}",
+        "--max_train_steps=4", "--checkpointing_steps=2",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(out)
+    assert metrics["num_processes"] == 2
+    rank0, rank1 = metrics["param_checksum_per_rank"]
+    assert rank0 == rank1  # bit-identical: gradients were all-reduced through the prepared model
+    assert rank0 != metrics["param_checksum_initial"]  # and training moved them
+
+
+def _run_inprocess(out, lpips_dir, monkeypatch, *args):
+    from accelerate.state import AcceleratorState, GradientState
+
+    monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return trainer.main([*TINY_FAST, f"--output_dir={out}", *args])
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path, lpips_dir, monkeypatch):
+    """k steps -> checkpoint -> resume to n equals an uninterrupted n-step run, bit for bit."""
+    args = ["--max_train_steps=6", "--checkpointing_steps=3", "--use_ema", "--learn_logvar",
+            "--checkpoints_total_limit=5", "--lr_scheduler=cosine"]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert _run_inprocess(full, lpips_dir, monkeypatch, *args) == 0
+    # "stop" after k=3: a fresh run directory holding only the step-3 checkpoint
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    assert _run_inprocess(resumed, lpips_dir, monkeypatch, *args, "--resume_from_checkpoint=latest") == 0
+
+    a, b = (load_file(d / "checkpoints" / "checkpoint-6" / "model.safetensors") for d in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea, eb = (load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (full, resumed))  # EMA export
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    oa, ob = (torch.load(d / "checkpoints" / "checkpoint-6" / "optimizer.bin", weights_only=False) for d in (full, resumed))
+    for pa, pb in zip(oa["state"].values(), ob["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    sa, sb = (torch.load(d / "checkpoints" / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=True) for d in (full, resumed))
+    assert sa == sb and sa["global_step"] == 6
+    ema_a, ema_b = (torch.load(d / "checkpoints" / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False) for d in (full, resumed))
+    assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
+    # the EMA really differs from the raw weights (so the export above compared EMA weights)
+    assert not torch.equal(ea["decoder.conv_out.weight"], a["vae.decoder.conv_out.weight"])
+
+
+def _start(out, lpips_dir, *args):
+    cmd = [sys.executable, "-m", "train", *TINY_FAST, f"--output_dir={out}", "--max_train_steps=100000", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(lpips_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_last_checkpoint(tmp_path, lpips_dir):
+    out = tmp_path / "killed"
+    proc = _start(out, lpips_dir, "--checkpointing_steps=5", "--checkpoints_total_limit=2")
+    _wait_for(lambda: (out / "checkpoints" / "checkpoint-10").is_dir(), proc)
+    proc.kill()
+    proc.wait()
+    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert last >= 10
+    result = subprocess.run(
+        [sys.executable, "-m", "train", *TINY_FAST, f"--output_dir={out}", f"--max_train_steps={last + 3}",
+         "--checkpointing_steps=5", "--resume_from_checkpoint=latest"],
+        cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{last}'} at step {last}" in result.stderr
+    assert _metrics(out)["step"] == last + 3
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_fresh_checkpoint(tmp_path, lpips_dir):
+    out = tmp_path / "terminated"
+    proc = _start(out, lpips_dir, "--checkpointing_steps=5", "--checkpoints_total_limit=5")
+    _wait_for(lambda: (out / "checkpoints" / "checkpoint-5").is_dir(), proc)  # training is under way
+    signalled_at = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output
+    newest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    fresh = out / "checkpoints" / f"checkpoint-{newest}"
+    assert newest >= 5 and fresh.stat().st_mtime >= signalled_at  # written in response to the signal
+    assert f"SIGTERM received: saved {fresh} at step {newest}" in output
+
+
+@pytest.mark.slow
+def test_bf16_keeps_fp32_master_and_exported_weights(tmp_path, lpips_dir, monkeypatch):
+    out = tmp_path / "bf16"
+    seen = []
+    original = VAEForTraining.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        assert all(p.dtype == torch.float32 for p in self.parameters())  # fp32 master weights during training
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAEForTraining, "forward", spy)
+    assert _run_inprocess(out, lpips_dir, monkeypatch, "--mixed_precision=bf16", "--max_train_steps=3",
+                          "--checkpointing_steps=2", "--validation_steps=2") == 0  # fmt: skip
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)  # every forward ran under bf16 autocast
+    ckpt = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in ckpt.values())
+    exported = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in exported.values())
+
+
+def _nan_at(steps, monkeypatch):
+    original = VAELoss.forward
+
+    def poisoned(self, inputs, reconstructions, posterior, step, *args, **kwargs):
+        loss, logs = original(self, inputs, reconstructions, posterior, step, *args, **kwargs)
+        if kwargs.get("split", "train") == "train" and step in steps:
+            loss = loss * float("nan")
+        return loss, logs
+
+    monkeypatch.setattr(VAELoss, "forward", poisoned)
+
+
+@pytest.mark.slow
+def test_nan_loss_step_is_skipped_and_counted(tmp_path, lpips_dir, monkeypatch):
+    out = tmp_path / "nan"
+    _nan_at({1}, monkeypatch)  # the second optimizer step (global_step 1 -> 2)
+    assert _run_inprocess(out, lpips_dir, monkeypatch, "--max_train_steps=3", "--checkpointing_steps=1",
+                          "--checkpoints_total_limit=5") == 0  # fmt: skip
+    assert _metrics(out)["nonfinite_steps"] == 1
+    w1, w2, w3 = (load_file(out / "checkpoints" / f"checkpoint-{i}" / "model.safetensors") for i in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 changed nothing
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained again
+
+
+@pytest.mark.slow
+def test_consecutive_nan_steps_stop_the_run(tmp_path, lpips_dir, monkeypatch):
+    out = tmp_path / "nan-stop"
+    _nan_at(set(range(2, 100)), monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        _run_inprocess(out, lpips_dir, monkeypatch, "--max_train_steps=50", "--checkpointing_steps=2",
+                       "--max_consecutive_nonfinite=3")  # fmt: skip
+    message = str(info.value)
+    assert "3 consecutive steps with a non-finite loss" in message and "up to step 5" in message
+    assert f"Last good checkpoint: {out / 'checkpoints' / 'checkpoint-4'}" in message

@@ -1,0 +1,73 @@
+"""Make ``accelerate launch --cpu --num_processes N -m train`` really start N processes.
+
+accelerate's simple launcher starts a single process for ``--cpu`` unless it is given an MPI
+hostfile (huggingface/accelerate#2741), so a "2-process" CPU run would silently train alone.
+When we detect that case we start the N ranks ourselves with ``torch.distributed.run`` (gloo
+backend on CPU), exactly as ``accelerate launch --multi_gpu`` would with GPUs.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import torch
+
+MPI_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _flag(name: str) -> bool:
+    """An environment flag in accelerate's spelling (true/1/yes)."""
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or other accelerator."""
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
+def use_cpu_backend() -> bool:
+    """Distributed ranks on a machine without accelerator must ask accelerate for the CPU (gloo) backend.
+
+    Without this, ``accelerate launch --multi_gpu`` or ``torchrun`` on a CPU-only machine would start
+    N independent single-process runs instead of one N-process job.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
+
+
+def requested_cpu_processes() -> int:
+    """N if ``accelerate launch --cpu --num_processes N`` started this single process, else 1."""
+    if not _flag("ACCELERATE_USE_CPU") or "WORLD_SIZE" in os.environ or any(k in os.environ for k in MPI_ENV):
+        return 1
+    try:
+        cmdline = psutil.Process(os.getppid()).cmdline()
+    except psutil.Error:
+        return 1
+    if not any("accelerate" in part for part in cmdline[:4]) or "launch" not in " ".join(cmdline[:4]):
+        return 1
+    for i, arg in enumerate(cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(cmdline):
+                return int(cmdline[i + 1])
+            if arg.startswith(flag + "="):
+                return int(arg.split("=", 1)[1])
+    return 1
+
+
+def relaunch_cpu(num_processes: int, module: str, argv: list[str]) -> int:
+    """Run ``python -m module argv`` as ``num_processes`` CPU ranks; forwards SIGINT/SIGTERM."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
+        f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+        f"--master_port={os.environ.get('MASTER_PORT', '29500')}", "-m", module, *argv,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
