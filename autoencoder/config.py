@@ -97,6 +97,8 @@ class DataConfig:
     random_flip: bool = opt(True, "random horizontal flips during training")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)")
     cache_dir: Optional[str] = opt(None, "datasets cache directory")
+    streaming: bool = opt(False, "stream the dataset (datasets IterableDataset, sharded per rank) instead of downloading it")
+    shuffle_buffer: int = opt(1000, "streaming: shuffle buffer size (examples)")
 
 
 @dataclass

@@ -127,6 +127,13 @@ def eval_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
+def seeded_transform(transform: Callable, img: Image.Image, key: tuple) -> torch.Tensor:
+    """Apply a torchvision transform with its random draws seeded by ``key`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # hash of an int tuple is stable across runs
+        return transform(img)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Map-style dataset over a ``datasets.Dataset`` image column that skips unreadable images.
 
@@ -153,9 +160,7 @@ class ImageDataset(torch.utils.data.Dataset):
         """The transform, under a per-(seed, epoch, index) RNG when seeded."""
         if self.seed is None:
             return self.transform(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(img)
+        return seeded_transform(self.transform, img, (self.seed, self.epoch, index))
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -173,6 +178,40 @@ class ImageDataset(torch.utils.data.Dataset):
             f"{MAX_CONSECUTIVE_BAD} consecutive images from #{index} could not be read; "
             f"check the dataset files (column {self.column!r})"
         )
+
+
+class StreamingImageDataset(torch.utils.data.IterableDataset):
+    """A streamed ``datasets.IterableDataset``, shuffled with a buffer and sharded for this rank.
+
+    Each rank reads only its shard (``split_dataset_by_node``); DataLoader workers split it further
+    (datasets does this).  Unreadable images are skipped and counted as in ``ImageDataset``.
+    """
+
+    def __init__(self, hf_iterable: datasets.IterableDataset, image_column: str, transform: Callable, seed: int,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000):  # fmt: skip
+        from datasets.distributed import split_dataset_by_node
+
+        self.ds = split_dataset_by_node(hf_iterable.shuffle(seed=seed, buffer_size=shuffle_buffer), rank, world_size)
+        self.column, self.transform, self.seed, self.rank = image_column, transform, seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (datasets reseeds its shuffle buffer with seed + epoch)."""
+        self.epoch = epoch
+        self.ds.set_epoch(epoch)
+
+    def __iter__(self):
+        skipped = 0
+        for i, row in enumerate(self.ds):
+            try:
+                img = decode_image(row[self.column])
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                logger.warning("skipping unreadable streamed image: %s: %s", type(exc).__name__, exc)
+                skipped += 1
+                continue
+            x = seeded_transform(self.transform, img, (self.seed, self.epoch, self.rank, i))
+            yield {"pixel_values": x, "num_skipped": skipped, "index": i}
+            skipped = 0
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -233,7 +272,7 @@ def embedded_splits(cfg: DataConfig) -> ImageSplits:
     return ImageSplits(train, validation, "image", description, embedded=True)
 
 
-def load_local_dataset(path_text: str, cache_dir: Optional[str]) -> datasets.DatasetDict:
+def load_local_dataset(path_text: str, cache_dir: Optional[str], streaming: bool = False):
     """``--train_data_dir``: an image folder, a folder of parquet files, or parquet file(s)."""
     path = Path(path_text).expanduser()
     if not path.exists():
@@ -242,21 +281,24 @@ def load_local_dataset(path_text: str, cache_dir: Optional[str]) -> datasets.Dat
         builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
         if builder is None:
             raise ValueError(f"--train_data_dir file {path_text!r}: expected .parquet (or a folder of images)")
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir)
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir, streaming=streaming)
     # A folder: datasets infers imagefolder or parquet, and train/test splits from file names.
-    return datasets.load_dataset(str(path), cache_dir=cache_dir)
+    return datasets.load_dataset(str(path), cache_dir=cache_dir, streaming=streaming)
 
 
 def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
     """Train and validation splits for the configured source (embedded photographs by default)."""
     if not cfg.dataset_name and not cfg.train_data_dir:
         return embedded_splits(cfg)
+    load_kw = {"cache_dir": cfg.cache_dir, "streaming": cfg.streaming}
     if cfg.dataset_name:
-        dd = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=cfg.cache_dir)
+        dd = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, **load_kw)
         source = f"dataset {cfg.dataset_name}"
     else:
-        dd = load_local_dataset(cfg.train_data_dir, cfg.cache_dir)
+        dd = load_local_dataset(cfg.train_data_dir, **load_kw)
         source = f"{cfg.train_data_dir}"
+    if cfg.streaming:
+        return _streaming_splits(cfg, dd, source)
     train_name = "train" if "train" in dd else next(iter(dd))
     train = dd[train_name]
     if cfg.image_column not in train.column_names:
@@ -284,3 +326,28 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     description = f"{source}: {len(train)} training images of '{train_name}'; validation: {held}"
     return ImageSplits(train, validation, cfg.image_column, description, embedded=False)
+
+
+def _streaming_splits(cfg: DataConfig, dd, source: str) -> ImageSplits:
+    """Streaming: validation images are materialised (first N of the validation split, else of train,
+    which then skips them); training stays an IterableDataset."""
+    train_name = "train" if "train" in dd else next(iter(dd))
+    train = dd[train_name]
+    if cfg.image_column not in (train.column_names or [cfg.image_column]):
+        raise ValueError(f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})")
+    train = train.cast_column(cfg.image_column, datasets.Image(decode=False))
+    val_name = cfg.validation_split or next((s for s in ("validation", "test") if s in dd), None)
+    n = cfg.num_validation_images
+    if val_name is not None and val_name != train_name:
+        rows = list(dd[val_name].cast_column(cfg.image_column, datasets.Image(decode=False)).take(n))
+        held = f"first {len(rows)} streamed images of split '{val_name}'"
+    else:
+        rows = list(train.take(n))
+        train = train.skip(n)
+        held = f"first {len(rows)} streamed images of '{train_name}', not trained on"
+    features = datasets.Features({cfg.image_column: datasets.Image(decode=False)})
+    validation = datasets.Dataset.from_list([{cfg.image_column: r[cfg.image_column]} for r in rows], features=features)
+    if cfg.max_train_samples is not None:
+        train = train.take(cfg.max_train_samples)
+    return ImageSplits(train, validation, cfg.image_column, f"{source} (streaming '{train_name}'); validation: {held}",
+                       embedded=False)  # fmt: skip

@@ -126,3 +126,20 @@ def test_dataset_name_goes_through_load_dataset(tmp_path):
     splits = load_splits(cfg)
     assert (len(splits.train), len(splits.validation)) == (4, 1)
     assert splits.description.startswith("dataset ")
+
+
+def test_streaming_shards_are_disjoint_and_cover_the_stream(shared):
+    from autoencoder.data import StreamingImageDataset
+
+    cfg = DataConfig(train_data_dir=str(shared / "data" / "cifar10" / "test.parquet"), streaming=True,
+                     num_validation_images=4, max_train_samples=40, resolution=32)  # fmt: skip
+    splits = load_splits(cfg)
+    assert isinstance(splits.train, datasets.IterableDataset) and len(splits.validation) == 4
+    shards = [
+        StreamingImageDataset(splits.train, "image", eval_transform(32), seed=0, rank=r, world_size=2, shuffle_buffer=8)
+        for r in (0, 1)
+    ]
+    pixels = [[s["pixel_values"] for s in shard] for shard in shards]
+    assert len(pixels[0]) + len(pixels[1]) == 40  # every streamed training image on exactly one rank
+    flat = [p.sum().item() for shard in pixels for p in shard]
+    assert len(set(flat)) == 40

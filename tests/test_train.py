@@ -116,3 +116,14 @@ def test_cli_help_and_bad_key():
     assert help_out.returncode == 0 and "--max_train_steps" in help_out.stdout and "--lpips_weights" in help_out.stdout
     bad = subprocess.run([sys.executable, "-m", "train", "--max_train_step=3"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "unknown config key 'max_train_step'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_streaming_training_and_resume(run, shared):
+    data = f"--train_data_dir={shared / 'data' / 'cifar10' / 'train.parquet'}"
+    common = [data, "--streaming", "--shuffle_buffer=64", "--num_validation_images=8", "--validation_steps=0",
+              "--checkpointing_steps=2"]  # fmt: skip
+    code, out = run(*common, "--max_train_steps=2")
+    assert code == 0 and "streaming" in _metrics(out)["data"]
+    code, out = run(*common, "--max_train_steps=4", "--resume_from_checkpoint=latest")
+    assert code == 0 and _metrics(out)["step"] == 4

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator, skip_first_batches
@@ -31,7 +32,14 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from autoencoder.config import Config, flat_dict, help_text, parse_config, save_config
-from autoencoder.data import ImageDataset, collate, eval_transform, load_splits, train_transform
+from autoencoder.data import (
+    ImageDataset,
+    StreamingImageDataset,
+    collate,
+    eval_transform,
+    load_splits,
+    train_transform,
+)
 from autoencoder.losses import VAELoss, build_discriminator
 from autoencoder.lpips_weights import LPIPSWeightsError, build_lpips
 from autoencoder.models import VAEForTraining, build_vae, count_parameters, downsampling_factor
@@ -309,15 +317,22 @@ def train(cfg: Config) -> dict:
     initial_checksum = param_checksum(vae)
 
     splits = load_splits(cfg.data, seed=t.seed)
-    train_ds = ImageDataset(splits.train, splits.image_column, train_transform(cfg.data, splits.embedded), seed=t.seed)
+    transform = train_transform(cfg.data, splits.embedded)
+    streaming = isinstance(splits.train, datasets.IterableDataset)
+    if streaming:  # sharded per rank here, so the loader is not prepared (no accelerate re-sharding)
+        train_ds = StreamingImageDataset(splits.train, splits.image_column, transform, t.seed, accelerator.process_index,
+                                         accelerator.num_processes, cfg.data.shuffle_buffer)  # fmt: skip
+    else:
+        train_ds = ImageDataset(splits.train, splits.image_column, transform, seed=t.seed)
+        if len(train_ds) < t.train_batch_size * accelerator.num_processes:
+            raise SystemExit(f"error: {len(train_ds)} training images, fewer than one global batch")
     val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
-    if len(train_ds) < t.train_batch_size * accelerator.num_processes:
-        raise SystemExit(f"error: {len(train_ds)} training images, fewer than one global batch")
     # Own generators: creating a DataLoader iterator draws a base seed, which must not come from
     # the global RNG (it drives posterior sampling and must replay exactly after a resume).
     loader_kw = dict(collate_fn=collate, num_workers=cfg.data.dataloader_num_workers,
                      generator=torch.Generator().manual_seed(t.seed))  # fmt: skip
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=t.train_batch_size, shuffle=True, drop_last=True, **loader_kw)
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=t.train_batch_size, shuffle=not streaming,
+                                           drop_last=True, **loader_kw)  # fmt: skip
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=t.validation_batch_size, shuffle=False, **loader_kw)
 
     optimizer, disc_optimizer = build_optimizers(cfg, model, loss_fn, disc, accelerator.num_processes)
@@ -326,7 +341,9 @@ def train(cfg: Config) -> dict:
         t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=t.max_train_steps * accelerator.num_processes,
     )  # fmt: skip
-    model, optimizer, scheduler, train_dl, val_dl = accelerator.prepare(model, optimizer, scheduler, train_dl, val_dl)
+    model, optimizer, scheduler, val_dl = accelerator.prepare(model, optimizer, scheduler, val_dl)
+    if not streaming:
+        train_dl = accelerator.prepare(train_dl)
     if disc is not None:
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     vae_params = list(accelerator.unwrap_model(model).vae.parameters())
@@ -379,11 +396,18 @@ def train(cfg: Config) -> dict:
             if state.global_step >= t.max_train_steps or interrupted:
                 break
             state.epoch = epoch
-            train_dl.set_epoch(epoch)  # sampler order and per-sample augmentation of this epoch
-            loader = skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
+            (train_ds if streaming else train_dl).set_epoch(epoch)  # data order and augmentation of this epoch
+            if streaming:  # a stream cannot seek: re-read and drop the batches already trained on
+                loader = itertools.islice(train_dl, state.batches_in_epoch, None)
+            elif state.batches_in_epoch:
+                loader = skip_first_batches(train_dl, state.batches_in_epoch)
+            else:
+                loader = train_dl
+            yielded = 0
             for batch in loader:
+                yielded += 1
                 state.batches_in_epoch += 1
-                x = batch["pixel_values"]
+                x = batch["pixel_values"].to(accelerator.device)
                 step = state.global_step
                 use_disc = disc is not None and step >= cfg.loss.disc_start
                 with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
@@ -468,8 +492,10 @@ def train(cfg: Config) -> dict:
                     logger.info(f"step {state.global_step}: {fmt(results)}")
                 if state.global_step >= t.max_train_steps:
                     break
-            else:
-                state.batches_in_epoch = 0  # the epoch ran to its end
+            else:  # the epoch ran to its end
+                if not yielded and not state.batches_in_epoch:
+                    raise SystemExit(f"error: the training data yielded no batch of {t.train_batch_size} images")
+                state.batches_in_epoch = 0
     progress.close()
     train_time = time.perf_counter() - train_start
 
