@@ -1,5 +1,6 @@
 """Model presets: diffusers ``AutoencoderKL`` built from constructor kwargs, or loaded for fine-tuning."""
 
+import copy
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -125,3 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         quant = "yes" if vae.quant_conv is not None else "no"
         print(f"| {name} | {count_parameters(vae):,} | {downsampling_factor(vae)} | {vae.config.latent_channels} | {quant} |")
     return 0
+
+
+@torch.no_grad()
+def half_precision_decode_check(vae: AutoencoderKL, latents: torch.Tensor, dtype: torch.dtype = torch.float16) -> dict:
+    """Decode ``latents`` in fp32 and in ``dtype``: is the half-precision output finite and how close (PSNR, dB)?
+
+    This is what ``force_upcast`` is about: SDXL's VAE overflows in fp16 and pipelines must upcast it.
+    """
+    reference = vae.decode(latents.float()).sample.clamp(-1, 1)
+    half = copy.deepcopy(vae).to(dtype)  # a copy: casting the trained weights back and forth would round them
+    try:
+        out = half.decode(latents.to(dtype)).sample.float()
+    except (RuntimeError, NotImplementedError) as exc:  # e.g. a kernel missing for this dtype on CPU
+        return {"finite": None, "psnr_vs_fp32": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
+    finite = bool(torch.isfinite(out).all())
+    mse = (out.clamp(-1, 1) - reference).pow(2).mean().item() / 4  # on a [0,1] scale
+    psnr = float("inf") if mse == 0 else -10 * torch.log10(torch.tensor(mse)).item()
+    return {"finite": finite, "psnr_vs_fp32": psnr if finite else None}
+
+
+def needs_force_upcast(check: dict, min_psnr: float = 40.0) -> bool:
+    """Upcast unless fp16 decoding was verified finite and within ``min_psnr`` dB of fp32."""
+    return not (check.get("finite") and check["psnr_vs_fp32"] is not None and check["psnr_vs_fp32"] >= min_psnr)

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="cpu-small", help="preset name or YAML path")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="override the config's precision (bf16 autocast is slow on CPUs without bf16 units)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--phase", choices=["a", "b", "c", "peak"], default=None, help=argparse.SUPPRESS)
@@ -42,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _cfg(args):
     from autoencoder.config import parse_config
 
+    overrides = [f"--mixed_precision={args.mixed_precision}"] if args.mixed_precision else []
     return parse_config([f"--config={args.config}", f"--resolution={args.resolution}",
-                         f"--train_batch_size={args.batch_size}", "--report_to=none"])  # fmt: skip
+                         f"--train_batch_size={args.batch_size}", "--report_to=none", *overrides])  # fmt: skip
 
 
 def _sync(device):
@@ -140,6 +143,7 @@ def phase_c(args, device) -> dict:
         cfg.train.validate_at_start = False
         cfg.train.log_every = 1
         cfg.loss.disc_start = 0  # every configured loss active, as in (b)
+        cfg.data.num_validation_images = 2  # the final validation is outside the timed loop: keep it short
         metrics = train(cfg)
     # train_seconds_this_run covers the loop only (warm-up steps included, so this is conservative)
     return {"seconds_per_step": metrics["train_seconds_this_run"] / cfg.train.max_train_steps, "flops_per_step": None}
@@ -161,6 +165,8 @@ def run_phase(args, phase: str) -> dict:
     """Run one phase in a fresh interpreter and parse its JSON line."""
     cmd = [sys.executable, __file__, f"--phase={phase}", f"--config={args.config}", f"--resolution={args.resolution}",
            f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--warmup={args.warmup}"]  # fmt: skip
+    if args.mixed_precision:
+        cmd.append(f"--mixed_precision={args.mixed_precision}")
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
         raise SystemExit(f"phase {phase} failed:\n{out.stderr[-3000:]}")
@@ -183,6 +189,7 @@ def main(argv=None) -> int:
              "c": "(c) training loop end to end"}  # fmt: skip
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"config={args.config} resolution={args.resolution} batch={args.batch_size} steps={args.steps} "
+          f"mixed_precision={_cfg(args).train.mixed_precision} "
           f"device={where}; measured fp32 matmul peak {peak:.1f} GFLOP/s")  # fmt: skip
     print("| phase | img/s | s/step | peak memory (MB) | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|")
     for p, r in rows.items():

@@ -62,3 +62,35 @@ def test_decoder_only_freezes_encoder():
     assert all(p.grad is None and not p.requires_grad for p in model.vae.encoder.parameters())
     assert all(p.grad is None for p in model.vae.quant_conv.parameters())
     assert model.vae.decoder.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_half_precision_check_and_force_upcast():
+    from autoencoder.models import half_precision_decode_check, needs_force_upcast
+
+    vae = build_vae(ModelConfig(preset="tiny"))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    latents = vae.encode(torch.rand(2, 3, 16, 16) * 2 - 1).latent_dist.mode()
+    check = half_precision_decode_check(vae, latents, torch.bfloat16)
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # the model itself is untouched
+    assert vae.dtype == torch.float32
+    assert check["finite"] is True and 20 < check["psnr_vs_fp32"] < 80  # bf16 keeps ~8 bits of mantissa
+    assert needs_force_upcast({"finite": True, "psnr_vs_fp32": 55.0}) is False
+    assert needs_force_upcast({"finite": True, "psnr_vs_fp32": 30.0}) is True
+    assert needs_force_upcast({"finite": False, "psnr_vs_fp32": None}) is True
+    assert needs_force_upcast({"finite": None, "psnr_vs_fp32": None, "error": "no kernel"}) is True
+
+
+def test_gradient_checkpointing_trains_the_same():
+    torch.manual_seed(0)
+    plain = VAEForTraining(build_vae(ModelConfig(preset="tiny")))
+    torch.manual_seed(0)
+    ckpt = VAEForTraining(build_vae(ModelConfig(preset="tiny", gradient_checkpointing=True)))
+    assert ckpt.vae.encoder.gradient_checkpointing
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        recon, _ = model(x, sample_posterior=False)
+        recon.abs().mean().backward()
+        grads.append(model.vae.decoder.conv_in.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

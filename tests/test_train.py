@@ -50,6 +50,8 @@ def test_tiny_run_exports_a_loadable_vae(run):
 
     vae = AutoencoderKL.from_pretrained(out / "vae")
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    # force_upcast follows the measured fp16 decode of held-out latents
+    assert vae.config.force_upcast == metrics["fp16_decode"]["force_upcast"]
     assert all(p.dtype == torch.float32 for p in vae.parameters())
     assert (out / "vae" / "training_config.yaml").is_file() and (out / "config.yaml").is_file()
     # exported weights are the trained ones (same as the final checkpoint's model)
@@ -127,3 +129,12 @@ def test_streaming_training_and_resume(run, shared):
     assert code == 0 and "streaming" in _metrics(out)["data"]
     code, out = run(*common, "--max_train_steps=4", "--resume_from_checkpoint=latest")
     assert code == 0 and _metrics(out)["step"] == 4
+
+
+def test_unwritable_output_dir_fails_at_start_up(run, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(SystemExit, match="is not writable"):
+        trainer.main(["--config=tiny", f"--output_dir={blocker / 'out'}"])

@@ -42,7 +42,14 @@ from autoencoder.data import (
 )
 from autoencoder.losses import VAELoss, build_discriminator
 from autoencoder.lpips_weights import LPIPSWeightsError, build_lpips
-from autoencoder.models import VAEForTraining, build_vae, count_parameters, downsampling_factor
+from autoencoder.models import (
+    VAEForTraining,
+    build_vae,
+    count_parameters,
+    downsampling_factor,
+    half_precision_decode_check,
+    needs_force_upcast,
+)
 from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
 
 from . import checkpoints
@@ -535,6 +542,16 @@ def train(cfg: Config) -> dict:
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps:
         save_checkpoint(accelerator, cfg, state.global_step)  # the end is always resumable/extendable
     with ema_weights(ema, vae_params):
+        if accelerator.is_main_process:  # force_upcast from a measured fp16 decode of held-out latents
+            raw_vae = accelerator.unwrap_model(model).vae
+            x = torch.stack([val_ds[i]["pixel_values"] for i in range(min(4, len(val_ds)))]).to(accelerator.device)
+            with torch.no_grad():
+                latents = raw_vae.encode(x).latent_dist.mode()
+            if accelerator.device.type == "cpu":  # CPUs emulate fp16 convolutions slowly: one 8x8-latent crop
+                latents = latents[:1, :, :8, :8]
+            check = half_precision_decode_check(raw_vae, latents)
+            raw_vae.register_to_config(force_upcast=needs_force_upcast(check))
+            metrics["fp16_decode"] = {**check, "force_upcast": raw_vae.config.force_upcast}
         vae_dir = export(accelerator, model, cfg, metrics)
     logger.info(f"exported {vae_dir}; metrics in {out / 'metrics.json'}")
     accelerator.end_training()
