@@ -174,7 +174,7 @@ class VAELoss(nn.Module):
         if self.lpips is not None and cfg.lpips_weight > 0:
             p_loss = self.lpips(reconstructions, inputs)  # [B,1,1,1], broadcast over pixels
             rec = rec + cfg.lpips_weight * p_loss
-            logs[f"{split}/lpips"] = p_loss.mean().detach()
+            logs[f"{split}/p_loss"] = p_loss.mean().detach()  # the perceptual *loss*; "lpips" is the metric
         nll = rec / torch.exp(self.logvar) + self.logvar if cfg.learn_logvar else rec
         nll_loss = nll.mean()
         kl = kl_loss(posterior, cfg.free_bits)

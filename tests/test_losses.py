@@ -34,7 +34,7 @@ def test_lpips_term_alone_gives_decoder_gradient(vgg_lpips):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, post = model(x)
     loss, logs = loss_fn(x, recon, post, step=0)
-    assert torch.allclose(loss, logs["train/lpips"])  # nothing else contributes
+    assert torch.allclose(loss, logs["train/p_loss"])  # nothing else contributes
     loss.backward()
     decoder_grad = sum(p.grad.abs().sum() for p in model.vae.decoder.parameters() if p.grad is not None)
     assert decoder_grad > 0

@@ -138,3 +138,22 @@ def test_unwritable_output_dir_fails_at_start_up(run, tmp_path):
     GradientState._reset_state()
     with pytest.raises(SystemExit, match="is not writable"):
         trainer.main(["--config=tiny", f"--output_dir={blocker / 'out'}"])
+
+
+@pytest.mark.slow
+def test_reported_lpips_is_the_alexnet_metric_of_the_exported_model(run, lpips_dir):
+    """metrics.json's lpips is LPIPS-AlexNet on the held-out images, recomputable from the export."""
+    from autoencoder.lpips_weights import build_lpips
+    from eval.metrics import reconstruction_metrics
+
+    code, out = run("--max_train_steps=2", "--validation_steps=0", "--checkpointing_steps=0")
+    metrics = _metrics(out)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    splits = load_splits(DataConfig(resolution=32, num_validation_images=8))
+    ds = ImageDataset(splits.validation, "image", eval_transform(32))
+    x = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
+    with torch.no_grad():
+        recon = vae(x, sample_posterior=False).sample
+    again = reconstruction_metrics(recon, x, build_lpips("alex", str(lpips_dir)))
+    for key in ("psnr", "ssim", "lpips"):
+        assert metrics[key] == pytest.approx(again[key].mean().item(), rel=1e-5), key

@@ -147,7 +147,9 @@ def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Con
         _, logs = loss_fn(x, recon, posterior, step=step, split="val")
         per_image = reconstruction_metrics(recon, x, val_lpips)
         # Batch-mean loss terms repeated per image so padding duplicates are dropped consistently.
-        per_image.update({k.split("/", 1)[1]: v.expand(x.shape[0]) for k, v in logs.items() if k != "val/beta"})
+        terms = {k.split("/", 1)[1]: v.expand(x.shape[0]) for k, v in logs.items() if k != "val/beta"}
+        assert not terms.keys() & per_image.keys(), "loss log names must not shadow the metrics"
+        per_image.update(terms)
         acc.update(accelerator.gather_for_metrics(per_image))
         if sum(t.shape[0] for t in grid_inputs) < cfg.train.num_grid_images:
             grid_inputs.append(x)
