@@ -7,7 +7,6 @@ latent caching and Hub publishing are added as further subcommands.
 
 import argparse
 import json
-import sys
 from typing import Optional
 
 from diffusers import AutoencoderKL
