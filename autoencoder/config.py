@@ -340,9 +340,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {value}")
+    index = key_index()
     for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight"):
-        section = key_index()[key][0]
-        if getattr(getattr(cfg, section), key) < 0:
+        if getattr(getattr(cfg, index[key][0]), key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0")
     if cfg.loss.kl_schedule == "cyclical" and cfg.loss.kl_cycle_steps < 1:
         raise ValueError("kl_schedule=cyclical needs kl_cycle_steps >= 1")
