@@ -1,4 +1,4 @@
-"""Make ``accelerate launch --cpu --num_processes N -m train`` really start N processes.
+"""Make `accelerate launch --cpu --num_processes N -m PKG` really start N processes (train, eval, diffusion_bridge).
 
 accelerate's simple launcher starts a single process for ``--cpu`` unless it is given an MPI
 hostfile (huggingface/accelerate#2741), so a "2-process" CPU run would silently train alone.
@@ -58,6 +58,8 @@ def requested_cpu_processes() -> int:
 
 def relaunch_cpu(num_processes: int, module: str, argv: list[str]) -> int:
     """Run ``python -m module argv`` as ``num_processes`` CPU ranks; forwards SIGINT/SIGTERM."""
+    print(f"accelerate launch --cpu started 1 process for --num_processes {num_processes}: starting "
+          f"{num_processes} CPU ranks with torch.distributed.run", file=sys.stderr)  # fmt: skip
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
         f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
