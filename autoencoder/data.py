@@ -351,3 +351,34 @@ def _streaming_splits(cfg: DataConfig, dd, source: str) -> ImageSplits:
         train = train.take(cfg.max_train_samples)
     return ImageSplits(train, validation, cfg.image_column, f"{source} (streaming '{train_name}'); validation: {held}",
                        embedded=False)  # fmt: skip
+
+
+def load_image_source(
+    dataset_name: Optional[str],
+    train_data_dir: Optional[str],
+    image_column: str = "image",
+    split: Optional[str] = None,
+    resolution: int = 256,
+    num_images: Optional[int] = None,
+) -> tuple[datasets.Dataset, str, str]:
+    """(undecoded image dataset, its image column, a description) for evaluation and latent tools.
+
+    A Hub dataset or local folder/parquet uses ``split`` (default: validation, then test, then train);
+    with neither, the embedded held-out photographs tiled at ``resolution``.
+    """
+    if dataset_name or train_data_dir:
+        dd = datasets.load_dataset(dataset_name) if dataset_name else load_local_dataset(train_data_dir, cache_dir=None)
+        if split is not None and split not in dd:
+            raise ValueError(f"split {split!r} not in {dataset_name or train_data_dir} (splits: {list(dd)})")
+        split = split or next((s for s in ("validation", "test", "train") if s in dd), next(iter(dd)))
+        ds = dd[split]
+        if image_column not in ds.column_names:
+            raise ValueError(f"image column {image_column!r} not in {ds.column_names}; set --image_column")
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        source = f"{dataset_name or train_data_dir} [{split}]"
+    else:
+        ds, image_column = load_splits(DataConfig(resolution=resolution, num_validation_images=10**9)).validation, "image"
+        source = "embedded held-out photographs"
+    if num_images is not None:
+        ds = ds.select(range(min(num_images, len(ds))))
+    return ds, image_column, source

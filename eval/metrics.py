@@ -9,7 +9,16 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    multiscale_structural_similarity_index_measure,
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+# Half the 11-tap Gaussian window: the border where the SSIM window does not fit inside the image.
+SSIM_PAD = 5
+# MS-SSIM's 5 scales halve the image 4 times; the coarsest must exceed the 11-pixel window: side // 16 > 10.
+MS_SSIM_MIN_SIZE = 176
 
 
 def quantize_01(x: torch.Tensor) -> torch.Tensor:
@@ -23,17 +32,34 @@ def psnr_per_image(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor
 
 
 def ssim_per_image(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
-    """SSIM per image (Gaussian 11x11, sigma 1.5, data range 1.0): [B,C,H,W] x2 -> [B]."""
-    return structural_similarity_index_measure(pred01, target01, data_range=1.0, reduction="none")
+    """SSIM per image (Gaussian 11x11, sigma 1.5, data range 1.0) over the valid region: [B,C,H,W] x2 -> [B].
+
+    torchmetrics reflect-pads and averages the whole SSIM map; Wang et al.'s reference code (and
+    scikit-image) average only where the window fits inside the image, so we drop the 5-pixel border.
+    """
+    _, ssim_map = structural_similarity_index_measure(
+        pred01, target01, data_range=1.0, reduction="none", return_full_image=True
+    )
+    return ssim_map[..., SSIM_PAD:-SSIM_PAD, SSIM_PAD:-SSIM_PAD].mean(dim=(1, 2, 3))
+
+
+def ms_ssim_per_image(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """MS-SSIM per image (5 scales, Wang et al. 2003 weights, Gaussian 11x11): [B,C,H,W] x2 -> [B]."""
+    return multiscale_structural_similarity_index_measure(pred01, target01, data_range=1.0, reduction="none")
 
 
 @torch.no_grad()
 def reconstruction_metrics(
     reconstructions: torch.Tensor, inputs: torch.Tensor, lpips_model: Optional[nn.Module] = None
 ) -> dict[str, torch.Tensor]:
-    """Per-image psnr/ssim(/lpips) for [-1,1] batches [B,3,H,W]; each value is a [B] tensor."""
+    """Per-image psnr/ssim(/ms_ssim/lpips) for [-1,1] batches [B,3,H,W]; each value is a [B] tensor.
+
+    ``ms_ssim`` is included when both sides are at least ``MS_SSIM_MIN_SIZE`` pixels.
+    """
     pred01, target01 = quantize_01(reconstructions), quantize_01(inputs)
     out = {"psnr": psnr_per_image(pred01, target01), "ssim": ssim_per_image(pred01, target01)}
+    if min(inputs.shape[-2:]) >= MS_SSIM_MIN_SIZE:
+        out["ms_ssim"] = ms_ssim_per_image(pred01, target01)
     if lpips_model is not None:
         # LPIPS takes [-1,1]; feed the same quantised images.
         out["lpips"] = lpips_model(pred01 * 2 - 1, target01 * 2 - 1).flatten()

@@ -1,24 +1,34 @@
-"""Evaluate diffusers VAEs on the same images: ``python -m eval --model DIR [--model DIR ...] ...``.
+"""Evaluate diffusers VAEs side by side on the same images: ``python -m eval --model A [--model B ...]``.
 
-Every model sees identical inputs (resize shorter side, antialiased bicubic, centre crop) and is
-scored with the metric code training validation uses (``eval.metrics``).
+Every model sees identical inputs — the evaluation policy: resize the shorter side to the
+resolution (bicubic, antialiased), centre crop — and is scored with the metric code training
+validation uses (``eval.metrics``): PSNR/SSIM/MS-SSIM on 8-bit images, LPIPS, rFID (standard
+FID Inception, or "unavailable" with the reason) and optionally Fréchet distances on named
+extractors.  Writes ``metrics.json``, ``report.md`` and ``reconstructions.png`` to --output_dir.
 """
 
 import argparse
 import json
+import resource
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
+from torchvision.utils import make_grid, save_image
 
-from autoencoder.config import DataConfig
-from autoencoder.data import ImageDataset, collate, eval_transform, load_local_dataset, load_splits
-from autoencoder.lpips_weights import LPIPSWeightsError, build_lpips
+from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
+from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source
+from autoencoder.lpips_weights import LPIPSWeightsError, backbone_features, build_lpips
+from autoencoder.models import half_precision_decode_check
 
-from .metrics import MeanAccumulator, reconstruction_metrics
+from .fid import FIDWeightsError, FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
+from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstruction_metrics
+
+METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -35,65 +45,246 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lpips_net", choices=["alex", "vgg"], default="alex", help="AlexNet as in the LPIPS paper")
     p.add_argument("--lpips_weights", default=None, help="local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
+    p.add_argument("--fid_weights", default=None, help="FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
+    p.add_argument("--no_fid", action="store_true", help="skip rFID")
+    p.add_argument("--no_fid_download", action="store_true", help="never try to download the Inception weights")
+    p.add_argument("--fd", action="append", choices=["vgg16"], default=[],
+                   help="also a Fréchet distance on these features, reported as fd_<name> (never 'fid')")
+    p.add_argument("--no_half_check", action="store_true", help="skip the fp16/bf16 decode finiteness check")
+    p.add_argument("--no_tiling_check", action="store_true", help="skip the tiled-vs-untiled decode comparison")
+    p.add_argument("--grid_images", type=int, default=8, help="columns of reconstructions.png")
     p.add_argument("--output_dir", default="outputs/eval")
     return p.parse_args(argv)
 
 
 def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     """The evaluation images under the evaluation transform, and a description of them."""
-    import datasets
-
-    if args.dataset_name or args.train_data_dir:
-        dd = (
-            datasets.load_dataset(args.dataset_name)
-            if args.dataset_name
-            else load_local_dataset(args.train_data_dir, cache_dir=None)
+    try:
+        ds, column, source = load_image_source(
+            args.dataset_name, args.train_data_dir, args.image_column, args.split, args.resolution, args.num_images
         )
-        split = args.split or next((s for s in ("validation", "test", "train") if s in dd), next(iter(dd)))
-        ds = dd[split]
-        if args.image_column not in ds.column_names:
-            raise SystemExit(f"error: image column {args.image_column!r} not in {ds.column_names}; set --image_column")
-        ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
-        source = f"{args.dataset_name or args.train_data_dir} [{split}]"
-    else:  # the held-out embedded photographs, tiled at the resolution
-        ds = load_splits(DataConfig(resolution=args.resolution, num_validation_images=10**9)).validation
-        source = "embedded held-out photographs"
-    if args.num_images is not None:
-        ds = ds.select(range(min(args.num_images, len(ds))))
-    return ImageDataset(ds, args.image_column, eval_transform(args.resolution)), source
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    return ImageDataset(ds, column, eval_transform(args.resolution)), source
+
+
+def build_extractors(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """Feature extractors keyed by metric name ('rfid', 'fd_vgg16'), and reasons for those unavailable."""
+    extractors, unavailable = {}, {}
+    if not args.no_fid:
+        weights = resolve_fid_weights(args.fid_weights, download=not args.no_fid_download)
+        if weights.path is None:
+            unavailable["rfid"] = weights.unavailable
+        else:
+            extractors["rfid"] = InceptionFeatures(weights.path)
+    for name in args.fd:  # only vgg16 today: the one ImageNet network available offline here
+        extractors[f"fd_{name}"] = VGG16Features(backbone_features("vgg", args.lpips_weights))
+    return extractors, unavailable
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory and what it measures: CUDA max allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model_id: str, subfolder: Optional[str], loader, lpips_model) -> dict:
-    """Mean per-image PSNR/SSIM/LPIPS of one VAE's deterministic (posterior-mode) reconstructions."""
-    vae = AutoencoderKL.from_pretrained(model_id, subfolder=subfolder).to(accelerator.device).eval()
-    acc = MeanAccumulator()
+def real_pass(accelerator: Accelerator, loader, extractors: dict, grid_images: int) -> tuple[dict, torch.Tensor]:
+    """Feature accumulators holding the real images' statistics, and the first originals for the grid."""
+    accs = {name: FrechetAccumulator(ex.num_features) for name, ex in extractors.items()}
+    originals = []
     for batch in loader:
-        x = batch["pixel_values"].to(accelerator.device)
-        recon = vae(x, sample_posterior=False).sample
+        x = batch["pixel_values"]
+        for name, ex in extractors.items():
+            accs[name].update(accelerator.gather_for_metrics(ex(to_uint8(x))), real=True)
+        if sum(len(o) for o in originals) < grid_images:
+            originals.append(accelerator.gather_for_metrics(x).cpu())
+    return accs, torch.cat(originals)[:grid_images]
+
+
+@torch.no_grad()
+def tiling_check(vae: AutoencoderKL, image: torch.Tensor) -> dict:
+    """PSNR (dB, 8-bit) between tiled and untiled decoding — and full round trips — of one large image [1,3,H,W]."""
+    z = vae.encode(image).latent_dist.mode()
+    plain = vae.decode(z).sample
+    vae.enable_tiling()
+    try:
+        tiled = vae.decode(z).sample
+        tiled_roundtrip = vae.decode(vae.encode(image).latent_dist.mode()).sample
+    finally:
+        vae.disable_tiling()
+    q = quantize_01
+    return {
+        "image_size": list(image.shape[-2:]),
+        "tile_size": vae.tile_sample_min_size,
+        "decode_psnr": psnr_per_image(q(tiled), q(plain)).item(),
+        "roundtrip_psnr": psnr_per_image(q(tiled_roundtrip), q(plain)).item(),
+    }
+
+
+@torch.no_grad()
+def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image) -> tuple[dict, torch.Tensor]:
+    """All metrics of one VAE's deterministic (posterior-mode) reconstructions, and its grid row."""
+    device = accelerator.device
+    vae = AutoencoderKL.from_pretrained(model_id, subfolder=args.subfolder).to(device).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    acc, row = MeanAccumulator(), []
+    t_enc = t_dec = 0.0
+    n_local = 0
+    first_latents = None
+    for acc_f in feature_accs.values():
+        acc_f.reset_fake()
+    for batch in loader:
+        x = batch["pixel_values"]
+        _sync(device)
+        t0 = time.perf_counter()
+        z = vae.encode(x).latent_dist.mode()
+        _sync(device)
+        t1 = time.perf_counter()
+        recon = vae.decode(z).sample
+        _sync(device)
+        t_enc, t_dec, n_local = t_enc + t1 - t0, t_dec + time.perf_counter() - t1, n_local + len(x)
+        if first_latents is None:
+            first_latents = z[:2]
         acc.update(accelerator.gather_for_metrics(reconstruction_metrics(recon, x, lpips_model)))
-    return {**acc.compute(), "n_images": acc.count("psnr")}
+        for name, ex in extractors.items():
+            feature_accs[name].update(accelerator.gather_for_metrics(ex(to_uint8(recon))), real=False)
+        if sum(len(r) for r in row) < args.grid_images:
+            row.append(accelerator.gather_for_metrics(recon).cpu())
+    peak, peak_kind = peak_memory_mb(device)
+    result = {
+        **acc.compute(),
+        "n_images": acc.count("psnr"),
+        "resolution": args.resolution,
+        "encode_img_per_s": n_local / t_enc,  # per process
+        "decode_img_per_s": n_local / t_dec,
+        "peak_memory_mb": peak,
+        "peak_memory_kind": peak_kind,
+        "num_processes": accelerator.num_processes,
+        "latent_shape": list(first_latents.shape[1:]),
+    }
+    for name in extractors:
+        result[name] = feature_accs[name].compute()
+    if not args.no_half_check:  # the SDXL-VAE problem: does fp16/bf16 decoding overflow to inf/NaN?
+        result["half_precision_decode"] = {
+            str(dtype).removeprefix("torch."): half_precision_decode_check(vae, first_latents, dtype)
+            for dtype in (torch.float16, torch.bfloat16)
+        }
+    if not args.no_tiling_check:
+        result["tiling"] = tiling_check(vae, large_image.to(device))
+    return result, torch.cat(row)[: args.grid_images]
+
+
+def _fmt(value, digits: int) -> str:
+    """A table cell: a number, or '–' when absent."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _half_cell(check: Optional[dict]) -> str:
+    """'finite (NN dB)' / 'NON-FINITE' / 'error' for the fp16/bf16 columns."""
+    if check is None:
+        return "–"
+    if check.get("finite") is None:
+        return "error"
+    return f"finite ({check['psnr_vs_fp32']:.0f} dB)" if check["finite"] else "**NON-FINITE**"
+
+
+def render_report(payload: dict) -> str:
+    """report.md: the side-by-side table and how the numbers were made."""
+    models = payload["models"]
+    fd_names = sorted({k for r in models.values() for k in r if k.startswith("fd_")})
+    head = ["model", "PSNR ↑", "SSIM ↑", "MS-SSIM ↑", f"LPIPS-{payload['lpips_net']} ↓", "rFID ↓", *[f"{n} ↓" for n in fd_names],
+            "enc img/s", "dec img/s", "peak MB", "fp16 decode", "bf16 decode", "tiled vs untiled (dB)"]
+    lines = [
+        "# VAE reconstruction report",
+        "",
+        f"- data: {payload['data']} — {payload['n_images']} images at {payload['resolution']} px "
+        f"(resize shorter side, bicubic antialiased, centre crop)",
+        "- PSNR/SSIM/MS-SSIM on 8-bit images (data range 255), mean over images; reconstructions use the posterior mode",
+        f"- rFID: {payload['rfid_status']}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, r in models.items():
+        half = r.get("half_precision_decode", {})
+        tiling = r.get("tiling")
+        cells = [
+            f"`{name}`", _fmt(r.get("psnr"), 2), _fmt(r.get("ssim"), 4), _fmt(r.get("ms_ssim"), 4), _fmt(r.get("lpips"), 4),
+            _fmt(r.get("rfid"), 2), *[_fmt(r.get(n), 2) for n in fd_names],
+            _fmt(r["encode_img_per_s"], 1), _fmt(r["decode_img_per_s"], 1), _fmt(r["peak_memory_mb"], 0),
+            _half_cell(half.get("float16")), _half_cell(half.get("bfloat16")),
+            _fmt(tiling and tiling["decode_psnr"], 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(models.values()))
+    lines += [
+        "",
+        f"Throughput is per process ({first['num_processes']}), including host-to-device time; peak memory is "
+        f"{first['peak_memory_kind'].replace('_', ' ')}. fp16/bf16 decode: the first batch's latents decoded in that "
+        "dtype (finite? PSNR vs fp32). Tiled vs untiled: one image at twice the resolution decoded with "
+        "`enable_tiling()` and without (PSNR between the two; higher = fewer seams).",
+        "",
+        "`reconstructions.png`: first row the originals, then one row per model in the order above.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m eval``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    accelerator = Accelerator()
+    n = requested_cpu_processes()
+    if n > 1:
+        return relaunch_cpu(n, "eval", argv)
+    accelerator = Accelerator(cpu=use_cpu_backend())
     try:
         lpips_model = build_lpips(args.lpips_net, args.lpips_weights).to(accelerator.device)
-    except LPIPSWeightsError as exc:
+        extractors, unavailable = build_extractors(args)
+    except (LPIPSWeightsError, FIDWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    extractors = {name: ex.to(accelerator.device) for name, ex in extractors.items()}
     dataset, source = eval_dataset(args)
+    # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
+    large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate))
-    results = {m: evaluate(accelerator, m, args.subfolder, loader, lpips_model) for m in args.model}
+    feature_accs, originals = real_pass(accelerator, loader, extractors, args.grid_images)
+    results, rows = {}, [originals]
+    for model_id in args.model:
+        results[model_id], row = evaluate_model(
+            accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image
+        )
+        if "rfid" in unavailable:
+            results[model_id]["rfid"] = None
+            results[model_id]["rfid_unavailable"] = unavailable["rfid"]
+        rows.append(row)
     if accelerator.is_main_process:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"data": source, "resolution": args.resolution, "lpips_net": args.lpips_net, "models": results}
+        rfid_status = (
+            "skipped (--no_fid)" if args.no_fid else
+            f"unavailable — {unavailable['rfid']}" if "rfid" in unavailable else
+            "standard FID InceptionV3 (TF 2015-12-05 weights, sha256 verified), pool3 2048-d"
+        )
+        payload = {
+            "data": source, "n_images": len(dataset), "resolution": args.resolution,
+            "preprocessing": "resize shorter side (bicubic, antialiased) + centre crop",
+            "lpips_net": args.lpips_net, "rfid_status": rfid_status, "models": results,
+        }
         (out / "metrics.json").write_text(json.dumps(payload, indent=2))
-        print(f"{source}, {args.resolution} px, LPIPS-{args.lpips_net}")
-        print("| model | PSNR | SSIM | LPIPS | images |\n|---|---|---|---|---|")
-        for m, r in results.items():
-            print(f"| {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['lpips']:.4f} | {r['n_images']} |")
+        (out / "report.md").write_text(render_report(payload))
+        n = min(len(r) for r in rows)
+        grid = make_grid(torch.cat([r[:n] for r in rows]), nrow=n, normalize=True, value_range=(-1, 1), padding=2)
+        save_image(grid, out / "reconstructions.png")
+        print(render_report(payload))
+        print(f"wrote {out}/metrics.json, report.md, reconstructions.png")
     return 0

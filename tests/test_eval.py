@@ -1,0 +1,144 @@
+"""Evaluation metrics against published references (skimage, scipy, LPIPS) and the runner's outputs."""
+
+import io
+import json
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from autoencoder.config import ModelConfig
+from autoencoder.models import build_vae
+from eval import fid
+from eval.metrics import MS_SSIM_MIN_SIZE, psnr_per_image, reconstruction_metrics, ssim_per_image
+
+
+def _cbsd68_pairs(shared: Path, n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(original, JPEG-q20 re-encode) uint8 HxWx3 pairs of real photographs."""
+    pairs = []
+    for path in sorted((shared / "data" / "cbsd68").glob("*.png"))[:n]:
+        img = Image.open(path).convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=20)
+        pairs.append((np.asarray(img), np.asarray(Image.open(buf).convert("RGB"))))
+    return pairs
+
+
+def _t01(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.copy()).permute(2, 0, 1)[None].double() / 255.0
+
+
+def test_psnr_and_ssim_match_skimage_on_cbsd68(shared):
+    for ref, dist in _cbsd68_pairs(shared):
+        ours_psnr = psnr_per_image(_t01(dist), _t01(ref)).item()
+        ours_ssim = ssim_per_image(_t01(dist), _t01(ref)).item()
+        sk_psnr = peak_signal_noise_ratio(ref, dist, data_range=255)
+        sk_ssim = structural_similarity(
+            ref, dist, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+        assert 20 < sk_psnr < 40 and 0.5 < sk_ssim < 0.99  # a real distortion, not a trivial pair
+        assert abs(ours_psnr - sk_psnr) < 1e-3
+        assert abs(ours_ssim - sk_ssim) < 1e-3
+
+
+def test_reconstruction_metrics_quantise_and_add_ms_ssim_only_when_large_enough():
+    x = torch.rand(2, 3, MS_SSIM_MIN_SIZE, MS_SSIM_MIN_SIZE) * 2 - 1
+    same = reconstruction_metrics(x, x)
+    assert torch.allclose(same["ms_ssim"], torch.ones(2), atol=1e-6) and torch.isinf(same["psnr"]).all()
+    noisy = reconstruction_metrics((x + 0.1 * torch.randn_like(x)).clamp(-1, 1), x)
+    assert (noisy["ms_ssim"] < 1).all() and (noisy["psnr"] < 40).all()
+    assert "ms_ssim" not in reconstruction_metrics(x[..., :64, :64], x[..., :64, :64])
+
+
+def _scipy_fd(a: np.ndarray, b: np.ndarray) -> float:
+    m1, m2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_matches_scipy_sqrtm_and_streams():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(600, 24, generator=g, dtype=torch.float64)
+    b = torch.randn(500, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64) * 0.3 + 0.5
+    acc = fid.FrechetAccumulator(24)
+    for chunk in a.split(7):  # streaming in uneven chunks equals one pass
+        acc.update(chunk, real=True)
+    acc.update(b, real=False)
+    ref = _scipy_fd(a.numpy(), b.numpy())
+    assert ref > 1 and acc.compute() == pytest.approx(ref, rel=1e-6)
+    acc.reset_fake()  # next model against the same real statistics
+    acc.update(a, real=False)
+    same = acc.compute()
+    assert 0 <= same < 1e-6
+
+
+def _offline(monkeypatch, tmp_path):
+    """No FID weights anywhere and no network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(fid.FID_WEIGHTS_ENV, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_rfid_without_inception_weights_is_unavailable_with_the_reason(monkeypatch, tmp_path):
+    _offline(monkeypatch, tmp_path)
+    got = fid.resolve_fid_weights()
+    assert got.path is None
+    assert "could not be downloaded" in got.unavailable and "URLError" in got.unavailable
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILENAME) in got.unavailable
+    assert "--fid_weights" in fid.resolve_fid_weights(download=False).unavailable
+
+
+def test_a_wrong_inception_file_is_refused_by_checksum(tmp_path):
+    wrong = tmp_path / fid.FID_WEIGHTS_FILENAME
+    torch.save({"fc.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(fid.FIDWeightsError, match="not the standard FID Inception weights"):
+        fid.resolve_fid_weights(str(wrong))
+    with pytest.raises(fid.FIDWeightsError, match="do not exist"):
+        fid.resolve_fid_weights(str(tmp_path / "missing.pth"))
+
+
+def test_runner_on_two_tiny_models_writes_metrics_report_and_grid(monkeypatch, tmp_path, lpips_dir):
+    from eval.runner import main
+
+    _offline(monkeypatch, tmp_path)
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        build_vae(ModelConfig(preset="tiny")).save_pretrained(tmp_path / name)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path / "out"
+    code = main([
+        "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--train_data_dir", str(tmp_path / "imgs"),
+        "--resolution", "32", "--batch_size", "2", "--lpips_weights", str(lpips_dir), "--fd", "vgg16",
+        "--grid_images", "4", "--output_dir", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    a, b = (metrics["models"][str(tmp_path / n)] for n in ("a", "b"))
+    assert a["n_images"] == b["n_images"] == 5  # odd count: the padded last batch is not double-counted
+    assert a["psnr"] != b["psnr"] and all(0 < m["ssim"] < 1 and m["lpips"] > 0 for m in (a, b))
+    for m in (a, b):
+        assert m["rfid"] is None and "could not be downloaded" in m["rfid_unavailable"]
+        assert m["fd_vgg16"] > 0 and not any(k == "fid" for k in m)
+        assert m["encode_img_per_s"] > 0 and m["decode_img_per_s"] > 0 and m["peak_memory_mb"] > 0
+        assert set(m["half_precision_decode"]) == {"float16", "bfloat16"}
+        assert m["tiling"]["image_size"] == [64, 64] and m["tiling"]["decode_psnr"] > 0
+    report = (out / "report.md").read_text()
+    assert f"`{tmp_path / 'a'}`" in report and f"`{tmp_path / 'b'}`" in report and "rFID: unavailable" in report
+    grid = Image.open(out / "reconstructions.png")
+    assert grid.size == (2 + 4 * 34, 2 + 3 * 34)  # 4 columns; rows: originals + 2 models (32 px + 2 px padding)
