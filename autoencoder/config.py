@@ -138,6 +138,10 @@ class TrainConfig:
     max_consecutive_nonfinite: int = opt(
         5, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"
     )
+    latent_stats: bool = opt(
+        True, "at the end, measure latent statistics on the validation split and write scaling_factor, "
+        "shift_factor, latents_mean/std into the exported config (+ latent_stats.json)"
+    )
 
 
 @dataclass

@@ -1,17 +1,26 @@
 """``python -m diffusion_bridge``: how a trained VAE meets diffusion models.
 
-Today: ``info`` reports what a diffusion pipeline needs from a VAE's config (latent channels,
-downsampling, scaling/shift factors, per-channel latent statistics).  Latent statistics,
-latent caching and Hub publishing are added as further subcommands.
+Subcommands: ``info`` (latent facts from the config), ``stats`` (dataset latent statistics ->
+scaling/shift factors, optionally written into the config), ``encode`` (a latent cache for
+diffusion training), ``publish`` (a Hub repo with model card).
 """
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Optional
 
+import torch
+from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
+from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
+from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source
 from autoencoder.models import count_parameters, downsampling_factor
+
+from .cache import encode_dataset
+from .stats import collect_latent_stats, describe, process_shard, write_stats
 
 
 def vae_info(vae: AutoencoderKL) -> dict:
@@ -29,6 +38,86 @@ def vae_info(vae: AutoencoderKL) -> dict:
     }
 
 
+def add_data_args(p: argparse.ArgumentParser, resolution: int = 256) -> None:
+    """The image-source options shared by ``stats`` and ``encode``."""
+    p.add_argument("--model", required=True, help="diffusers VAE folder or Hub id")
+    p.add_argument("--subfolder", default=None, help="subfolder inside the model repo, e.g. 'vae'")
+    p.add_argument("--dataset_name", default=None, help="Hub dataset id")
+    p.add_argument("--train_data_dir", default=None, help="local image folder or parquet file(s)")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--split", default=None, help="split (default: validation, test, then train)")
+    p.add_argument("--resolution", type=int, default=resolution)
+    p.add_argument("--num_images", type=int, default=None, help="first N images (default: all)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--crop", choices=["center", "random"], default="center",
+                   help="center: the evaluation policy (resize shorter side, antialiased, centre crop); random crops")
+    p.add_argument("--seed", type=int, default=0, help="posterior sampling and random crops")
+
+
+def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
+    """The images under the chosen crop policy, and their description."""
+    ds, column, source = load_image_source(
+        args.dataset_name, args.train_data_dir, args.image_column, args.split, args.resolution, args.num_images
+    )
+    if args.crop == "center":
+        return ImageDataset(ds, column, eval_transform(args.resolution)), source
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.Resize(args.resolution, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                           T.RandomCrop(args.resolution), T.ToTensor(), T.Normalize([0.5], [0.5])])  # fmt: skip
+    return ImageDataset(ds, column, transform, seed=args.seed), source
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """``stats``: measure, print, and with --write store the latent statistics."""
+    if args.write and not Path(args.model).is_dir():
+        raise ValueError(f"--write needs a local model folder; {args.model!r} is not one (download it first)")
+    accelerator = Accelerator(cpu=use_cpu_backend())
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder).to(accelerator.device).eval()
+    dataset, source = image_dataset(args)
+    shard = process_shard(dataset, accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
+    stats = collect_latent_stats(vae, loader, accelerator, sample_posterior=not args.mode, seed=args.seed)
+    if accelerator.is_main_process:
+        print(f"{source}, {args.resolution} px, {args.crop} crops, {'posterior mode' if args.mode else 'posterior samples'}")
+        print(describe(stats))
+        if args.output:
+            Path(args.output).write_text(json.dumps(stats.to_json(), indent=2))
+        if args.write:
+            model_dir = Path(args.model) / (args.subfolder or "")
+            write_stats(model_dir, stats, vae.to("cpu"))
+            print(f"wrote scaling_factor/shift_factor/latents_mean/latents_std to {model_dir / 'config.json'} "
+                  f"and {model_dir / 'latent_stats.json'}")  # fmt: skip
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """``encode``: write the latent cache a diffusion trainer consumes."""
+    accelerator = Accelerator(cpu=use_cpu_backend())
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder).to(accelerator.device).eval()
+    scale = args.scaling_factor if args.scaling_factor is not None else vae.config.scaling_factor
+    if scale == 1.0 and args.scaling_factor is None:
+        raise ValueError(
+            f"{args.model} has scaling_factor 1.0 (no latent statistics): run `python -m diffusion_bridge stats "
+            "--model DIR --write` first, or pass --scaling_factor explicitly"
+        )
+    dataset, source = image_dataset(args)
+    info = {"model": args.model, "source": source, "resolution": args.resolution, "crop": args.crop}
+    done = encode_dataset(
+        vae, dataset, Path(args.output_dir), accelerator, shard_size=args.shard_size, batch_size=args.batch_size,
+        convention=args.convention, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
+        sample=not args.mode, seed=args.seed, store_moments=args.store_moments, num_workers=args.num_workers, info=info,
+    )  # fmt: skip
+    rate = done["img_per_s_this_process"]
+    print(f"[process {accelerator.process_index}] {done['images_encoded_by_this_process']} images in "
+          f"{done['shards_written_by_this_process']} shards ({done['shards_skipped_by_this_process']} already done, "
+          f"skipped) in {done['seconds']:.1f} s" + (f" = {rate:.1f} img/s" if rate else ""))  # fmt: skip
+    if accelerator.is_main_process:
+        print(f"latent cache of {done['num_images']} images in {args.output_dir} ({done['num_shards']} shards)")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m diffusion_bridge``."""
     parser = argparse.ArgumentParser(prog="python -m diffusion_bridge", description=__doc__)
@@ -36,8 +125,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = sub.add_parser("info", help="print the latent-space facts of a diffusers VAE")
     info.add_argument("--model", required=True, help="diffusers VAE folder or Hub id")
     info.add_argument("--subfolder", default=None)
+    stats = sub.add_parser("stats", help="latent statistics over a dataset -> scaling_factor, shift_factor, ...")
+    add_data_args(stats)
+    stats.add_argument("--mode", action="store_true", help="use the posterior mode instead of posterior samples")
+    stats.add_argument("--write", action="store_true", help="store them in the model's config + latent_stats.json")
+    stats.add_argument("--output", default=None, help="also write the statistics to this JSON file")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    encode = sub.add_parser("encode", help="encode a dataset into a sharded latent cache for diffusion training")
+    add_data_args(encode)
+    encode.set_defaults(split="train")
+    encode.add_argument("--output_dir", required=True)
+    encode.add_argument("--shard_size", type=int, default=1000, help="images per parquet shard")
+    encode.add_argument("--convention", choices=["sd", "sd3"], default="sd",
+                        help="sd: latents = z*scale (SD/SDXL/DiT); sd3: (z-shift)*scale (SD3/FLUX)")
+    encode.add_argument("--scaling_factor", type=float, default=None, help="override the config's scaling_factor")
+    encode.add_argument("--shift_factor", type=float, default=None, help="override the config's shift_factor (sd3)")
+    encode.add_argument("--mode", action="store_true", help="store the posterior mean instead of a posterior sample")
+    encode.add_argument("--store_moments", action="store_true", help="also store posterior mean and log-variance")
+    encode.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for image decoding")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder)
-        print(json.dumps(vae_info(vae), indent=2))
-    return 0
+    n = requested_cpu_processes()
+    if n > 1 and args.command != "info":
+        return relaunch_cpu(n, "diffusion_bridge", argv)
+    try:
+        if args.command == "info":
+            vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder)
+            print(json.dumps(vae_info(vae), indent=2))
+            return 0
+        if args.command == "stats":
+            return cmd_stats(args)
+        if args.command == "encode":
+            return cmd_encode(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)

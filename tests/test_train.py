@@ -54,6 +54,11 @@ def test_tiny_run_exports_a_loadable_vae(run):
     assert vae.config.force_upcast == metrics["fp16_decode"]["force_upcast"]
     assert all(p.dtype == torch.float32 for p in vae.parameters())
     assert (out / "vae" / "training_config.yaml").is_file() and (out / "config.yaml").is_file()
+    # latent statistics of the held-out images are in the exported config and latent_stats.json
+    stats = json.loads((out / "vae" / "latent_stats.json").read_text())
+    assert stats == metrics["latent_stats"] and stats["num_images"] == 8
+    assert vae.config.scaling_factor == pytest.approx(1 / stats["std"]) and vae.config.scaling_factor != 1.0
+    assert vae.config.shift_factor == pytest.approx(stats["mean"]) and len(vae.config.latents_std) == 4
     # exported weights are the trained ones (same as the final checkpoint's model)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-6"]  # total limit 1, no temporary leftovers

@@ -50,10 +50,11 @@ from autoencoder.models import (
     half_precision_decode_check,
     needs_force_upcast,
 )
+from diffusion_bridge.stats import collect_latent_stats, describe, process_shard
 from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
 
 from . import checkpoints
-from .launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
+from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 
 logger = get_logger(__name__)
 
@@ -209,6 +210,8 @@ def export(accelerator: Accelerator, model, cfg: Config, metrics: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         vae.save_pretrained(tmp, safe_serialization=True)
         save_config(cfg, tmp / "training_config.yaml")
+        if "latent_stats" in metrics:
+            (tmp / "latent_stats.json").write_text(json.dumps(metrics["latent_stats"], indent=2))
         shutil.rmtree(vae_dir, ignore_errors=True)
         tmp.rename(vae_dir)
         with open(out / "metrics.json", "w") as fh:
@@ -554,6 +557,14 @@ def train(cfg: Config) -> dict:
             check = half_precision_decode_check(raw_vae, latents)
             raw_vae.register_to_config(force_upcast=needs_force_upcast(check))
             metrics["fp16_decode"] = {**check, "force_upcast": raw_vae.config.force_upcast}
+        if t.latent_stats:  # collective: every rank encodes its share of the held-out images
+            raw_vae = accelerator.unwrap_model(model).vae
+            shard = process_shard(val_ds, accelerator.process_index, accelerator.num_processes)
+            stats_dl = torch.utils.data.DataLoader(shard, batch_size=t.validation_batch_size, collate_fn=collate)
+            stats = collect_latent_stats(raw_vae, stats_dl, accelerator, sample_posterior=True, seed=t.seed)
+            raw_vae.register_to_config(**stats.config_values())
+            metrics["latent_stats"] = stats.to_json()
+            logger.info("latent statistics (validation split): " + describe(stats).replace("\n", "; "))
         vae_dir = export(accelerator, model, cfg, metrics)
     logger.info(f"exported {vae_dir}; metrics in {out / 'metrics.json'}")
     accelerator.end_training()
@@ -579,8 +590,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     n = requested_cpu_processes()
     if n > 1:
-        print(f"accelerate launch --cpu started 1 process for --num_processes {n}: starting {n} CPU ranks "
-              "with torch.distributed.run", file=sys.stderr)  # fmt: skip
         return relaunch_cpu(n, "train", argv)
     metrics = train(cfg)
     return 128 + metrics["interrupted"] if metrics.get("interrupted") else 0

@@ -1,0 +1,154 @@
+"""A latent cache for diffusion training: a dataset encoded once into scaled latents, as parquet shards.
+
+Layout of ``output_dir``::
+
+    data/shard-00000-of-00010.parquet   index, latents [C,h,w] (scaled), other source columns,
+    ...                                 optionally posterior_mean / posterior_logvar (unscaled)
+    cache_info.json                     model, resolution, convention, scaling/shift used, shapes
+
+``datasets.load_dataset("parquet", data_files="DIR/data/*.parquet", split="train")`` loads it (the
+feature types, e.g. ``Array3D``, travel in the parquet schema).  Shards are assigned round-robin
+to processes and written atomically (temporary name, then rename), so an interrupted run resumes
+by skipping finished shards.  Posterior samples are drawn per image from a generator seeded by
+(seed, source index): the cache does not depend on the number of processes or the batch size.
+"""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import datasets
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from autoencoder.data import ImageDataset, collate
+
+from .stats import scaled
+
+
+def shard_name(k: int, num_shards: int) -> str:
+    """File name of shard ``k``."""
+    return f"shard-{k:05d}-of-{num_shards:05d}.parquet"
+
+
+def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """Posterior samples [B,C,h,w], each drawn with a generator seeded by (seed, its source index)."""
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamp
+    eps = torch.stack([
+        torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
+        for i in indices
+    ]).to(mean)  # fmt: skip
+    return mean + std * eps
+
+
+@torch.no_grad()
+def encode_shard(vae: AutoencoderKL, dataset: ImageDataset, start: int, stop: int, *, batch_size: int,
+                 scaling_factor: float, shift_factor: Optional[float], sample: bool, seed: int,
+                 store_moments: bool, num_workers: int = 0, progress=None) -> datasets.Dataset:  # fmt: skip
+    """Images [start, stop) of ``dataset`` -> a datasets.Dataset of scaled latents and source columns."""
+    device = next(vae.parameters()).device
+    subset = torch.utils.data.Subset(dataset, range(start, stop))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    cols: dict[str, list] = {"index": [], "latents": []}
+    if store_moments:
+        cols["posterior_mean"], cols["posterior_logvar"] = [], []
+    for batch in loader:
+        moments = vae.encode(batch["pixel_values"].to(device)).latent_dist
+        mean, logvar = moments.mean.float().cpu(), moments.logvar.float().cpu()
+        z = sample_latents(mean, logvar, batch["index"], seed) if sample else mean
+        cols["index"].append(batch["index"].numpy())
+        cols["latents"].append(scaled(z, scaling_factor, shift_factor).numpy())
+        if store_moments:
+            cols["posterior_mean"].append(mean.numpy())
+            cols["posterior_logvar"].append(logvar.numpy())
+        if progress is not None:
+            progress.update(len(z))
+    arrays = {k: np.concatenate(v) for k, v in cols.items()}
+    shape = arrays["latents"].shape[1:]
+    features = {"index": datasets.Value("int64")}
+    features.update({k: datasets.Array3D(shape=shape, dtype="float32") for k in arrays if k != "index"})
+    # Carry the source's other columns (e.g. class labels) for conditional diffusion training.
+    extra = dataset.ds.select(arrays["index"].tolist()).remove_columns(dataset.column)
+    for name in extra.column_names:
+        arrays[name] = extra[name]
+        features[name] = extra.features[name]
+    return datasets.Dataset.from_dict(arrays, features=datasets.Features(features))
+
+
+def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, accelerator, *, shard_size: int = 1000,
+                   batch_size: int = 32, convention: Literal["sd", "sd3"] = "sd", scaling_factor: Optional[float] = None,
+                   shift_factor: Optional[float] = None, sample: bool = True, seed: int = 0, store_moments: bool = False,
+                   num_workers: int = 0, info: Optional[dict] = None) -> dict:  # fmt: skip
+    """Encode ``dataset`` into ``output_dir`` (a collective call); returns what was done, with img/s."""
+    scaling_factor = vae.config.scaling_factor if scaling_factor is None else scaling_factor
+    if convention == "sd3":
+        shift_factor = vae.config.shift_factor if shift_factor is None else shift_factor
+        if shift_factor is None:
+            raise ValueError("--convention sd3 needs a shift_factor: run `stats --write` or pass --shift_factor")
+    else:
+        shift_factor = None  # SD/SDXL/DiT pipelines ignore the shift
+    n = len(dataset)
+    num_shards = math.ceil(n / shard_size)
+    data_dir = Path(output_dir) / "data"
+    if accelerator.is_main_process:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    mine = [k for k in range(accelerator.process_index, num_shards, accelerator.num_processes)]
+    todo = [k for k in mine if not (data_dir / shard_name(k, num_shards)).is_file()]
+    todo_images = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
+    progress = tqdm(total=todo_images, desc="encode", unit="img", disable=not accelerator.is_local_main_process)
+    t0 = time.perf_counter()
+    for k in todo:
+        start, stop = k * shard_size, min(n, (k + 1) * shard_size)
+        shard = encode_shard(vae, dataset, start, stop, batch_size=batch_size, scaling_factor=scaling_factor,
+                             shift_factor=shift_factor, sample=sample, seed=seed, store_moments=store_moments,
+                             num_workers=num_workers, progress=progress)  # fmt: skip
+        final = data_dir / shard_name(k, num_shards)
+        tmp = final.with_name(f".tmp-{accelerator.process_index}-{final.name}")
+        shard.to_parquet(str(tmp))
+        os.replace(tmp, final)  # atomic: a shard file exists only when complete
+    progress.close()
+    seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    done = {
+        "num_images": n,
+        "num_shards": num_shards,
+        "shards_written_by_this_process": len(todo),
+        "shards_skipped_by_this_process": len(mine) - len(todo),
+        "images_encoded_by_this_process": todo_images,
+        "seconds": seconds,
+        "img_per_s_this_process": todo_images / seconds if todo_images else None,
+    }
+    if accelerator.is_main_process:
+        latent_shape = datasets.load_dataset("parquet", data_files=str(data_dir / shard_name(0, num_shards)),
+                                             split="train").features["latents"].shape  # fmt: skip
+        meta = {
+            **(info or {}),
+            "num_images": n,
+            "num_shards": num_shards,
+            "shard_size": shard_size,
+            "latent_shape": list(latent_shape),
+            "latents": "posterior sample, seeded by (seed, index)" if sample else "posterior mean",
+            "seed": seed,
+            "convention": convention,
+            "scaling_factor": scaling_factor,
+            "shift_factor": shift_factor,
+            "decode": "vae.decode(latents / scaling_factor" + (" + shift_factor)" if convention == "sd3" else ")"),
+            "posterior_moments_stored": store_moments,
+            "load": f'datasets.load_dataset("parquet", data_files="{data_dir}/*.parquet", split="train")',
+        }
+        (Path(output_dir) / "cache_info.json").write_text(json.dumps(meta, indent=2))
+    return done
+
+
+def load_latent_cache(output_dir: Path) -> datasets.Dataset:
+    """The cache as one ``datasets.Dataset`` (torch format), shards in order."""
+    files = sorted(str(p) for p in (Path(output_dir) / "data").glob("shard-*.parquet"))
+    if not files:
+        raise ValueError(f"no latent shards in {output_dir}/data; run `python -m diffusion_bridge encode` first")
+    return datasets.load_dataset("parquet", data_files=files, split="train").with_format("torch")

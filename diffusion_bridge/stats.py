@@ -1,0 +1,235 @@
+"""Latent-scaling statistics measured over a whole dataset, streaming and mergeable across processes.
+
+A diffusion model wants unit-variance latents.  latent-diffusion's ``scale_by_std`` takes
+``1/std`` of one batch; SD3/FLUX also remove a ``shift_factor`` (scaled = (z - shift) * scale);
+SDXL-style configs carry per-channel ``latents_mean``/``latents_std``.  We compute all of them
+over every latent element with Welford updates and Chan et al.'s pairwise merge (so per-batch and
+per-rank partial results combine exactly, in float64), plus a 95% confidence interval on the
+std that treats *images* — not correlated latent pixels — as the independent samples.
+"""
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations (M2) of vectors, in float64; mergeable (Chan et al.)."""
+
+    n: torch.Tensor  # [] number of observations per coordinate
+    mean: torch.Tensor  # [D]
+    m2: torch.Tensor  # [D]
+
+    @classmethod
+    def empty(cls, dim: int) -> "Moments":
+        """No observations yet."""
+        z = torch.zeros(dim, dtype=torch.float64)
+        return cls(torch.zeros((), dtype=torch.float64), z, z.clone())
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Moments":
+        """Moments of observations x [N,D] (one batch, two-pass for accuracy)."""
+        x = x.detach().double()
+        mean = x.mean(0)
+        return cls(torch.tensor(float(x.shape[0]), dtype=torch.float64), mean, (x - mean).pow(2).sum(0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Chan et al.'s parallel combination: exact for any split of the data."""
+        n = self.n + other.n
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta.pow(2) * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+    def var(self) -> torch.Tensor:
+        """Population variance per coordinate."""
+        return self.m2 / self.n
+
+    def flat(self) -> torch.Tensor:
+        """[1 + 2D] tensor to gather across processes."""
+        return torch.cat([self.n.reshape(1), self.mean, self.m2])
+
+    @classmethod
+    def from_flat(cls, t: torch.Tensor) -> "Moments":
+        """Inverse of ``flat``."""
+        d = (t.numel() - 1) // 2
+        return cls(t[0], t[1 : 1 + d], t[1 + d :])
+
+
+class LatentStatsAccumulator:
+    """Streams latents [B,C,h,w] into per-channel moments and per-image (mean, mean-square) moments."""
+
+    def __init__(self, channels: int):
+        self.channels = Moments.empty(channels)  # over every latent element, per channel
+        # Per image: (mean of z, mean of z^2, their sum) -> the CI on the global std.  The sum's
+        # variance gives the covariance of the first two while keeping the merge per coordinate.
+        self.images = Moments.empty(3)
+
+    def update(self, latents: torch.Tensor) -> None:
+        """Add a batch of latents [B,C,h,w]."""
+        z = latents.detach().double()
+        per_channel = z.permute(1, 0, 2, 3).reshape(z.shape[1], -1).T  # [B*h*w, C]
+        self.channels = self.channels.merge(Moments.of(per_channel))
+        flat = z.reshape(z.shape[0], -1)
+        m1, m2 = flat.mean(1), flat.pow(2).mean(1)
+        self.images = self.images.merge(Moments.of(torch.stack([m1, m2, m1 + m2], dim=1)))
+
+    def merge(self, other: "LatentStatsAccumulator") -> "LatentStatsAccumulator":
+        """Combine with another process's (or batch's) accumulator."""
+        out = LatentStatsAccumulator(len(self.channels.mean))
+        out.channels = self.channels.merge(other.channels)
+        out.images = self.images.merge(other.images)
+        return out
+
+    def flat(self) -> torch.Tensor:
+        """Everything as one float64 vector (for ``accelerator.gather``)."""
+        return torch.cat([self.channels.flat(), self.images.flat()])
+
+    @classmethod
+    def from_flat(cls, t: torch.Tensor, channels: int) -> "LatentStatsAccumulator":
+        """Inverse of ``flat``."""
+        out = cls(channels)
+        k = 1 + 2 * channels
+        out.channels, out.images = Moments.from_flat(t[:k]), Moments.from_flat(t[k:])
+        return out
+
+    def result(self) -> "LatentStats":
+        """The statistics and the scaling they imply."""
+        c = self.channels
+        if c.n == 0:
+            raise ValueError("no latents were seen: the dataset is empty")
+        # Global moments: every channel has the same count, so merge the channels as equal groups.
+        mean = c.mean.mean()
+        var = (c.m2.sum() + c.n * (c.mean - mean).pow(2).sum()) / (c.n * len(c.mean))
+        std = var.sqrt()
+        return LatentStats(
+            num_images=int(self.images.n),
+            num_latents=int(c.n) * len(c.mean),
+            mean=float(mean),
+            std=float(std),
+            std_ci95=self._std_ci95(std),
+            channel_mean=c.mean.tolist(),
+            channel_std=c.var().sqrt().tolist(),
+        )
+
+    def _std_ci95(self, std: torch.Tensor) -> list[float]:
+        """95% CI on the global std by the delta method over images: var = E[m2_i] - E[m1_i]^2."""
+        im = self.images
+        n = float(im.n)
+        if n < 2:
+            return [float("nan"), float("nan")]
+        var1, var2, var12 = (im.m2 / (n - 1)).unbind()
+        cov = (var12 - var1 - var2) / 2
+        g1 = -2 * im.mean[0]  # d var / d E[m1]; d var / d E[m2] = 1
+        var_of_var = (g1.pow(2) * var1 + var2 + 2 * g1 * cov) / n
+        half = 1.96 * var_of_var.sqrt() / (2 * std)
+        return [float(std - half), float(std + half)]
+
+
+@dataclass
+class LatentStats:
+    """Dataset latent statistics and the diffusers config values they give."""
+
+    num_images: int
+    num_latents: int
+    mean: float
+    std: float
+    std_ci95: list[float]
+    channel_mean: list[float]
+    channel_std: list[float]
+
+    def config_values(self) -> dict:
+        """What goes into ``AutoencoderKL.config``: scaled = (z - shift_factor) * scaling_factor."""
+        return {
+            "scaling_factor": 1.0 / self.std,
+            "shift_factor": self.mean,
+            "latents_mean": self.channel_mean,
+            "latents_std": self.channel_std,
+        }
+
+    def to_json(self) -> dict:
+        """latent_stats.json content: the statistics, the config values and the two conventions."""
+        return {
+            **asdict(self),
+            **self.config_values(),
+            "conventions": {
+                "sd_sdxl_dit": "latents = z * scaling_factor; decode z = latents / scaling_factor (shift ignored)",
+                "sd3_flux": "latents = (z - shift_factor) * scaling_factor; decode z = latents / scaling_factor + shift_factor",
+            },
+        }
+
+
+@torch.no_grad()
+def collect_latent_stats(vae: AutoencoderKL, loader, accelerator, sample_posterior: bool = True,
+                         seed: int = 0) -> LatentStats:  # fmt: skip
+    """Latent statistics of ``vae`` over every batch of ``loader`` on every process (a collective call).
+
+    Each process passes a loader over its own ``process_shard`` (no padding: no image counted
+    twice); the per-process moments are gathered and merged.  Posterior samples (latent-diffusion's
+    choice, seeded per process) or the posterior mode.
+    """
+    channels = vae.config.latent_channels
+    acc = LatentStatsAccumulator(channels)
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+    for batch in loader:
+        dist = vae.encode(batch["pixel_values"].to(accelerator.device)).latent_dist
+        acc.update(dist.sample(generator=generator) if sample_posterior else dist.mode())
+    gathered = accelerator.gather(acc.flat().to(accelerator.device)[None]).cpu()  # [world, K]
+    total = LatentStatsAccumulator(channels)
+    for row in gathered:
+        total = total.merge(LatentStatsAccumulator.from_flat(row, channels))
+    return total.result()
+
+
+def write_stats(model_dir: Path, stats: LatentStats, vae: Optional[AutoencoderKL] = None) -> None:
+    """Store the statistics in the model's config (register_to_config + save_pretrained) and latent_stats.json."""
+    model_dir = Path(model_dir)
+    vae = vae if vae is not None else AutoencoderKL.from_pretrained(model_dir)
+    vae.register_to_config(**stats.config_values())
+    tmp = model_dir.with_name(f".tmp-{model_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)  # keep everything else in the folder (training config, ...)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2))
+    old = model_dir.with_name(f".old-{model_dir.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    model_dir.rename(old)  # swap in the new folder; a crash in between leaves one of the two intact
+    tmp.rename(model_dir)
+    shutil.rmtree(old)
+
+
+def scaled(latents: torch.Tensor, scaling_factor: float, shift_factor: Optional[float] = None) -> torch.Tensor:
+    """Latents a denoiser sees: SD/SDXL/DiT ``z*scale`` (shift None), SD3/FLUX ``(z-shift)*scale``."""
+    return (latents - (shift_factor or 0.0)) * scaling_factor
+
+
+def unscaled(latents: torch.Tensor, scaling_factor: float, shift_factor: Optional[float] = None) -> torch.Tensor:
+    """Inverse of ``scaled``: what ``vae.decode`` takes."""
+    return latents / scaling_factor + (shift_factor or 0.0)
+
+
+def describe(stats: LatentStats) -> str:
+    """A short human-readable summary."""
+    lo, hi = stats.std_ci95
+    cv = stats.config_values()
+    return (
+        f"{stats.num_latents:,} latent values from {stats.num_images} images: mean {stats.mean:.4f}, "
+        f"std {stats.std:.4f} (95% CI {lo:.4f}–{hi:.4f})\n"
+        f"scaling_factor = 1/std = {cv['scaling_factor']:.5f}; shift_factor = mean = {cv['shift_factor']:.5f}\n"
+        f"per-channel mean {[round(v, 4) for v in stats.channel_mean]}\n"
+        f"per-channel std  {[round(v, 4) for v in stats.channel_std]}"
+    )
+
+
+
+def process_shard(dataset, process_index: int, num_processes: int) -> torch.utils.data.Subset:
+    """Every ``num_processes``-th item from ``process_index``: disjoint, complete, no padding duplicates."""
+    return torch.utils.data.Subset(dataset, range(process_index, len(dataset), num_processes))
