@@ -138,6 +138,12 @@ class TrainConfig:
     max_consecutive_nonfinite: int = opt(
         5, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"
     )
+    push_to_hub: bool = opt(
+        False, "at the end, publish the exported VAE (fp32 + fp16 variant, model card with the held-out metrics) "
+        "to the Hub; the token (HF_TOKEN or `hf auth login`) is checked before training starts"
+    )
+    hub_model_id: Optional[str] = opt(None, "USER/NAME repository for push_to_hub")
+    hub_private: bool = opt(False, "create the push_to_hub repository as private")
     latent_stats: bool = opt(
         True, "at the end, measure latent statistics on the validation split and write scaling_factor, "
         "shift_factor, latents_mean/std into the exported config (+ latent_stats.json)"
@@ -348,6 +354,10 @@ def validate(cfg: Config) -> None:
     for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight"):
         if getattr(getattr(cfg, index[key][0]), key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0")
+    if cfg.train.push_to_hub and not cfg.train.hub_model_id:
+        raise ValueError("push_to_hub needs --hub_model_id=USER/NAME")
+    if cfg.train.push_to_hub and not cfg.train.latent_stats:
+        raise ValueError("push_to_hub publishes latent statistics: keep latent_stats=true")
     if cfg.loss.kl_schedule == "cyclical" and cfg.loss.kl_cycle_steps < 1:
         raise ValueError("kl_schedule=cyclical needs kl_cycle_steps >= 1")
     if not 0.0 < cfg.loss.kl_cycle_ratio <= 1.0:

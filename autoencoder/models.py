@@ -1,6 +1,9 @@
 """Model presets: diffusers ``AutoencoderKL`` built from constructor kwargs, or loaded for fine-tuning."""
 
 import copy
+from pathlib import Path
+from typing import Optional
+
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -68,6 +71,32 @@ def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     return vae
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a training checkpoint folder (accelerate ``save_state`` + the VAE's config.json)."""
+    path = Path(path)
+    return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+
+
+def load_vae(model: str, subfolder: Optional[str] = None, revision: Optional[str] = None) -> AutoencoderKL:
+    """A diffusers VAE (local folder or Hub id), or the trained weights of a training checkpoint folder.
+
+    A checkpoint (``checkpoints/checkpoint-N``) holds ``VAEForTraining``'s state dict, keys
+    ``vae.*``: loaded strictly into an ``AutoencoderKL`` built from the checkpoint's config.json.
+    These are the raw trained weights (an EMA, if used, lives in the checkpoint separately).
+    """
+    if subfolder is None and revision is None and is_training_checkpoint(model):
+        from safetensors.torch import load_file
+
+        path = Path(model)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path))
+        state = load_file(path / "model.safetensors")
+        if not all(k.startswith("vae.") for k in state):
+            raise ValueError(f"{path / 'model.safetensors'} is not a VAEForTraining state dict (keys vae.*)")
+        vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()}, strict=True)
+        return vae
+    return AutoencoderKL.from_pretrained(model, subfolder=subfolder, revision=revision)
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:

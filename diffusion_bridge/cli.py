@@ -17,10 +17,11 @@ from diffusers import AutoencoderKL
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source
-from autoencoder.models import count_parameters, downsampling_factor
+from autoencoder.models import count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
 from .cache import encode_dataset
-from .stats import collect_latent_stats, describe, process_shard, write_stats
+from .publish import prepare_folder, upload
+from .stats import collect_latent_stats, describe, process_shard, scaled_moments, write_stats
 
 
 def vae_info(vae: AutoencoderKL) -> dict:
@@ -40,7 +41,7 @@ def vae_info(vae: AutoencoderKL) -> dict:
 
 def add_data_args(p: argparse.ArgumentParser, resolution: int = 256) -> None:
     """The image-source options shared by ``stats`` and ``encode``."""
-    p.add_argument("--model", required=True, help="diffusers VAE folder or Hub id")
+    p.add_argument("--model", required=True, help="diffusers VAE folder, Hub id, or training checkpoint folder")
     p.add_argument("--subfolder", default=None, help="subfolder inside the model repo, e.g. 'vae'")
     p.add_argument("--dataset_name", default=None, help="Hub dataset id")
     p.add_argument("--train_data_dir", default=None, help="local image folder or parquet file(s)")
@@ -70,10 +71,13 @@ def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """``stats``: measure, print, and with --write store the latent statistics."""
-    if args.write and not Path(args.model).is_dir():
-        raise ValueError(f"--write needs a local model folder; {args.model!r} is not one (download it first)")
+    if args.write and (not Path(args.model).is_dir() or is_training_checkpoint(args.model)):
+        raise ValueError(
+            f"--write needs a local diffusers model folder; {args.model!r} is not one (download a Hub model "
+            "first; export a training checkpoint by finishing or resuming its run)"
+        )
     accelerator = Accelerator(cpu=use_cpu_backend())
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder).to(accelerator.device).eval()
+    vae = load_vae(args.model, args.subfolder).to(accelerator.device).eval()
     dataset, source = image_dataset(args)
     shard = process_shard(dataset, accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
@@ -81,6 +85,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         print(f"{source}, {args.resolution} px, {args.crop} crops, {'posterior mode' if args.mode else 'posterior samples'}")
         print(describe(stats))
+        c = vae.config
+        sd_mean, sd_std = scaled_moments(stats, c.scaling_factor)
+        line = f"under the model's current config (scaling_factor {c.scaling_factor:.5f}"
+        if c.shift_factor is not None:
+            sd3_mean, sd3_std = scaled_moments(stats, c.scaling_factor, c.shift_factor)
+            line += (f", shift_factor {c.shift_factor:.5f}): SD3/FLUX (z-shift)*scale has mean {sd3_mean:.4f}, "
+                     f"std {sd3_std:.4f}; SD/DiT z*scale has")  # fmt: skip
+        else:
+            line += "): SD/DiT z*scale has"
+        print(f"{line} mean {sd_mean:.4f}, std {sd_std:.4f}")
         if args.output:
             Path(args.output).write_text(json.dumps(stats.to_json(), indent=2))
         if args.write:
@@ -95,7 +109,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     """``encode``: write the latent cache a diffusion trainer consumes."""
     accelerator = Accelerator(cpu=use_cpu_backend())
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder).to(accelerator.device).eval()
+    vae = load_vae(args.model, args.subfolder).to(accelerator.device).eval()
     scale = args.scaling_factor if args.scaling_factor is not None else vae.config.scaling_factor
     if scale == 1.0 and args.scaling_factor is None:
         raise ValueError(
@@ -118,8 +132,25 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """``publish``: prepare the repo folder (or only that, with --dry_run) and upload it."""
+    model_dir = Path(args.model)
+    folder = Path(args.dry_run or args.folder or model_dir.parent / "hub-upload")
+    prepare_folder(model_dir, folder, args.repo_id, eval_dir=args.eval_dir, allow_missing_stats=args.allow_missing_stats,
+                   allow_missing_eval=args.allow_missing_eval, license=args.license)  # fmt: skip
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    print(f"prepared {folder}: {', '.join(files)}")
+    if args.dry_run:
+        print("dry run: nothing uploaded")
+        return 0
+    url = upload(folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message)
+    print(f"uploaded to https://huggingface.co/{args.repo_id} ({url})")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m diffusion_bridge``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m diffusion_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the latent-space facts of a diffusers VAE")
@@ -130,7 +161,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     stats.add_argument("--mode", action="store_true", help="use the posterior mode instead of posterior samples")
     stats.add_argument("--write", action="store_true", help="store them in the model's config + latent_stats.json")
     stats.add_argument("--output", default=None, help="also write the statistics to this JSON file")
-    argv = sys.argv[1:] if argv is None else list(argv)
     encode = sub.add_parser("encode", help="encode a dataset into a sharded latent cache for diffusion training")
     add_data_args(encode)
     encode.set_defaults(split="train")
@@ -143,9 +173,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     encode.add_argument("--mode", action="store_true", help="store the posterior mean instead of a posterior sample")
     encode.add_argument("--store_moments", action="store_true", help="also store posterior mean and log-variance")
     encode.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for image decoding")
+    publish = sub.add_parser("publish", help="publish a VAE folder to the Hub with fp16 variant and model card")
+    publish.add_argument("--model", required=True, help="exported diffusers VAE folder, e.g. outputs/vae-cpu-small/vae")
+    publish.add_argument("--repo_id", required=True, help="USER/NAME on the Hugging Face Hub")
+    publish.add_argument("--private", action="store_true", help="create the repo as private")
+    publish.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
+    publish.add_argument("--commit_message", default=None)
+    publish.add_argument("--eval_dir", default=None, help="output folder of `python -m eval` for this model")
+    publish.add_argument("--dry_run", default=None, metavar="OUT", help="write the repo folder to OUT, upload nothing")
+    publish.add_argument("--folder", default=None, help="where to prepare the folder (default: MODEL/../hub-upload)")
+    publish.add_argument("--license", default="apache-2.0", help="license tag of the model card")
+    publish.add_argument("--allow_missing_stats", action="store_true", help="publish without latent statistics")
+    publish.add_argument("--allow_missing_eval", action="store_true", help="publish without an evaluation")
     args = parser.parse_args(argv)
     n = requested_cpu_processes()
-    if n > 1 and args.command != "info":
+    if n > 1 and args.command in ("stats", "encode"):
         return relaunch_cpu(n, "diffusion_bridge", argv)
     try:
         if args.command == "info":
@@ -156,6 +198,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_stats(args)
         if args.command == "encode":
             return cmd_encode(args)
+        if args.command == "publish":
+            return cmd_publish(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

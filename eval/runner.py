@@ -23,7 +23,7 @@ from torchvision.utils import make_grid, save_image
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source
 from autoencoder.lpips_weights import LPIPSWeightsError, backbone_features, build_lpips
-from autoencoder.models import half_precision_decode_check
+from autoencoder.models import half_precision_decode_check, load_vae
 
 from .fid import FIDWeightsError, FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
 from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstruction_metrics
@@ -34,7 +34,7 @@ METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     """Command-line options of the evaluation runner."""
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
-    p.add_argument("--model", action="append", required=True, help="diffusers VAE folder or Hub id (repeatable)")
+    p.add_argument("--model", action="append", required=True, help="diffusers VAE folder, Hub id, or training checkpoint folder (repeatable)")
     p.add_argument("--subfolder", default=None, help="subfolder inside each model repo, e.g. 'vae'")
     p.add_argument("--dataset_name", default=None, help="Hub dataset id")
     p.add_argument("--train_data_dir", default=None, help="local image folder or parquet file(s)")
@@ -66,6 +66,17 @@ def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     return ImageDataset(ds, column, eval_transform(args.resolution)), source
+
+
+def dataset_facts(args: argparse.Namespace, dataset: ImageDataset) -> dict:
+    """Name, Hub id and split of the evaluation images (what a model card's eval results cite)."""
+    if args.dataset_name:
+        name = args.dataset_name
+    elif args.train_data_dir:
+        name = Path(args.train_data_dir).name.removesuffix(".parquet")
+    else:
+        name = "embedded held-out photographs (scikit-image: chelsea, coffee, rocket)"
+    return {"name": name, "hub_id": args.dataset_name, "split": str(dataset.ds.split) if dataset.ds.split else None}
 
 
 def build_extractors(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
@@ -133,7 +144,7 @@ def tiling_check(vae: AutoencoderKL, image: torch.Tensor) -> dict:
 def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image) -> tuple[dict, torch.Tensor]:
     """All metrics of one VAE's deterministic (posterior-mode) reconstructions, and its grid row."""
     device = accelerator.device
-    vae = AutoencoderKL.from_pretrained(model_id, subfolder=args.subfolder).to(device).eval()
+    vae = load_vae(model_id, args.subfolder).to(device).eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     acc, row = MeanAccumulator(), []
@@ -276,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "standard FID InceptionV3 (TF 2015-12-05 weights, sha256 verified), pool3 2048-d"
         )
         payload = {
-            "data": source, "n_images": len(dataset), "resolution": args.resolution,
+            "data": source, "dataset": dataset_facts(args, dataset), "n_images": len(dataset), "resolution": args.resolution,
             "preprocessing": "resize shorter side (bicubic, antialiased) + centre crop",
             "lpips_net": args.lpips_net, "rfid_status": rfid_status, "models": results,
         }

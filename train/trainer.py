@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -28,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from huggingface_hub import get_token
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
@@ -50,6 +52,7 @@ from autoencoder.models import (
     half_precision_decode_check,
     needs_force_upcast,
 )
+from diffusion_bridge.publish import PublishError, prepare_folder, upload
 from diffusion_bridge.stats import collect_latent_stats, describe, process_shard
 from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
 
@@ -166,7 +169,7 @@ def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Con
     return results
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: Config, step: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, model, cfg: Config, step: int) -> Path:
     """``save_state`` into a temporary folder, then publish it atomically and apply the total limit."""
     root = Path(cfg.train.output_dir) / "checkpoints"
     tmp = checkpoints.tmp_path(root, step)
@@ -179,6 +182,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, step: int) -> Path:
     final = checkpoints.final_path(root, step)
     if accelerator.is_main_process:
         save_config(cfg, tmp / "training_config.yaml")
+        accelerator.unwrap_model(model).vae.save_config(tmp)  # config.json: the folder loads with load_vae
         final = checkpoints.publish(root, step)
         removed = checkpoints.prune(root, cfg.train.checkpoints_total_limit)
         logger.info(f"saved {final}" + (f"; removed {[p.name for p in removed]}" if removed else ""))
@@ -218,6 +222,50 @@ def export(accelerator: Accelerator, model, cfg: Config, metrics: dict) -> Path:
             json.dump(metrics, fh, indent=2)
     accelerator.wait_for_everyone()
     return vae_dir
+
+
+def hardware(accelerator: Accelerator) -> str:
+    """What trained the model, for the model card: '2 x NVIDIA H100 ...' or '1 x CPU (2 cores)'."""
+    device = accelerator.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type.upper()} ({os.cpu_count()} cores)"
+    return f"{accelerator.num_processes} x {name}"
+
+
+def eval_payload(cfg: Config, metrics: dict, vae_dir: Path) -> dict:
+    """The held-out validation figures in ``python -m eval``'s metrics.json format (what publishing reads)."""
+    d = cfg.data
+    name = d.dataset_name or (Path(d.train_data_dir).name if d.train_data_dir else "embedded held-out photographs")
+    val = {k.split("/", 1)[1]: v for k, v in metrics["val"].items() if k.split("/", 1)[1] in ("psnr", "ssim", "ms_ssim", "lpips")}
+    return {
+        "data": metrics["data"],
+        "dataset": {"name": name, "hub_id": d.dataset_name, "split": "held-out validation"},
+        "n_images": metrics["n_images"],
+        "resolution": d.resolution,
+        "preprocessing": "the training run's validation transform (resize shorter side, antialiased, centre crop; "
+                         "tiles of held-out photographs for the embedded data)",
+        "lpips_net": metrics["lpips_net"],
+        "rfid_status": "not computed during training (run `python -m eval` for rFID)",
+        "models": {str(vae_dir): {**val, "n_images": metrics["n_images"], "resolution": d.resolution}},
+    }
+
+
+def push_to_hub(cfg: Config, metrics: dict, vae_dir: Path) -> dict:
+    """Publish the export with its held-out figures (main process); failures are reported, the folder kept."""
+    out = Path(cfg.train.output_dir)
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "eval" / "metrics.json").write_text(json.dumps(eval_payload(cfg, metrics, vae_dir), indent=2))
+    try:
+        folder = prepare_folder(vae_dir, out / "hub-upload", cfg.train.hub_model_id, eval_dir=str(out / "eval"))
+        url = upload(folder, cfg.train.hub_model_id, private=cfg.train.hub_private,
+                     commit_message=f"AutoencoderKL after {metrics['step']} steps")  # fmt: skip
+    except PublishError as exc:
+        logger.error(f"push_to_hub failed: {exc}")
+        return {"error": str(exc)}
+    logger.info(f"pushed to https://huggingface.co/{cfg.train.hub_model_id} ({url})")
+    return {"repo_id": cfg.train.hub_model_id, "commit_url": url}
 
 
 class StopRequest:
@@ -305,6 +353,8 @@ def train(cfg: Config) -> dict:
         check_output_dir(out)
         checkpoints.clean_incomplete(out / "checkpoints")
         save_config(cfg, out / "config.yaml")
+        if t.push_to_hub and get_token() is None:  # fail now, not after hours of training
+            raise SystemExit("error: push_to_hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
     set_seed(t.seed)
 
     # LPIPS first: missing backbone weights must stop the run before any data or model work.
@@ -496,7 +546,7 @@ def train(cfg: Config) -> dict:
                     interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
                     break
                 if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, cfg, state.global_step)
+                    save_checkpoint(accelerator, model, cfg, state.global_step)
                 if t.validation_steps and state.global_step % t.validation_steps == 0:
                     with ema_weights(ema, vae_params):
                         results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
@@ -512,7 +562,7 @@ def train(cfg: Config) -> dict:
     train_time = time.perf_counter() - train_start
 
     if interrupted:
-        path = save_checkpoint(accelerator, cfg, state.global_step)
+        path = save_checkpoint(accelerator, model, cfg, state.global_step)
         logger.warning(f"{signal.Signals(interrupted).name} received: saved {path} at step {state.global_step}; "
                        "continue with --resume_from_checkpoint latest")  # fmt: skip
         accelerator.end_training()
@@ -540,12 +590,13 @@ def train(cfg: Config) -> dict:
         "train_seconds_this_run": train_time,
         "num_processes": accelerator.num_processes,
         "mixed_precision": t.mixed_precision,
+        "hardware": hardware(accelerator),
         # Trained (non-EMA) weights per rank: equal when gradients are synchronised.
         "param_checksum_per_rank": checksums.cpu().tolist(),
         "param_checksum_initial": initial_checksum,
     }
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps:
-        save_checkpoint(accelerator, cfg, state.global_step)  # the end is always resumable/extendable
+        save_checkpoint(accelerator, model, cfg, state.global_step)  # the end is always resumable/extendable
     with ema_weights(ema, vae_params):
         if accelerator.is_main_process:  # force_upcast from a measured fp16 decode of held-out latents
             raw_vae = accelerator.unwrap_model(model).vae
@@ -567,6 +618,10 @@ def train(cfg: Config) -> dict:
             logger.info("latent statistics (validation split): " + describe(stats).replace("\n", "; "))
         vae_dir = export(accelerator, model, cfg, metrics)
     logger.info(f"exported {vae_dir}; metrics in {out / 'metrics.json'}")
+    if t.push_to_hub and accelerator.is_main_process:
+        metrics["push_to_hub"] = push_to_hub(cfg, metrics, vae_dir)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
@@ -592,4 +647,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if n > 1:
         return relaunch_cpu(n, "train", argv)
     metrics = train(cfg)
-    return 128 + metrics["interrupted"] if metrics.get("interrupted") else 0
+    if metrics.get("interrupted"):
+        return 128 + metrics["interrupted"]
+    return 1 if "error" in metrics.get("push_to_hub", {}) else 0

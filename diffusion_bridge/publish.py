@@ -1,0 +1,350 @@
+"""Publish a trained VAE to the Hugging Face Hub as a diffusers ``AutoencoderKL`` with a model card.
+
+``prepare_folder`` builds the repo folder locally (diffusers layout in fp32 plus an fp16 variant,
+``latent_stats.json``, the training config, the reconstruction grid, ``eval_results.json`` and a
+``README.md`` model card whose ``model-index`` carries the evaluation numbers); ``upload`` sends
+it with ``HfApi.create_repo(exist_ok=True)`` + ``upload_folder``.  Preparing first means a failed
+upload leaves a complete folder to retry with.  Evaluation numbers are read from the
+``metrics.json`` that ``python -m eval`` writes (its format, not its code).
+"""
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from diffusers import AutoencoderKL
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
+from autoencoder.models import count_parameters, downsampling_factor
+
+# model-index metric types and display names, in table order.
+CARD_METRICS = (("psnr", "PSNR (dB)", "↑"), ("ssim", "SSIM", "↑"), ("ms_ssim", "MS-SSIM", "↑"),
+                ("lpips", "LPIPS", "↓"), ("rfid", "rFID", "↓"))  # fmt: skip
+
+
+class PublishError(ValueError):
+    """Publishing was refused or failed; the message says why and what to do."""
+
+
+@dataclass
+class EvalEntry:
+    """One model's entry of an eval ``metrics.json`` with the run-wide facts next to it."""
+
+    metrics: dict
+    run: dict
+    source: Path
+
+
+def check_finite(vae: AutoencoderKL) -> None:
+    """Refuse weights with NaN/Inf, or that overflow when cast to the fp16 variant."""
+    bad = [name for name, p in vae.state_dict().items() if not torch.isfinite(p).all()]
+    if bad:
+        raise PublishError(f"refusing to publish: {len(bad)} weight tensors contain NaN/Inf (first: {bad[:3]}); "
+                           "resume from an earlier checkpoint")  # fmt: skip
+    overflow = [name for name, p in vae.state_dict().items() if not torch.isfinite(p.to(torch.float16)).all()]
+    if overflow:
+        raise PublishError(f"refusing to publish: weights {overflow[:3]} overflow float16, so the fp16 variant "
+                           "would hold inf")  # fmt: skip
+
+
+def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) -> Optional[dict]:
+    """``latent_stats.json`` of the model; refuse (unless allowed) a model with no computed statistics."""
+    path = model_dir / "latent_stats.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if allow_missing:
+        return None
+    raise PublishError(
+        f"refusing to publish: {model_dir} has no latent statistics (no latent_stats.json; scaling_factor is "
+        f"{vae.config.scaling_factor}), so a diffusion model would be trained on wrongly scaled latents. Run "
+        f"`python -m diffusion_bridge stats --model {model_dir} --write` first, or pass --allow_missing_stats"
+    )
+
+
+def read_eval(eval_dir: Optional[str], model_dir: Path, allow_missing: bool) -> Optional[EvalEntry]:
+    """This model's entry in ``eval_dir/metrics.json``; refuse (unless allowed) when there is none."""
+    how = (f"run `python -m eval --model {model_dir} --train_data_dir/--dataset_name ... --output_dir DIR` and pass "
+           "--eval_dir DIR, or pass --allow_missing_eval")  # fmt: skip
+    if eval_dir is None:
+        if allow_missing:
+            return None
+        raise PublishError(f"refusing to publish without an evaluation: {how}")
+    path = Path(eval_dir) / "metrics.json"
+    if not path.is_file():
+        raise PublishError(f"refusing to publish: {path} does not exist; {how}")
+    run = json.loads(path.read_text())
+    models = run.get("models", {})
+    key = next((k for k in models if Path(k).expanduser().resolve() == model_dir.resolve()), None)
+    if key is None and len(models) == 1:
+        key = next(iter(models))  # a single-model evaluation, e.g. run on a copy of the folder
+    if key is None:
+        raise PublishError(f"{path} evaluates {list(models)}, not {model_dir}; evaluate this model ({how})")
+    return EvalEntry(metrics=models[key], run=run, source=path)
+
+
+def eval_results(entry: EvalEntry, model_name: str) -> list[EvalResult]:
+    """model-index entries: one per metric, each citing its dataset, split and resolution."""
+    ds, res = entry.run.get("dataset", {}), entry.run["resolution"]
+    lpips_net = entry.run.get("lpips_net", "alex")
+    out = []
+    for key, label, _ in CARD_METRICS:
+        value = entry.metrics.get(key)
+        if value is None:
+            continue
+        label = f"LPIPS ({lpips_net})" if key == "lpips" else label
+        out.append(EvalResult(
+            task_type="image-to-image", task_name="Image reconstruction",
+            dataset_type=ds.get("hub_id") or ds.get("name", "custom"), dataset_name=ds.get("name", entry.run["data"]),
+            dataset_split=ds.get("split"), dataset_args={"resolution": res, "num_images": entry.metrics["n_images"]},
+            metric_type=key, metric_name=f"{label} @ {res}px", metric_value=round(float(value), 4),
+        ))  # fmt: skip
+    return out
+
+
+def _stats_section(vae: AutoencoderKL, stats: Optional[dict]) -> list[str]:
+    """The latent-space facts and the two scaling conventions."""
+    c = vae.config
+    lines = [
+        "## Latent space",
+        "",
+        f"- {c.latent_channels} latent channels, {downsampling_factor(vae)}× spatial downsampling "
+        f"(an H×W image → {c.latent_channels}×H/{downsampling_factor(vae)}×W/{downsampling_factor(vae)} latents)",
+        f"- `scaling_factor` = {c.scaling_factor:.6g}, `shift_factor` = {c.shift_factor if c.shift_factor is None else f'{c.shift_factor:.6g}'}",
+        f"- `force_upcast` = {c.force_upcast} (pipelines decode in fp32 when true)",
+    ]
+    if stats is None:
+        lines += ["", "**No latent statistics were measured for this VAE**: the scaling factors above are not "
+                  "calibrated to its latents."]  # fmt: skip
+        return lines + [""]
+    lo, hi = stats["std_ci95"]
+    lines += [
+        f"- measured over {stats['num_latents']:,} latent values of {stats['num_images']} images: mean "
+        f"{stats['mean']:.4f}, std {stats['std']:.4f} (95% CI {lo:.4f}–{hi:.4f}); `scaling_factor = 1/std`, "
+        "`shift_factor = mean`",
+        "",
+        "| channel | " + " | ".join(str(i) for i in range(len(stats["channel_mean"]))) + " |",
+        "|---|" + "---|" * len(stats["channel_mean"]),
+        "| mean (`latents_mean`) | " + " | ".join(f"{v:.3f}" for v in stats["channel_mean"]) + " |",
+        "| std (`latents_std`) | " + " | ".join(f"{v:.3f}" for v in stats["channel_std"]) + " |",
+        "",
+        "The two conventions in diffusers:",
+        "",
+        "- SD / SDXL / DiT pipelines: `latents = z * scaling_factor`, decode `vae.decode(latents / scaling_factor)` "
+        "(`shift_factor` ignored);",
+        "- SD3 / FLUX pipelines: `latents = (z - shift_factor) * scaling_factor`, decode "
+        "`vae.decode(latents / scaling_factor + shift_factor)`.",
+        "",
+    ]
+    return lines
+
+
+def _usage_section(repo_id: str, vae: AutoencoderKL) -> list[str]:
+    """How to load the VAE and put it into a pipeline."""
+    c = vae.config.latent_channels
+    pipe = ("StableDiffusion3Pipeline", "transformer") if c == 16 else ("DiTPipeline", "transformer")
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import AutoencoderKL, {pipe[0]}",
+        "",
+        f'vae = AutoencoderKL.from_pretrained("{repo_id}")  # fp32',
+        f'vae16 = AutoencoderKL.from_pretrained("{repo_id}", variant="fp16", torch_dtype=torch.float16)',
+        "",
+        "# images in [-1, 1], shape [B, 3, H, W]; H and W multiples of the downsampling factor",
+        "z = vae.encode(images).latent_dist.sample()",
+        "latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # SD3/FLUX convention" if c == 16
+        else "latents = z * vae.config.scaling_factor  # SD/SDXL/DiT convention: what the denoiser sees",
+        "reconstruction = vae.decode(z).sample",
+        "",
+        f"# a denoiser trained on this VAE's latents ({c} channels) plugs in with vae=",
+        f"pipe = {pipe[0]}.from_pretrained(\"your/{'sd3' if c == 16 else 'dit'}-model\", vae=vae)",
+        "```",
+        "",
+        f"A diffusion model must be trained on *this* VAE's latents (its denoiser's input channels must equal {c}); "
+        "an existing Stable Diffusion UNet expects Stable Diffusion's own latent space, not this one.",
+        "",
+    ]
+
+
+def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
+    """The reconstruction table and how it was measured."""
+    if entry is None:
+        return ["## Evaluation", "", "**This VAE was published without an evaluation.**", ""]
+    m, run = entry.metrics, entry.run
+    head = [label if key != "lpips" else f"LPIPS ({run.get('lpips_net', 'alex')})" for key, label, _ in CARD_METRICS]
+    arrows = [a for *_, a in CARD_METRICS]
+    cells = ["–" if m.get(k) is None else f"{m[k]:.{2 if k in ('psnr', 'rfid') else 4}f}" for k, *_ in CARD_METRICS]
+    lines = [
+        "## Evaluation",
+        "",
+        f"Reconstruction of {m['n_images']} images of {run['data']} at {run['resolution']} px "
+        f"({run.get('preprocessing', 'resize + centre crop')}); posterior mode; PSNR/SSIM on 8-bit images.",
+        "",
+        "| " + " | ".join(f"{h} {a}" for h, a in zip(head, arrows)) + " |",
+        "|" + "---|" * len(head),
+        "| " + " | ".join(cells) + " |",
+        "",
+    ]
+    if m.get("rfid") is None:
+        lines += [f"rFID: {m.get('rfid_unavailable') or run.get('rfid_status', 'not computed')}", ""]
+    fds = {k: v for k, v in m.items() if k.startswith("fd_")}
+    if fds:
+        lines += ["Fréchet distances on other feature extractors (not FID): "
+                  + ", ".join(f"`{k}` = {v:.2f}" for k, v in fds.items()), ""]  # fmt: skip
+    if "encode_img_per_s" in m:
+        lines += [f"Speed in that evaluation: encode {m['encode_img_per_s']:.1f} img/s, decode "
+                  f"{m['decode_img_per_s']:.1f} img/s per process, peak memory {m['peak_memory_mb']:.0f} MB "
+                  f"({m.get('peak_memory_kind', '').replace('_', ' ')}).", ""]  # fmt: skip
+    if (Path(entry.source).parent / "reconstructions.png").is_file():
+        lines += ["![originals (top) and reconstructions](reconstructions.png)", ""]
+    return lines
+
+
+def _training_section(vae: AutoencoderKL, training_config: Optional[dict], train_metrics: Optional[dict]) -> list[str]:
+    """Preset, steps, data, objective, hardware and wall time, from the run's own files."""
+    lines = ["## Training", ""]
+    if training_config is None:
+        return lines + ["No training configuration was found next to the weights.", ""]
+    m, lo, d, t = (training_config[k] for k in ("model", "loss", "data", "train"))
+    source = m.get("pretrained_model_name_or_path") or f"preset `{m['preset']}`"
+    data = d.get("dataset_name") or d.get("train_data_dir") or "the embedded scikit-image photographs"
+    disc = f", PatchGAN ({lo['disc_loss']}) from step {lo['disc_start']}" if lo.get("disc_enabled") else ""
+    lines += [
+        f"- model: {source}, {count_parameters(vae):,} parameters"
+        + (" (decoder-only fine-tuning)" if m.get("train_decoder_only") else ""),
+        f"- data: {data}, {d['resolution']} px crops",
+        f"- objective: {lo['rec_loss'].upper()} × {lo['rec_weight']} + LPIPS-{lo['lpips_net']} × {lo['lpips_weight']} "
+        f"+ KL × β={lo['kl_weight']:g} ({lo['kl_schedule']}){disc}",
+        f"- optimisation: {t['max_train_steps']} steps, batch {t['train_batch_size']} × {t['gradient_accumulation_steps']} "
+        f"accumulation per process, AdamW lr {t['learning_rate']:g} ({t['lr_scheduler']}), mixed precision "
+        f"{t['mixed_precision']}, EMA {t['use_ema']}",
+    ]
+    if train_metrics:
+        hw = train_metrics.get("hardware") or f"{train_metrics.get('num_processes', 1)} process(es)"
+        lines.append(f"- hardware: {hw}; training wall time {train_metrics['train_seconds_this_run'] / 60:.1f} min "
+                     "(the last run segment if resumed)")  # fmt: skip
+        if train_metrics.get("initial"):
+            i = train_metrics["initial"]
+            lines.append(f"- held-out validation at {train_metrics['resolution']} px ({train_metrics['n_images']} images), "
+                         f"step 0 → {train_metrics['step']}: PSNR {i['psnr']:.2f} → {train_metrics['psnr']:.2f} dB, "
+                         f"SSIM {i['ssim']:.3f} → {train_metrics['ssim']:.3f}, LPIPS {i['lpips']:.3f} → "
+                         f"{train_metrics['lpips']:.3f}")  # fmt: skip
+    lines += ["", "The resolved configuration is `training_config.yaml` in this repo.", ""]
+    return lines
+
+
+def render_card(repo_id: str, vae: AutoencoderKL, stats: Optional[dict], entry: Optional[EvalEntry],
+                training_config: Optional[dict], train_metrics: Optional[dict], license: str) -> ModelCard:  # fmt: skip
+    """The model card: metadata (library, tags, license, datasets, model-index) and a readable body."""
+    name = repo_id.split("/")[-1]
+    datasets_meta = None
+    if entry is not None and entry.run.get("dataset", {}).get("hub_id"):
+        datasets_meta = [entry.run["dataset"]["hub_id"]]
+    data = ModelCardData(
+        library_name="diffusers", license=license, model_name=name, datasets=datasets_meta,
+        tags=["diffusers", "autoencoderkl", "vae", "latent-diffusion", "image-to-image"],
+        eval_results=eval_results(entry, name) if entry is not None else None,
+    )  # fmt: skip
+    c = vae.config
+    headline = ""
+    if entry is not None:
+        m = entry.metrics
+        headline = (f" On {entry.run.get('dataset', {}).get('name', entry.run['data'])} at {entry.run['resolution']} px it "
+                    f"reconstructs with PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, LPIPS {m['lpips']:.3f}"
+                    + (f", rFID {m['rfid']:.2f}" if m.get("rfid") is not None else "") + ".")  # fmt: skip
+    body = [
+        f"# {name}",
+        "",
+        f"A KL-regularised convolutional VAE (diffusers `AutoencoderKL`) for latent diffusion: "
+        f"{downsampling_factor(vae)}× downsampling to {c.latent_channels} latent channels, "
+        f"{count_parameters(vae) / 1e6:.1f}M parameters.{headline}",
+        "",
+        "Files: `diffusion_pytorch_model.safetensors` (fp32) and `diffusion_pytorch_model.fp16.safetensors` "
+        "(`variant=\"fp16\"`), `config.json` (with the latent statistics), `latent_stats.json`, "
+        "`training_config.yaml`, `eval_results.json`.",
+        "",
+        *_usage_section(repo_id, vae),
+        *_stats_section(vae, stats),
+        *_eval_section(entry),
+        *_training_section(vae, training_config, train_metrics),
+        "Trained with autoencoder-kl-trainer (Hugging Face Accelerate; L1/L2 + LPIPS + β-KL, optional PatchGAN).",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _read_yaml(path: Path) -> Optional[dict]:
+    """A YAML file's content, or None if absent."""
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _training_metrics(model_dir: Path) -> Optional[dict]:
+    """The training run's metrics.json (``<output_dir>/metrics.json`` beside ``<output_dir>/vae``), if any."""
+    path = model_dir.parent / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if "train_seconds_this_run" in metrics else None
+
+
+def prepare_folder(model_dir: str | Path, folder: str | Path, repo_id: str, eval_dir: Optional[str] = None,
+                   allow_missing_stats: bool = False, allow_missing_eval: bool = False,
+                   license: str = "apache-2.0") -> Path:  # fmt: skip
+    """Check the model and write the complete repo folder; returns it. Refusals raise PublishError."""
+    model_dir, folder = Path(model_dir), Path(folder)
+    if not (model_dir / "config.json").is_file():
+        raise PublishError(f"{model_dir} is not a diffusers model folder (no config.json)")
+    vae = AutoencoderKL.from_pretrained(model_dir).float()
+    check_finite(vae)
+    stats = read_latent_stats(model_dir, vae, allow_missing_stats)
+    entry = read_eval(eval_dir, model_dir, allow_missing_eval)
+    training_config = _read_yaml(model_dir / "training_config.yaml")
+    train_metrics = _training_metrics(model_dir)
+
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    copy.deepcopy(vae).to(torch.float16).save_pretrained(tmp, variant="fp16", safe_serialization=True)
+    vae.save_pretrained(tmp, safe_serialization=True)  # fp32 weights; config.json is the same for both
+    for name in ("latent_stats.json", "training_config.yaml"):
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, tmp / name)
+    if entry is not None:
+        (tmp / "eval_results.json").write_text(json.dumps({**entry.run, "models": {repo_id: entry.metrics}}, indent=2))
+        grid = entry.source.parent / "reconstructions.png"
+        if grid.is_file():
+            shutil.copy2(grid, tmp / "reconstructions.png")
+    render_card(repo_id, vae, stats, entry, training_config, train_metrics, license).save(tmp / "README.md")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def upload(folder: str | Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
+           commit_message: Optional[str] = None, token: Optional[str] = None, api: Optional[HfApi] = None) -> str:  # fmt: skip
+    """Create the repo (exist_ok) and upload ``folder``; returns the commit URL. Failures keep the folder."""
+    token = token or get_token()  # HF_TOKEN or the saved `hf auth login`
+    retry = f"The prepared folder is kept at {folder}; retry the same command (or `hf upload {repo_id} {folder} .`)."
+    if token is None:
+        raise PublishError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`. {retry}")
+    api = api or HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type="model",
+                                 commit_message=commit_message or "Upload AutoencoderKL")  # fmt: skip
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        hint = " Check that the token has write access to this namespace." if status in (401, 403) else ""
+        raise PublishError(f"the Hub refused the upload to {repo_id} (HTTP {status}): {exc}.{hint} {retry}") from exc
+    except Exception as exc:  # network: connection errors, timeouts, DNS
+        raise PublishError(f"upload to {repo_id} failed ({type(exc).__name__}: {exc}). {retry}") from exc
+    return getattr(info, "commit_url", str(info))
