@@ -216,6 +216,11 @@ def unscaled(latents: torch.Tensor, scaling_factor: float, shift_factor: Optiona
     return latents / scaling_factor + (shift_factor or 0.0)
 
 
+def scaled_moments(stats: LatentStats, scaling_factor: float, shift_factor: Optional[float] = None) -> tuple[float, float]:
+    """(mean, std) of these latents once scaled with the given factors (closed form, no second pass)."""
+    return (stats.mean - (shift_factor or 0.0)) * scaling_factor, stats.std * scaling_factor
+
+
 def describe(stats: LatentStats) -> str:
     """A short human-readable summary."""
     lo, hi = stats.std_ci95
@@ -227,7 +232,6 @@ def describe(stats: LatentStats) -> str:
         f"per-channel mean {[round(v, 4) for v in stats.channel_mean]}\n"
         f"per-channel std  {[round(v, 4) for v in stats.channel_std]}"
     )
-
 
 
 def process_shard(dataset, process_index: int, num_processes: int) -> torch.utils.data.Subset:

@@ -121,6 +121,11 @@ def test_stats_write_puts_the_scaling_into_the_config(tiny_model, shared, tmp_pa
     with torch.no_grad():
         z = scaled(vae.encode(x).latent_dist.mode(), vae.config.scaling_factor, vae.config.shift_factor)
     assert abs(z.mean().item()) < 1e-4 and z.std(unbiased=False).item() == pytest.approx(1, abs=1e-4)
+    # `stats` on a written model reports how its configured scaling fits the data (closed form == the above)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "again.json", "--mode")) == 0
+    assert "SD3/FLUX (z-shift)*scale has mean 0.0000, std 1.0000" in capsys.readouterr().out
 
 
 def test_stats_write_refuses_a_hub_id(capsys):
