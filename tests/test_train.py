@@ -65,6 +65,12 @@ def test_tiny_run_exports_a_loadable_vae(run):
     saved = load_file(out / "checkpoints" / "checkpoint-6" / "model.safetensors")
     assert torch.equal(saved["vae.decoder.conv_out.weight"], vae.decoder.conv_out.weight)
     assert (out / "checkpoints" / "checkpoint-6" / "training_config.yaml").is_file()
+    # a checkpoint folder loads as a VAE (what `python -m eval --model CHECKPOINT` uses): the same weights
+    from autoencoder.models import load_vae
+
+    from_ckpt = load_vae(str(out / "checkpoints" / "checkpoint-6"))
+    assert all(torch.equal(a, b) for a, b in zip(from_ckpt.state_dict().values(), vae.state_dict().values()))
+    assert from_ckpt.config.block_out_channels == vae.config.block_out_channels
     # it reconstructs held-out images
     splits = load_splits(DataConfig(resolution=32, num_validation_images=4))
     x = torch.stack([ImageDataset(splits.validation, "image", eval_transform(32))[i]["pixel_values"] for i in range(4)])
