@@ -49,6 +49,7 @@ from autoencoder.models import (
     build_vae,
     count_parameters,
     downsampling_factor,
+    half_check_latents,
     half_precision_decode_check,
     needs_force_upcast,
 )
@@ -603,9 +604,7 @@ def train(cfg: Config) -> dict:
             x = torch.stack([val_ds[i]["pixel_values"] for i in range(min(4, len(val_ds)))]).to(accelerator.device)
             with torch.no_grad():
                 latents = raw_vae.encode(x).latent_dist.mode()
-            if accelerator.device.type == "cpu":  # CPUs emulate fp16 convolutions slowly: one 8x8-latent crop
-                latents = latents[:1, :, :8, :8]
-            check = half_precision_decode_check(raw_vae, latents)
+            check = half_precision_decode_check(raw_vae, half_check_latents(latents))
             raw_vae.register_to_config(force_upcast=needs_force_upcast(check))
             metrics["fp16_decode"] = {**check, "force_upcast": raw_vae.config.force_upcast}
         if t.latent_stats:  # collective: every rank encodes its share of the held-out images
