@@ -182,11 +182,13 @@ def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
     head = [label if key != "lpips" else f"LPIPS ({run.get('lpips_net', 'alex')})" for key, label, _ in CARD_METRICS]
     arrows = [a for *_, a in CARD_METRICS]
     cells = ["–" if m.get(k) is None else f"{m[k]:.{2 if k in ('psnr', 'rfid') else 4}f}" for k, *_ in CARD_METRICS]
+    ds = run.get("dataset", {})
+    data = ds.get("name", run["data"]) + (f" (split `{ds['split']}`)" if ds.get("split") else "")
     lines = [
         "## Evaluation",
         "",
-        f"Reconstruction of {m['n_images']} images of {run['data']} at {run['resolution']} px "
-        f"({run.get('preprocessing', 'resize + centre crop')}); posterior mode; PSNR/SSIM on 8-bit images.",
+        f"Reconstruction of {m['n_images']} images of {data} at {run['resolution']} px from the posterior mode; "
+        f"preprocessing: {run.get('preprocessing', 'resize + centre crop')}; PSNR/SSIM on 8-bit images.",
         "",
         "| " + " | ".join(f"{h} {a}" for h, a in zip(head, arrows)) + " |",
         "|" + "---|" * len(head),
@@ -194,7 +196,8 @@ def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
         "",
     ]
     if m.get("rfid") is None:
-        lines += [f"rFID: {m.get('rfid_unavailable') or run.get('rfid_status', 'not computed')}", ""]
+        reason = m.get("rfid_unavailable") or run.get("rfid_status", "not computed")
+        lines += [f"rFID: not reported — {reason.split(';')[0]}.", ""]  # the reason, without local remedies
     fds = {k: v for k, v in m.items() if k.startswith("fd_")}
     if fds:
         lines += ["Fréchet distances on other feature extractors (not FID): "
@@ -204,7 +207,9 @@ def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
                   f"{m['decode_img_per_s']:.1f} img/s per process, peak memory {m['peak_memory_mb']:.0f} MB "
                   f"({m.get('peak_memory_kind', '').replace('_', ' ')}).", ""]  # fmt: skip
     if (Path(entry.source).parent / "reconstructions.png").is_file():
-        lines += ["![originals (top) and reconstructions](reconstructions.png)", ""]
+        rows = ", ".join(f"`{k}`" for k in run.get("models", {}))
+        lines += ["![originals and reconstructions](reconstructions.png)", "",
+                  f"`reconstructions.png`: originals (top row), then one row per evaluated model: {rows}.", ""]  # fmt: skip
     return lines
 
 
