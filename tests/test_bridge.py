@@ -130,7 +130,7 @@ def test_stats_write_puts_the_scaling_into_the_config(tiny_model, shared, tmp_pa
 
 def test_stats_write_refuses_a_hub_id(capsys):
     assert bridge_main(["stats", "--model", "someone/some-vae", "--write"]) == 2
-    assert "--write needs a local model folder" in capsys.readouterr().err
+    assert "--write needs a local diffusers model folder" in capsys.readouterr().err
 
 
 def _encode_args(model, shared, out, *extra):
