@@ -16,7 +16,8 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
-from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source
+from autoencoder.config import DataConfig
+from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source, train_transform
 from autoencoder.models import count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
 from .cache import encode_dataset
@@ -62,10 +63,8 @@ def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     )
     if args.crop == "center":
         return ImageDataset(ds, column, eval_transform(args.resolution)), source
-    import torchvision.transforms as T
-
-    transform = T.Compose([T.Resize(args.resolution, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                           T.RandomCrop(args.resolution), T.ToTensor(), T.Normalize([0.5], [0.5])])  # fmt: skip
+    # training's random-crop transform (resize shorter side, antialiased bicubic, random crop), without flips
+    transform = train_transform(DataConfig(resolution=args.resolution, train_crop="random", random_flip=False), embedded=False)
     return ImageDataset(ds, column, transform, seed=args.seed), source
 
 
