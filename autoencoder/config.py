@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    rec_loss: Literal["l1", "l2"] = opt("l1", "pixel reconstruction loss, mean over pixels")
+    rec_loss: Literal["l1", "l2"] = opt("l1", "pixel reconstruction loss, per pixel value (latent-diffusion: l1)")
     rec_weight: float = opt(1.0, "weight of the pixel reconstruction loss")
     lpips_weight: float = opt(0.5, "weight of the LPIPS perceptual loss (0 disables it)")
     lpips_net: Literal["vgg", "alex"] = opt("vgg", "LPIPS backbone used for training")
@@ -54,7 +54,10 @@ class LossConfig:
         "torchvision-format backbone weights for LPIPS (a .pth file or a folder holding one); "
         "falls back to $LPIPS_WEIGHTS, then torchvision's cache/download",
     )
-    kl_weight: float = opt(1e-6, "beta: KL = posterior.kl().sum() / batch * beta")
+    kl_weight: float = opt(
+        1e-6, "beta, as in latent-diffusion and diffusers' example: sum(NLL)/batch + beta * sum(KL)/batch, "
+        "the same at every resolution (autoencoder/losses.py)"
+    )
     kl_schedule: Literal["constant", "linear", "cyclical"] = opt("constant", "beta schedule over optimizer steps")
     kl_warmup_steps: int = opt(0, "linear: steps to ramp beta from 0 to kl_weight")
     kl_cycle_steps: int = opt(1000, "cyclical: length of one cycle in steps (Fu et al. 2019)")
@@ -65,6 +68,7 @@ class LossConfig:
     disc_enabled: bool = opt(False, "add a PatchGAN discriminator (adversarial loss)")
     disc_start: int = opt(0, "optimizer step at which the adversarial loss switches on")
     disc_weight: float = opt(0.5, "weight of the adversarial term (times the adaptive weight)")
+    disc_factor: float = opt(1.0, "latent-diffusion's disc_factor: multiplies both GAN losses from disc_start on")
     disc_adaptive_weight: bool = opt(True, "scale the GAN term by ||grad rec|| / ||grad gan|| at the decoder's last layer")
     disc_loss: Literal["hinge", "vanilla"] = opt("hinge", "discriminator loss")
     disc_num_layers: int = opt(3, "PatchGAN depth (3 gives a 70x70 receptive field)")
@@ -145,8 +149,13 @@ class TrainConfig:
     hub_model_id: Optional[str] = opt(None, "USER/NAME repository for push_to_hub")
     hub_private: bool = opt(False, "create the push_to_hub repository as private")
     latent_stats: bool = opt(
-        True, "at the end, measure latent statistics on the validation split and write scaling_factor, "
-        "shift_factor, latents_mean/std into the exported config (+ latent_stats.json)"
+        True, "at the end, measure latent statistics on the validation split and write the scaling of "
+        "latent_convention into the exported config (all statistics in latent_stats.json)"
+    )
+    latent_convention: Literal["sd", "sd3", "sdxl"] = opt(
+        "sd3", "keys latent_stats writes: sd = scaling_factor (z*s); sd3 = scaling_factor + shift_factor "
+        "((z-shift)*s; SD/DiT pipelines ignore the shift, so it serves both); sdxl = per-channel "
+        "latents_mean/latents_std with scaling_factor 1 ((z-mean_c)/std_c, StableDiffusionXLPipeline)"
     )
 
 
@@ -351,13 +360,20 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {value}")
     index = key_index()
-    for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight"):
+    for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight",
+                "disc_factor"):
         if getattr(getattr(cfg, index[key][0]), key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0")
     if cfg.train.push_to_hub and not cfg.train.hub_model_id:
         raise ValueError("push_to_hub needs --hub_model_id=USER/NAME")
     if cfg.train.push_to_hub and not cfg.train.latent_stats:
         raise ValueError("push_to_hub publishes latent statistics: keep latent_stats=true")
+    if cfg.train.mixed_precision == "fp16" and cfg.loss.disc_enabled and cfg.train.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "mixed_precision=fp16 with disc_enabled and gradient_accumulation_steps > 1 is not supported: accelerate's "
+            "single GradScaler changes its scale between the VAE and discriminator steps, so the discriminator's "
+            "accumulated gradients would mix two scales; use --mixed_precision=bf16 or --gradient_accumulation_steps=1"
+        )
     if cfg.loss.kl_schedule == "cyclical" and cfg.loss.kl_cycle_steps < 1:
         raise ValueError("kl_schedule=cyclical needs kl_cycle_steps >= 1")
     if not 0.0 < cfg.loss.kl_cycle_ratio <= 1.0:

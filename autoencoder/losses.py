@@ -1,12 +1,26 @@
-"""The VAE objective: reconstruction + LPIPS + beta-weighted KL (+ learned log-variance, + PatchGAN).
+"""The VAE objective of latent-diffusion's ``LPIPSWithDiscriminator``: reconstruction + LPIPS + beta·KL (+ PatchGAN).
 
-Follows latent-diffusion's ``LPIPSWithDiscriminator`` with two deliberate differences: pixel
-terms are means over pixels (diffusers' convention, so ``kl_weight`` is comparable with
-``train_autoencoderkl.py``), and the discriminator is a separate module so it can be prepared
-(and gradient-synchronised) by accelerate on its own.
+For a batch of B images x of N = 3·H·W pixel values, reconstructions x̂ and posteriors q(z|x)::
+
+    rec     = rec_weight · |x − x̂|  (or (x − x̂)²)  +  lpips_weight · LPIPS(x, x̂)     per pixel value
+    nll     = rec / exp(logvar) + logvar                   (learned scalar logvar; else nll = rec)
+    L_LD    = Σ nll / B  +  β · Σ KL(q(z|x) ‖ N(0, I)) / B  +  λ · f(step) · g_loss
+    loss    = L_LD / N
+
+with g_loss = −mean D(x̂), f(step) = disc_factor once step ≥ disc_start (else 0) and the adaptive
+weight λ = disc_weight · ‖∇_last Σnll/B‖ / (‖∇_last g_loss‖ + 1e-4) at the decoder's last layer.
+``L_LD`` is latent-diffusion's generator objective term for term, so ``kl_weight`` (β) means
+what it means there and in diffusers' ``train_autoencoderkl.py`` at every resolution.  We
+optimise ``L_LD / N`` — the same objective up to the positive constant 1/N — so the loss,
+gradient clipping and learning rates do not scale with the image size.
+
+The discriminator (PatchGAN, taming-transformers) sees real and reconstructed images in separate
+forward passes, so its BatchNorm statistics never mix the two, and learns from
+``f(step) · d_loss(D(x), D(x̂.detach()))`` with the hinge or vanilla loss.
 """
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -58,20 +72,35 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
-def generator_adv_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
-    """Generator side of the adversarial loss."""
-    if kind == "hinge":
-        return -logits_fake.mean()
-    return F.softplus(-logits_fake).mean()
+def generator_adv_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator side of the adversarial loss, −mean D(x̂), for hinge and vanilla alike (latent-diffusion, taming)."""
+    return -logits_fake.mean()
+
+
+def disc_factor_at(step: int, cfg: LossConfig) -> float:
+    """latent-diffusion's ``adopt_weight``: ``disc_factor`` from ``disc_start`` on, 0 before."""
+    return cfg.disc_factor if step >= cfg.disc_start else 0.0
+
+
+def rate_bits_per_pixel(kl_per_image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """KL in nats per image -> bits per pixel of the input (per pixel location, not per colour value)."""
+    return kl_per_image / (height * width * math.log(2.0))
 
 
 def adaptive_disc_weight(
-    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
-    """||d nll / d last|| / (||d g / d last|| + 1e-4), clamped to [0, max_weight] and detached (taming)."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    """||d nll / d last|| / (||d g / d last|| + 1e-4), clamped to [0, max_weight] and detached (taming).
+
+    ``grad_scale`` multiplies both losses before differentiating (the fp16 GradScaler's scale, so
+    small gradients do not underflow in half precision) and is divided out again: the ratio is
+    the unscaled one.  A non-finite ratio (an fp16 overflow) gives weight 0 for this step.
+    """
+    nll_grad = torch.autograd.grad(nll_loss * grad_scale, last_layer, retain_graph=True)[0].float() / grad_scale
+    g_grad = torch.autograd.grad(g_loss * grad_scale, last_layer, retain_graph=True)[0].float() / grad_scale
+    weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    return torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
 
 
 @contextlib.contextmanager
@@ -117,8 +146,10 @@ class NLayerDiscriminator(nn.Module):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+    def forward(self, *images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits per batch of images; each batch is its own pass, so BatchNorm never mixes real and fake."""
+        logits = tuple(self.main(x) for x in images)
+        return logits[0] if len(logits) == 1 else logits
 
 
 def build_discriminator(cfg: LossConfig) -> Optional[NLayerDiscriminator]:
@@ -129,10 +160,11 @@ def build_discriminator(cfg: LossConfig) -> Optional[NLayerDiscriminator]:
 
 
 class VAELoss(nn.Module):
-    """Generator-side objective returning ``(loss, logs)``; ``discriminator_loss`` gives the D step.
+    """Generator-side objective returning ``(loss, logs)`` (the module docstring's ``L_LD / N``).
 
-    Inputs and reconstructions are [B,3,H,W] in [-1, 1].  LPIPS is frozen (eval mode, no
-    gradient into its weights) but differentiable w.r.t. the reconstruction.
+    ``discriminator_loss`` gives the D step.  Inputs and reconstructions are [B,3,H,W] in [-1, 1].
+    LPIPS is frozen (eval mode, no gradient into its weights) but differentiable w.r.t. the
+    reconstruction.
     """
 
     def __init__(self, cfg: LossConfig, lpips_model: Optional[nn.Module] = None):
@@ -163,54 +195,63 @@ class VAELoss(nn.Module):
         discriminator: Optional[nn.Module] = None,
         last_layer: Optional[torch.Tensor] = None,
         split: str = "train",
+        grad_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total generator loss and detached log scalars keyed ``{split}/...``."""
+        """Total generator loss ``L_LD / N`` and detached log scalars keyed ``{split}/...``.
+
+        ``grad_scale``: the fp16 GradScaler's scale, used only inside the adaptive GAN weight.
+        """
         cfg = self.cfg
         inputs, reconstructions = inputs.float(), reconstructions.float()
+        n_values = inputs[0].numel()  # N = 3·H·W pixel values per image
         diff = reconstructions - inputs
         pixel = diff.abs() if cfg.rec_loss == "l1" else diff.pow(2)  # [B,3,H,W]
         rec = cfg.rec_weight * pixel
         logs: dict[str, torch.Tensor] = {f"{split}/rec_loss": pixel.mean().detach()}
         if self.lpips is not None and cfg.lpips_weight > 0:
-            p_loss = self.lpips(reconstructions, inputs)  # [B,1,1,1], broadcast over pixels
+            p_loss = self.lpips(reconstructions, inputs)  # [B,1,1,1], broadcast over all N pixel values
             rec = rec + cfg.lpips_weight * p_loss
             logs[f"{split}/p_loss"] = p_loss.mean().detach()  # the perceptual *loss*; "lpips" is the metric
-        nll = rec / torch.exp(self.logvar) + self.logvar if cfg.learn_logvar else rec
-        nll_loss = nll.mean()
-        kl = kl_loss(posterior, cfg.free_bits)
+        nll = rec / torch.exp(self.logvar) + self.logvar if cfg.learn_logvar else rec  # [B,3,H,W]
+        nll_loss = nll.mean()  # Σ nll / B / N
+        kl = kl_loss(posterior, cfg.free_bits)  # Σ KL / B, nats per image
         beta = beta_at(step, cfg)
-        loss = nll_loss + beta * kl
+        loss = nll_loss + beta * kl / n_values
+        latent_elems = posterior.mean[0].numel()
         logs.update(
             {
                 f"{split}/nll_loss": nll_loss.detach(),
                 f"{split}/kl": kl.detach(),
+                f"{split}/kl_per_latent": kl.detach() / latent_elems,  # nats per latent element
+                f"{split}/rate_bpp": rate_bits_per_pixel(kl.detach(), *inputs.shape[2:]),
                 f"{split}/beta": torch.tensor(beta),
                 f"{split}/logvar": self.logvar.detach(),
             }
         )
-        if discriminator is not None and step >= cfg.disc_start:
+        factor = disc_factor_at(step, cfg)
+        if discriminator is not None and factor > 0:
             with frozen(discriminator):  # G step: gradients reach the VAE, never D's weights
-                g_loss = generator_adv_loss(discriminator(reconstructions), cfg.disc_loss)
+                g_loss = generator_adv_loss(discriminator(reconstructions))
             if cfg.disc_adaptive_weight and torch.is_grad_enabled() and last_layer is not None:
-                d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer) * cfg.disc_weight
+                d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer, grad_scale=grad_scale) * cfg.disc_weight
             else:
                 d_weight = torch.tensor(cfg.disc_weight, device=g_loss.device)
-            loss = loss + d_weight * g_loss
+            loss = loss + d_weight * factor * g_loss
             logs[f"{split}/g_loss"] = g_loss.detach()
             logs[f"{split}/d_weight"] = d_weight.detach()
         logs[f"{split}/loss"] = loss.detach()
         return loss, logs
 
     def discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module, split: str = "train"
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module, step: int,
+        split: str = "train",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """D step on real inputs vs *detached* reconstructions (no gradient can reach the VAE)."""
+        """D step ``f(step) · d_loss`` on real inputs vs *detached* reconstructions (no gradient reaches the VAE)."""
         real, fake = inputs.detach().float(), reconstructions.detach().float()
-        # One forward over [real; fake]: a single DDP forward per backward.
-        logits = discriminator(torch.cat([real, fake]))
-        logits_real, logits_fake = logits.chunk(2)
+        # One (DDP) forward call, two passes inside it: BatchNorm statistics are not mixed.
+        logits_real, logits_fake = discriminator(real, fake)
         d_fn = hinge_d_loss if self.cfg.disc_loss == "hinge" else vanilla_d_loss
-        d_loss = d_fn(logits_real, logits_fake)
+        d_loss = disc_factor_at(step, self.cfg) * d_fn(logits_real, logits_fake)
         logs = {
             f"{split}/d_loss": d_loss.detach(),
             f"{split}/logits_real": logits_real.mean().detach(),

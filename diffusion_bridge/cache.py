@@ -13,12 +13,13 @@ by skipping finished shards.  Posterior samples are drawn per image from a gener
 (seed, source index): the cache does not depend on the number of processes or the batch size.
 """
 
+import dataclasses
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import datasets
 import numpy as np
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from autoencoder.data import ImageDataset, collate
 
-from .stats import scaled
+from .stats import DECODE, LatentScaling
 
 
 def shard_name(k: int, num_shards: int) -> str:
@@ -48,7 +49,7 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, indices: torch.Tens
 
 @torch.no_grad()
 def encode_shard(vae: AutoencoderKL, dataset: ImageDataset, start: int, stop: int, *, batch_size: int,
-                 scaling_factor: float, shift_factor: Optional[float], sample: bool, seed: int,
+                 scaling: LatentScaling, sample: bool, seed: int,
                  store_moments: bool, num_workers: int = 0, progress=None) -> datasets.Dataset:  # fmt: skip
     """Images [start, stop) of ``dataset`` -> a datasets.Dataset of scaled latents and source columns."""
     device = next(vae.parameters()).device
@@ -62,7 +63,7 @@ def encode_shard(vae: AutoencoderKL, dataset: ImageDataset, start: int, stop: in
         mean, logvar = moments.mean.float().cpu(), moments.logvar.float().cpu()
         z = sample_latents(mean, logvar, batch["index"], seed) if sample else mean
         cols["index"].append(batch["index"].numpy())
-        cols["latents"].append(scaled(z, scaling_factor, shift_factor).numpy())
+        cols["latents"].append(scaling.scale(z).numpy())
         if store_moments:
             cols["posterior_mean"].append(mean.numpy())
             cols["posterior_logvar"].append(logvar.numpy())
@@ -80,18 +81,11 @@ def encode_shard(vae: AutoencoderKL, dataset: ImageDataset, start: int, stop: in
     return datasets.Dataset.from_dict(arrays, features=datasets.Features(features))
 
 
-def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, accelerator, *, shard_size: int = 1000,
-                   batch_size: int = 32, convention: Literal["sd", "sd3"] = "sd", scaling_factor: Optional[float] = None,
-                   shift_factor: Optional[float] = None, sample: bool = True, seed: int = 0, store_moments: bool = False,
-                   num_workers: int = 0, info: Optional[dict] = None) -> dict:  # fmt: skip
-    """Encode ``dataset`` into ``output_dir`` (a collective call); returns what was done, with img/s."""
-    scaling_factor = vae.config.scaling_factor if scaling_factor is None else scaling_factor
-    if convention == "sd3":
-        shift_factor = vae.config.shift_factor if shift_factor is None else shift_factor
-        if shift_factor is None:
-            raise ValueError("--convention sd3 needs a shift_factor: run `stats --write` or pass --shift_factor")
-    else:
-        shift_factor = None  # SD/SDXL/DiT pipelines ignore the shift
+def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, accelerator, *,
+                   scaling: LatentScaling, shard_size: int = 1000, batch_size: int = 32, sample: bool = True,
+                   seed: int = 0, store_moments: bool = False, num_workers: int = 0,
+                   info: Optional[dict] = None) -> dict:  # fmt: skip
+    """Encode ``dataset`` into ``output_dir`` as ``scaling.scale(z)`` (a collective call); returns what was done."""
     n = len(dataset)
     num_shards = math.ceil(n / shard_size)
     data_dir = Path(output_dir) / "data"
@@ -105,8 +99,7 @@ def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, 
     t0 = time.perf_counter()
     for k in todo:
         start, stop = k * shard_size, min(n, (k + 1) * shard_size)
-        shard = encode_shard(vae, dataset, start, stop, batch_size=batch_size, scaling_factor=scaling_factor,
-                             shift_factor=shift_factor, sample=sample, seed=seed, store_moments=store_moments,
+        shard = encode_shard(vae, dataset, start, stop, batch_size=batch_size, scaling=scaling, sample=sample, seed=seed, store_moments=store_moments,
                              num_workers=num_workers, progress=progress)  # fmt: skip
         final = data_dir / shard_name(k, num_shards)
         tmp = final.with_name(f".tmp-{accelerator.process_index}-{final.name}")
@@ -135,10 +128,8 @@ def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, 
             "latent_shape": list(latent_shape),
             "latents": "posterior sample, seeded by (seed, index)" if sample else "posterior mean",
             "seed": seed,
-            "convention": convention,
-            "scaling_factor": scaling_factor,
-            "shift_factor": shift_factor,
-            "decode": "vae.decode(latents / scaling_factor" + (" + shift_factor)" if convention == "sd3" else ")"),
+            **dataclasses.asdict(scaling),
+            "decode": DECODE[scaling.convention],
             "posterior_moments_stored": store_moments,
             "load": f'datasets.load_dataset("parquet", data_files="{data_dir}/*.parquet", split="train")',
         }

@@ -8,6 +8,7 @@ diffusion training), ``publish`` (a Hub repo with model card).
 import argparse
 import json
 import sys
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,7 @@ from autoencoder.models import count_parameters, downsampling_factor, is_trainin
 
 from .cache import encode_dataset
 from .publish import prepare_folder, upload
-from .stats import collect_latent_stats, describe, process_shard, scaled_moments, write_stats
+from .stats import LatentScaling, collect_latent_stats, describe, process_shard, write_stats
 
 
 def vae_info(vae: AutoencoderKL) -> dict:
@@ -84,23 +85,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         print(f"{source}, {args.resolution} px, {args.crop} crops, {'posterior mode' if args.mode else 'posterior samples'}")
         print(describe(stats))
-        c = vae.config
-        sd_mean, sd_std = scaled_moments(stats, c.scaling_factor)
-        line = f"under the model's current config (scaling_factor {c.scaling_factor:.5f}"
-        if c.shift_factor is not None:
-            sd3_mean, sd3_std = scaled_moments(stats, c.scaling_factor, c.shift_factor)
-            line += (f", shift_factor {c.shift_factor:.5f}): SD3/FLUX (z-shift)*scale has mean {sd3_mean:.4f}, "
-                     f"std {sd3_std:.4f}; SD/DiT z*scale has")  # fmt: skip
-        else:
-            line += "): SD/DiT z*scale has"
-        print(f"{line} mean {sd_mean:.4f}, std {sd_std:.4f}")
+        for name in ("sd", "sd3", "sdxl"):  # how the model's current config would scale these latents
+            try:
+                mean, std = LatentScaling.from_config(vae.config, name).scaled_moments(stats)
+            except ValueError:
+                continue
+            print(f"under the model's current config, the {name} convention gives latents of mean {mean:.4f}, std {std:.4f}")
         if args.output:
             Path(args.output).write_text(json.dumps(stats.to_json(), indent=2))
         if args.write:
             model_dir = Path(args.model) / (args.subfolder or "")
-            write_stats(model_dir, stats, vae.to("cpu"))
-            print(f"wrote scaling_factor/shift_factor/latents_mean/latents_std to {model_dir / 'config.json'} "
-                  f"and {model_dir / 'latent_stats.json'}")  # fmt: skip
+            write_stats(model_dir, stats, vae.to("cpu"), convention=args.convention)
+            written = {k: v for k, v in stats.config_values(args.convention).items() if v is not None}
+            print(f"wrote the {args.convention} convention ({', '.join(written)}; the other keys cleared) to "
+                  f"{model_dir / 'config.json'} and {model_dir / 'latent_stats.json'}")  # fmt: skip
     accelerator.wait_for_everyone()
     return 0
 
@@ -109,8 +107,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     """``encode``: write the latent cache a diffusion trainer consumes."""
     accelerator = Accelerator(cpu=use_cpu_backend())
     vae = load_vae(args.model, args.subfolder).to(accelerator.device).eval()
-    scale = args.scaling_factor if args.scaling_factor is not None else vae.config.scaling_factor
-    if scale == 1.0 and args.scaling_factor is None:
+    if args.shift_factor is not None and args.convention != "sd3":
+        raise ValueError("--shift_factor applies to --convention sd3 only")
+    keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    config = types.SimpleNamespace(**{k: vae.config[k] for k in keys})
+    config.scaling_factor = args.scaling_factor if args.scaling_factor is not None else config.scaling_factor
+    config.shift_factor = args.shift_factor if args.shift_factor is not None else config.shift_factor
+    scaling = LatentScaling.from_config(config, args.convention)
+    if args.convention != "sdxl" and scaling.scaling_factor == 1.0 and args.scaling_factor is None:
         raise ValueError(
             f"{args.model} has scaling_factor 1.0 (no latent statistics): run `python -m diffusion_bridge stats "
             "--model DIR --write` first, or pass --scaling_factor explicitly"
@@ -118,9 +122,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     dataset, source = image_dataset(args)
     info = {"model": args.model, "source": source, "resolution": args.resolution, "crop": args.crop}
     done = encode_dataset(
-        vae, dataset, Path(args.output_dir), accelerator, shard_size=args.shard_size, batch_size=args.batch_size,
-        convention=args.convention, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
-        sample=not args.mode, seed=args.seed, store_moments=args.store_moments, num_workers=args.num_workers, info=info,
+        vae, dataset, Path(args.output_dir), accelerator, scaling=scaling, shard_size=args.shard_size,
+        batch_size=args.batch_size, sample=not args.mode, seed=args.seed, store_moments=args.store_moments, num_workers=args.num_workers, info=info,
     )  # fmt: skip
     rate = done["img_per_s_this_process"]
     print(f"[process {accelerator.process_index}] {done['images_encoded_by_this_process']} images in "
@@ -159,14 +162,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_data_args(stats)
     stats.add_argument("--mode", action="store_true", help="use the posterior mode instead of posterior samples")
     stats.add_argument("--write", action="store_true", help="store them in the model's config + latent_stats.json")
+    stats.add_argument("--convention", choices=["sd", "sd3", "sdxl"], default="sd3",
+                       help="config keys --write sets: sd = scaling_factor; sd3 (default) = scaling_factor + "
+                            "shift_factor (serves SD/DiT and SD3/FLUX); sdxl = latents_mean/latents_std per channel "
+                            "with scaling_factor 1 (StableDiffusionXLPipeline)")
     stats.add_argument("--output", default=None, help="also write the statistics to this JSON file")
     encode = sub.add_parser("encode", help="encode a dataset into a sharded latent cache for diffusion training")
     add_data_args(encode)
     encode.set_defaults(split="train")
     encode.add_argument("--output_dir", required=True)
     encode.add_argument("--shard_size", type=int, default=1000, help="images per parquet shard")
-    encode.add_argument("--convention", choices=["sd", "sd3"], default="sd",
-                        help="sd: latents = z*scale (SD/SDXL/DiT); sd3: (z-shift)*scale (SD3/FLUX)")
+    encode.add_argument("--convention", choices=["sd", "sd3", "sdxl"], default="sd",
+                        help="sd: latents = z*scale (SD/DiT); sd3: (z-shift)*scale (SD3/FLUX); sdxl: "
+                             "(z-latents_mean)/latents_std*scale (StableDiffusionXLPipeline)")
     encode.add_argument("--scaling_factor", type=float, default=None, help="override the config's scaling_factor")
     encode.add_argument("--shift_factor", type=float, default=None, help="override the config's shift_factor (sd3)")
     encode.add_argument("--mode", action="store_true", help="store the posterior mean instead of a posterior sample")

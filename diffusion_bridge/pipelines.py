@@ -1,14 +1,18 @@
 """Putting a trained VAE into diffusers pipelines, with the latent-channel check they do not make.
 
-Two latent conventions live in diffusers today:
+Three latent conventions live in diffusers today:
 
-- ``StableDiffusionPipeline``, SDXL, ``DiTPipeline``: the denoiser sees ``z * scaling_factor``;
-  decoding is ``vae.decode(latents / scaling_factor)``; ``shift_factor`` is ignored.
-- ``StableDiffusion3Pipeline``, FLUX: the denoiser sees ``(z - shift_factor) * scaling_factor``;
+- ``sd`` — ``StableDiffusionPipeline``, ``DiTPipeline``, and SDXL when the VAE config has no
+  ``latents_mean``/``latents_std``: the denoiser sees ``z * scaling_factor``; decoding is
+  ``vae.decode(latents / scaling_factor)``; ``shift_factor`` is ignored.
+- ``sd3`` — ``StableDiffusion3Pipeline``, FLUX: the denoiser sees ``(z - shift_factor) * scaling_factor``;
   decoding is ``vae.decode(latents / scaling_factor + shift_factor)``.
+- ``sdxl`` — ``StableDiffusionXLPipeline`` when the config has ``latents_mean``/``latents_std``
+  (Playground-v2.5 style; 4 channels): the denoiser sees ``(z - mean_c) / std_c * scaling_factor``;
+  decoding is ``vae.decode(latents * std_c / scaling_factor + mean_c)``.
 
-``convention(pipeline)`` says which one a pipeline uses; ``diffusion_bridge.stats.scaled`` /
-``unscaled`` implement both (pass ``shift_factor=None`` for the first).
+``convention(pipeline)`` says which one a pipeline uses with its current VAE;
+``diffusion_bridge.stats.LatentScaling`` implements all three.
 """
 
 from typing import Literal
@@ -46,10 +50,17 @@ def expected_latent_channels(pipeline: DiffusionPipeline) -> int:
     return channels // 4 if _is_flux(module) else channels
 
 
-def convention(pipeline: DiffusionPipeline) -> Literal["sd", "sd3"]:
-    """'sd3' when the pipeline decodes ``latents / scaling_factor + shift_factor``, else 'sd'."""
+def convention(pipeline: DiffusionPipeline) -> Literal["sd", "sd3", "sdxl"]:
+    """The latent convention ``pipeline`` decodes with, given its current VAE's config."""
+    from diffusers import StableDiffusionXLPipeline
+
     module = denoiser(pipeline)
-    return "sd3" if _is_sd3(module) or _is_flux(module) else "sd"
+    if _is_sd3(module) or _is_flux(module):
+        return "sd3"
+    c = pipeline.vae.config
+    if isinstance(pipeline, StableDiffusionXLPipeline) and c.latents_mean is not None and c.latents_std is not None:
+        return "sdxl"
+    return "sd"
 
 
 def check_vae_fits(vae: AutoencoderKL, pipeline: DiffusionPipeline) -> None:
@@ -61,6 +72,11 @@ def check_vae_fits(vae: AutoencoderKL, pipeline: DiffusionPipeline) -> None:
             f"takes {want}; train a VAE with --latent_channels={want} (e.g. preset "
             f"{'f8c16' if want == 16 else 'sd-f8c4'}) or use a denoiser with in_channels={have}"
         )
+    from diffusers import StableDiffusionXLPipeline
+
+    if isinstance(pipeline, StableDiffusionXLPipeline) and vae.config.latents_mean is not None and have != 4:
+        raise ValueError(f"StableDiffusionXLPipeline decodes per-channel latents_mean/latents_std for exactly 4 "
+                         f"channels; this VAE has {have}")  # fmt: skip
     if convention(pipeline) == "sd3" and vae.config.shift_factor is None:
         raise ValueError(
             f"{type(pipeline).__name__} decodes latents / scaling_factor + shift_factor, but this VAE's config has "

@@ -108,7 +108,7 @@ def eval_results(entry: EvalEntry, model_name: str) -> list[EvalResult]:
 
 
 def _stats_section(vae: AutoencoderKL, stats: Optional[dict]) -> list[str]:
-    """The latent-space facts and the two scaling conventions."""
+    """The latent-space facts and the three scaling conventions, with the one this config is written for."""
     c = vae.config
     lines = [
         "## Latent space",
@@ -125,23 +125,38 @@ def _stats_section(vae: AutoencoderKL, stats: Optional[dict]) -> list[str]:
     lo, hi = stats["std_ci95"]
     lines += [
         f"- measured over {stats['num_latents']:,} latent values of {stats['num_images']} images: mean "
-        f"{stats['mean']:.4f}, std {stats['std']:.4f} (95% CI {lo:.4f}–{hi:.4f}); `scaling_factor = 1/std`, "
-        "`shift_factor = mean`",
+        f"{stats['mean']:.4f}, std {stats['std']:.4f} (95% CI {lo:.4f}–{hi:.4f}); the config is written for the "
+        f"**{stats.get('convention', 'sd3')}** convention below",
         "",
         "| channel | " + " | ".join(str(i) for i in range(len(stats["channel_mean"]))) + " |",
         "|---|" + "---|" * len(stats["channel_mean"]),
         "| mean (`latents_mean`) | " + " | ".join(f"{v:.3f}" for v in stats["channel_mean"]) + " |",
         "| std (`latents_std`) | " + " | ".join(f"{v:.3f}" for v in stats["channel_std"]) + " |",
         "",
-        "The two conventions in diffusers:",
+        "The three conventions in diffusers (`python -m diffusion_bridge stats --write --convention ...` rewrites "
+        "the config for another; `encode --convention ...` caches latents in one):",
         "",
-        "- SD / SDXL / DiT pipelines: `latents = z * scaling_factor`, decode `vae.decode(latents / scaling_factor)` "
-        "(`shift_factor` ignored);",
-        "- SD3 / FLUX pipelines: `latents = (z - shift_factor) * scaling_factor`, decode "
-        "`vae.decode(latents / scaling_factor + shift_factor)`.",
+        "- `sd` — SD / DiT pipelines, and SDXL when the config has no `latents_mean`: `latents = z * scaling_factor`, "
+        "decode `vae.decode(latents / scaling_factor)` (`shift_factor` ignored);",
+        "- `sd3` — SD3 / FLUX pipelines: `latents = (z - shift_factor) * scaling_factor`, decode "
+        "`vae.decode(latents / scaling_factor + shift_factor)`; a config written for `sd3` also serves `sd`;",
+        "- `sdxl` — `StableDiffusionXLPipeline` when the config has `latents_mean`/`latents_std` (4 channels): "
+        "`latents = (z - latents_mean) / latents_std * scaling_factor`, decode "
+        "`vae.decode(latents * latents_std / scaling_factor + latents_mean)`.",
         "",
     ]
     return lines
+
+
+def _scaling_line(vae: AutoencoderKL) -> str:
+    """The usage line that scales z the way this config is written (see ``diffusion_bridge.stats.LatentScaling``)."""
+    c = vae.config
+    if c.latents_mean is not None and c.latents_std is not None:
+        return ("mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))\n"
+                "latents = (z - mean) / std * vae.config.scaling_factor  # sdxl convention")
+    if c.latent_channels == 16 and c.shift_factor is not None:
+        return "latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # sd3 (SD3/FLUX) convention"
+    return "latents = z * vae.config.scaling_factor  # sd (SD/DiT) convention: what the denoiser sees"
 
 
 def _usage_section(repo_id: str, vae: AutoencoderKL) -> list[str]:
@@ -160,8 +175,7 @@ def _usage_section(repo_id: str, vae: AutoencoderKL) -> list[str]:
         "",
         "# images in [-1, 1], shape [B, 3, H, W]; H and W multiples of the downsampling factor",
         "z = vae.encode(images).latent_dist.sample()",
-        "latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # SD3/FLUX convention" if c == 16
-        else "latents = z * vae.config.scaling_factor  # SD/SDXL/DiT convention: what the denoiser sees",
+        _scaling_line(vae),
         "reconstruction = vae.decode(z).sample",
         "",
         f"# a denoiser trained on this VAE's latents ({c} channels) plugs in with vae=",

@@ -1,8 +1,9 @@
 """Latent-scaling statistics measured over a whole dataset, streaming and mergeable across processes.
 
 A diffusion model wants unit-variance latents.  latent-diffusion's ``scale_by_std`` takes
-``1/std`` of one batch; SD3/FLUX also remove a ``shift_factor`` (scaled = (z - shift) * scale);
-SDXL-style configs carry per-channel ``latents_mean``/``latents_std``.  We compute all of them
+``1/std`` of one batch.  diffusers' pipelines read the scaling from the VAE config in one of three
+conventions (``LatentScaling``): SD/DiT ``z * s``; SD3/FLUX ``(z - shift) * s``; and, when the config
+carries per-channel ``latents_mean``/``latents_std``, SDXL's ``(z - mean_c) / std_c * s``.  We compute all of them
 over every latent element with Welford updates and Chan et al.'s pairwise merge (so per-batch and
 per-rank partial results combine exactly, in float64), plus a 95% confidence interval on the
 std that treats *images* — not correlated latent pixels — as the independent samples.
@@ -12,10 +13,77 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from diffusers import AutoencoderKL
+
+
+Convention = Literal["sd", "sd3", "sdxl"]
+
+# What each convention asks of the VAE config, and how its pipelines decode.
+DECODE = {
+    "sd": "vae.decode(latents / scaling_factor)  (StableDiffusionPipeline, DiTPipeline; SDXL without latents_mean)",
+    "sd3": "vae.decode(latents / scaling_factor + shift_factor)  (StableDiffusion3Pipeline, FluxPipeline)",
+    "sdxl": "vae.decode(latents * latents_std / scaling_factor + latents_mean)  (StableDiffusionXLPipeline "
+            "when the config has latents_mean/latents_std; 4 channels)",
+}
+
+
+@dataclass(frozen=True)
+class LatentScaling:
+    """How VAE latents z become what a denoiser sees, in one of diffusers' three conventions."""
+
+    convention: Convention
+    scaling_factor: float
+    shift_factor: Optional[float] = None  # sd3 only
+    latents_mean: Optional[tuple[float, ...]] = None  # sdxl only, one per channel
+    latents_std: Optional[tuple[float, ...]] = None
+
+    @classmethod
+    def from_config(cls, config, convention: Convention) -> "LatentScaling":
+        """The scaling a VAE config gives under ``convention``; ValueError if the config lacks its keys."""
+        if convention == "sd3":
+            if config.shift_factor is None:
+                raise ValueError("the sd3 convention needs shift_factor in the VAE config: run "
+                                 "`python -m diffusion_bridge stats --model DIR --write --convention sd3`")  # fmt: skip
+            return cls("sd3", config.scaling_factor, shift_factor=config.shift_factor)
+        if convention == "sdxl":
+            if config.latents_mean is None or config.latents_std is None:
+                raise ValueError("the sdxl convention needs latents_mean/latents_std in the VAE config: run "
+                                 "`python -m diffusion_bridge stats --model DIR --write --convention sdxl`")  # fmt: skip
+            return cls("sdxl", config.scaling_factor, latents_mean=tuple(config.latents_mean),
+                       latents_std=tuple(config.latents_std))  # fmt: skip
+        return cls("sd", config.scaling_factor)
+
+    def _channel_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std shaped [1,C,1,1] like ``z``."""
+        assert len(self.latents_mean) == z.shape[1], "one latents_mean per channel"
+        mean = torch.tensor(self.latents_mean, dtype=torch.float64).view(1, -1, 1, 1).to(z.device, z.dtype)
+        return mean, torch.tensor(self.latents_std, dtype=torch.float64).view(1, -1, 1, 1).to(z.device, z.dtype)
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents z [B,C,h,w] -> what the denoiser is trained on."""
+        if self.convention == "sdxl":
+            mean, std = self._channel_stats(z)
+            return (z - mean) / std * self.scaling_factor
+        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``scale``: what ``vae.decode`` takes (the pipelines' own formula)."""
+        if self.convention == "sdxl":
+            mean, std = self._channel_stats(latents)
+            return latents * std / self.scaling_factor + mean
+        return latents / self.scaling_factor + (self.shift_factor or 0.0)
+
+    def scaled_moments(self, stats: "LatentStats") -> tuple[float, float]:
+        """(mean, std) of latents with these statistics once scaled (closed form; sdxl: over all channels)."""
+        if self.convention == "sdxl":
+            z = [((m - cm) / cs * self.scaling_factor, s / cs * self.scaling_factor)
+                 for m, s, cm, cs in zip(stats.channel_mean, stats.channel_std, self.latents_mean, self.latents_std)]
+            mean = sum(m for m, _ in z) / len(z)
+            return mean, (sum(s**2 + (m - mean) ** 2 for m, s in z) / len(z)) ** 0.5
+        return (stats.mean - (self.shift_factor or 0.0)) * self.scaling_factor, stats.std * self.scaling_factor
 
 
 @dataclass
@@ -74,8 +142,8 @@ class LatentStatsAccumulator:
         self.images = Moments.empty(3)
 
     def update(self, latents: torch.Tensor) -> None:
-        """Add a batch of latents [B,C,h,w]."""
-        z = latents.detach().double()
+        """Add a batch of latents [B,C,h,w] from any device (the moments live on the CPU, in float64)."""
+        z = latents.detach().to("cpu", torch.float64)
         per_channel = z.permute(1, 0, 2, 3).reshape(z.shape[1], -1).T  # [B*h*w, C]
         self.channels = self.channels.merge(Moments.of(per_channel))
         flat = z.reshape(z.shape[0], -1)
@@ -146,25 +214,22 @@ class LatentStats:
     channel_mean: list[float]
     channel_std: list[float]
 
-    def config_values(self) -> dict:
-        """What goes into ``AutoencoderKL.config``: scaled = (z - shift_factor) * scaling_factor."""
-        return {
-            "scaling_factor": 1.0 / self.std,
-            "shift_factor": self.mean,
-            "latents_mean": self.channel_mean,
-            "latents_std": self.channel_std,
-        }
+    def config_values(self, convention: Convention = "sd3") -> dict:
+        """The ``AutoencoderKL.config`` keys for ``convention``; the others are cleared (None).
 
-    def to_json(self) -> dict:
-        """latent_stats.json content: the statistics, the config values and the two conventions."""
-        return {
-            **asdict(self),
-            **self.config_values(),
-            "conventions": {
-                "sd_sdxl_dit": "latents = z * scaling_factor; decode z = latents / scaling_factor (shift ignored)",
-                "sd3_flux": "latents = (z - shift_factor) * scaling_factor; decode z = latents / scaling_factor + shift_factor",
-            },
-        }
+        Clearing matters: ``StableDiffusionXLPipeline`` switches to per-channel decoding whenever
+        ``latents_mean``/``latents_std`` are present, so they are written for sdxl only.
+        """
+        values = {"scaling_factor": 1.0 / self.std, "shift_factor": None, "latents_mean": None, "latents_std": None}
+        if convention == "sd3":
+            values["shift_factor"] = self.mean
+        elif convention == "sdxl":  # (z - mean_c) / std_c is already unit-variance per channel
+            values.update(scaling_factor=1.0, latents_mean=self.channel_mean, latents_std=self.channel_std)
+        return values
+
+    def to_json(self, convention: Convention = "sd3") -> dict:
+        """latent_stats.json content: the statistics, the config values written and every convention's decode."""
+        return {**asdict(self), "convention": convention, **self.config_values(convention), "conventions": DECODE}
 
 
 @torch.no_grad()
@@ -189,16 +254,20 @@ def collect_latent_stats(vae: AutoencoderKL, loader, accelerator, sample_posteri
     return total.result()
 
 
-def write_stats(model_dir: Path, stats: LatentStats, vae: Optional[AutoencoderKL] = None) -> None:
-    """Store the statistics in the model's config (register_to_config + save_pretrained) and latent_stats.json."""
+def write_stats(model_dir: Path, stats: LatentStats, vae: Optional[AutoencoderKL] = None,
+                convention: Convention = "sd3") -> None:  # fmt: skip
+    """Store the scaling of ``convention`` in the model's config (save_pretrained) and latent_stats.json."""
     model_dir = Path(model_dir)
     vae = vae if vae is not None else AutoencoderKL.from_pretrained(model_dir)
-    vae.register_to_config(**stats.config_values())
+    if convention == "sdxl" and vae.config.latent_channels != 4:
+        raise ValueError(f"the sdxl convention is for StableDiffusionXLPipeline, which assumes 4 latent channels; "
+                         f"this VAE has {vae.config.latent_channels}: use --convention sd3 or sd")  # fmt: skip
+    vae.register_to_config(**stats.config_values(convention))
     tmp = model_dir.with_name(f".tmp-{model_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp)  # keep everything else in the folder (training config, ...)
     vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2))
+    (tmp / "latent_stats.json").write_text(json.dumps(stats.to_json(convention), indent=2))
     old = model_dir.with_name(f".old-{model_dir.name}")
     shutil.rmtree(old, ignore_errors=True)
     model_dir.rename(old)  # swap in the new folder; a crash in between leaves one of the two intact
@@ -206,25 +275,10 @@ def write_stats(model_dir: Path, stats: LatentStats, vae: Optional[AutoencoderKL
     shutil.rmtree(old)
 
 
-def scaled(latents: torch.Tensor, scaling_factor: float, shift_factor: Optional[float] = None) -> torch.Tensor:
-    """Latents a denoiser sees: SD/SDXL/DiT ``z*scale`` (shift None), SD3/FLUX ``(z-shift)*scale``."""
-    return (latents - (shift_factor or 0.0)) * scaling_factor
-
-
-def unscaled(latents: torch.Tensor, scaling_factor: float, shift_factor: Optional[float] = None) -> torch.Tensor:
-    """Inverse of ``scaled``: what ``vae.decode`` takes."""
-    return latents / scaling_factor + (shift_factor or 0.0)
-
-
-def scaled_moments(stats: LatentStats, scaling_factor: float, shift_factor: Optional[float] = None) -> tuple[float, float]:
-    """(mean, std) of these latents once scaled with the given factors (closed form, no second pass)."""
-    return (stats.mean - (shift_factor or 0.0)) * scaling_factor, stats.std * scaling_factor
-
-
 def describe(stats: LatentStats) -> str:
     """A short human-readable summary."""
     lo, hi = stats.std_ci95
-    cv = stats.config_values()
+    cv = stats.config_values("sd3")
     return (
         f"{stats.num_latents:,} latent values from {stats.num_images} images: mean {stats.mean:.4f}, "
         f"std {stats.std:.4f} (95% CI {lo:.4f}–{hi:.4f})\n"

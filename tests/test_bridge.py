@@ -16,7 +16,7 @@ from autoencoder.data import ImageDataset, eval_transform, load_image_source
 from autoencoder.models import build_vae
 from conftest import REPO
 from diffusion_bridge.cli import main as bridge_main
-from diffusion_bridge.stats import LatentStatsAccumulator, Moments, scaled, unscaled
+from diffusion_bridge.stats import LatentScaling, LatentStatsAccumulator, Moments
 
 MEANS = torch.tensor([0.5, -1.0, 2.0, 0.0])
 STDS = torch.tensor([1.0, 3.0, 0.25, 6.0])
@@ -45,12 +45,45 @@ def test_statistics_of_synthetic_latents_are_recovered():
     assert s.num_images == 1024 and s.num_latents == 1024 * 4 * 32 * 32
     lo, hi = s.std_ci95
     assert lo < s.std < hi and hi - lo < 0.05 * s.std
-    cv = s.config_values()
+    cv = s.config_values("sd3")
     assert cv["scaling_factor"] == pytest.approx(1 / s.std) and cv["shift_factor"] == pytest.approx(s.mean)
-    # scaled as configured: zero mean, unit std; unscaled inverts it
-    zs = scaled(z, cv["scaling_factor"], cv["shift_factor"])
+    assert cv["latents_mean"] is None and cv["latents_std"] is None  # SDXL would otherwise decode per channel
+    # scaled as configured: zero mean, unit std; unscale inverts it
+    sd3 = LatentScaling("sd3", cv["scaling_factor"], shift_factor=cv["shift_factor"])
+    zs = sd3.scale(z)
     assert abs(zs.mean().item()) < 1e-9 and zs.std(unbiased=False).item() == pytest.approx(1, abs=1e-9)
-    assert torch.allclose(unscaled(zs, cv["scaling_factor"], cv["shift_factor"]), z)
+    assert torch.allclose(sd3.unscale(zs), z)
+    assert sd3.scaled_moments(s) == pytest.approx((0.0, 1.0), abs=1e-9)
+    # sd: the scale alone; sdxl: per-channel standardisation, every channel mean 0 / std 1
+    assert s.config_values("sd") == {"scaling_factor": cv["scaling_factor"], "shift_factor": None,
+                                     "latents_mean": None, "latents_std": None}  # fmt: skip
+    xl = s.config_values("sdxl")
+    assert xl["scaling_factor"] == 1.0 and xl["shift_factor"] is None
+    sdxl = LatentScaling("sdxl", 1.0, latents_mean=tuple(xl["latents_mean"]), latents_std=tuple(xl["latents_std"]))
+    zx = sdxl.scale(z)
+    assert torch.allclose(zx.mean(dim=(0, 2, 3)), torch.zeros(4, dtype=zx.dtype), atol=1e-9)
+    assert torch.allclose(zx.std(dim=(0, 2, 3), unbiased=False), torch.ones(4, dtype=zx.dtype), atol=1e-9)
+    assert torch.allclose(sdxl.unscale(zx), z) and sdxl.scaled_moments(s) == pytest.approx((0.0, 1.0), abs=1e-9)
+
+
+def test_statistics_accumulate_on_the_cpu_whatever_the_latents_device():
+    """Latents from an accelerator are moved to the float64 CPU accumulator (issue: cuda/cpu mix in merge)."""
+    z = _synthetic(6, seed=3).float()
+    on_meta = LatentStatsAccumulator(4)
+    # a device other than the CPU: 'meta' cannot hold values, so exercise the move with a subclass check instead
+    moved = []
+
+    class Spy(torch.Tensor):
+        def to(self, *args, **kwargs):
+            moved.append(args)
+            return super().to(*args, **kwargs)
+
+    on_meta.update(z.as_subclass(Spy))
+    assert moved and moved[0] == ("cpu", torch.float64)
+    assert on_meta.channels.mean.device.type == "cpu" and on_meta.channels.mean.dtype == torch.float64
+    plain = LatentStatsAccumulator(4)
+    plain.update(z)
+    assert torch.equal(on_meta.flat(), plain.flat())
 
 
 def test_merging_per_rank_statistics_equals_one_pass():
@@ -99,7 +132,7 @@ def test_two_process_stats_equal_single_process(tiny_model, shared, tmp_path):
     assert one["num_images"] == two["num_images"] == 7
     for key in ("mean", "std", "scaling_factor", "shift_factor"):
         assert one[key] == pytest.approx(two[key], rel=1e-6)
-    assert np.allclose(one["latents_std"], two["latents_std"], rtol=1e-6)
+    assert np.allclose(one["channel_std"], two["channel_std"], rtol=1e-6)
 
 
 def test_stats_write_puts_the_scaling_into_the_config(tiny_model, shared, tmp_path, capsys):
@@ -107,25 +140,32 @@ def test_stats_write_puts_the_scaling_into_the_config(tiny_model, shared, tmp_pa
     GradientState._reset_state()
     before = AutoencoderKL.from_pretrained(tiny_model)
     assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "s.json", "--mode", "--write")) == 0
-    assert "scaling_factor = 1/std" in capsys.readouterr().out
+    assert "wrote the sd3 convention (scaling_factor, shift_factor; the other keys cleared)" in capsys.readouterr().out
     vae = AutoencoderKL.from_pretrained(tiny_model)
     stats = json.loads((tiny_model / "latent_stats.json").read_text())
     assert vae.config.scaling_factor == pytest.approx(stats["scaling_factor"]) != 1.0
-    assert vae.config.shift_factor == pytest.approx(stats["mean"])
-    assert vae.config.latents_mean == pytest.approx(stats["channel_mean"])
+    assert vae.config.shift_factor == pytest.approx(stats["mean"]) and stats["convention"] == "sd3"
+    assert vae.config.latents_mean is None and vae.config.latents_std is None
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), vae.state_dict().values()))
     assert not list(tiny_model.parent.glob(".tmp-*")) and not list(tiny_model.parent.glob(".old-*"))
     # the same images, scaled as the config says: mean 0, std 1
     ds, col, _ = load_image_source(None, str(shared / "data" / "cbsd68"), resolution=32, num_images=7)
     x = torch.stack([ImageDataset(ds, col, eval_transform(32))[i]["pixel_values"] for i in range(7)])
     with torch.no_grad():
-        z = scaled(vae.encode(x).latent_dist.mode(), vae.config.scaling_factor, vae.config.shift_factor)
+        z = LatentScaling.from_config(vae.config, "sd3").scale(vae.encode(x).latent_dist.mode())
     assert abs(z.mean().item()) < 1e-4 and z.std(unbiased=False).item() == pytest.approx(1, abs=1e-4)
     # `stats` on a written model reports how its configured scaling fits the data (closed form == the above)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "again.json", "--mode")) == 0
-    assert "SD3/FLUX (z-shift)*scale has mean 0.0000, std 1.0000" in capsys.readouterr().out
+    assert "the sd3 convention gives latents of mean 0.0000, std 1.0000" in capsys.readouterr().out
+    # --convention sdxl: per-channel statistics, scaling 1, no shift
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "xl.json", "--mode", "--write", "--convention", "sdxl")) == 0
+    xl = AutoencoderKL.from_pretrained(tiny_model).config
+    assert xl.scaling_factor == 1.0 and xl.shift_factor is None and len(xl.latents_mean) == 4
+    assert xl.latents_std == pytest.approx(json.loads((tiny_model / "latent_stats.json").read_text())["channel_std"])
 
 
 def test_stats_write_refuses_a_hub_id(capsys):
@@ -194,4 +234,4 @@ def test_latent_cache_sd3_convention_and_unscaled_model_refusal(tiny_model, shar
     with torch.no_grad():
         z = AutoencoderKL.from_pretrained(tiny_model).encode(x).latent_dist.mode()
     assert torch.allclose(ds["latents"], (z - 0.25) * 3, atol=1e-5)
-    assert json.loads((tmp_path / "c1" / "cache_info.json").read_text())["decode"].endswith("+ shift_factor)")
+    assert "latents / scaling_factor + shift_factor" in json.loads((tmp_path / "c1" / "cache_info.json").read_text())["decode"]

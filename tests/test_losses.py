@@ -1,12 +1,23 @@
 """The objective: LPIPS gradients, KL closed form, beta schedules, GAN weighting and isolation."""
 
+import math
+
 import pytest
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.distributions import Normal, kl_divergence
 
 from autoencoder.config import LossConfig, ModelConfig
-from autoencoder.losses import NLayerDiscriminator, VAELoss, adaptive_disc_weight, beta_at, kl_loss
+from autoencoder.losses import (
+    NLayerDiscriminator,
+    VAELoss,
+    adaptive_disc_weight,
+    beta_at,
+    generator_adv_loss,
+    hinge_d_loss,
+    kl_loss,
+    vanilla_d_loss,
+)
 from autoencoder.lpips_weights import build_lpips
 from autoencoder.models import VAEForTraining, build_vae
 
@@ -46,11 +57,14 @@ def test_kl_matches_closed_form():
     q = Normal(post.mean, post.std)
     expected = kl_divergence(q, Normal(torch.zeros_like(post.mean), torch.ones_like(post.std))).sum() / 3
     assert torch.allclose(kl_loss(post), expected, rtol=1e-5)
-    # and the loss applies beta to it: loss = 0 * rec + beta * KL
+    # and the loss applies beta to it: loss = (0 * rec + beta * KL) / N with N = 3*8*8 pixel values
     cfg = LossConfig(rec_weight=0.0, lpips_weight=0.0, kl_weight=0.25)
     x = torch.zeros(3, 3, 8, 8)
-    loss, _ = VAELoss(cfg)(x, x, post, step=0)
-    assert torch.allclose(loss, 0.25 * expected, rtol=1e-5)
+    loss, logs = VAELoss(cfg)(x, x, post, step=0)
+    assert torch.allclose(loss, 0.25 * expected / (3 * 8 * 8), rtol=1e-5)
+    # rate: nats per latent element (4*5*5 of them) and bits per input pixel (8*8 of them)
+    assert torch.allclose(logs["train/kl_per_latent"], expected / 100, rtol=1e-5)
+    assert torch.allclose(logs["train/rate_bpp"], expected / (64 * math.log(2)), rtol=1e-5)
 
 
 def test_free_bits_floor_per_channel():
@@ -109,7 +123,7 @@ def test_discriminator_step_leaves_no_gradient_on_vae():
     loss_fn = VAELoss(LossConfig(lpips_weight=0.0, disc_enabled=True))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, _ = model(x)
-    d_loss, logs = loss_fn.discriminator_loss(x, recon, disc)
+    d_loss, logs = loss_fn.discriminator_loss(x, recon, disc, step=0)
     d_loss.backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in disc.parameters())
@@ -137,7 +151,7 @@ def test_learned_logvar_nll():
     loss_fn = VAELoss(cfg)
     x, recon = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.2)
     loss, _ = loss_fn(x, recon, posterior(1), step=0)
-    assert torch.allclose(loss, 0.2 / torch.exp(torch.tensor(0.5)) + 0.5)
+    assert torch.allclose(loss, 0.2 / torch.exp(torch.tensor(0.5)) + 0.5)  # the per-pixel-value NLL, averaged
     loss.backward()
     assert loss_fn.logvar.grad is not None
 
@@ -148,3 +162,101 @@ def test_l2_and_logs_keys():
     loss, logs = loss_fn(x, recon, posterior(2), step=0, split="val")
     assert torch.allclose(loss, torch.tensor(0.25))
     assert all(k.startswith("val/") for k in logs)
+
+
+def latent_diffusion_generator_loss(inputs, reconstructions, posteriors, p_loss, logvar, kl_weight, disc_factor,
+                                    discriminator_weight, logits_fake, last_layer):  # fmt: skip
+    """latent-diffusion's LPIPSWithDiscriminator.forward, optimizer_idx 0, transcribed (ldm/modules/losses/contperceptual.py)."""
+    rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
+    rec_loss = rec_loss + 1.0 * p_loss  # perceptual_weight 1.0
+    nll_loss = rec_loss / torch.exp(logvar) + logvar
+    weighted_nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+    nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+    kl_loss = posteriors.kl()
+    kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
+    g_loss = -torch.mean(logits_fake)
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach() * discriminator_weight
+    return weighted_nll_loss + kl_weight * kl_loss + d_weight * disc_factor * g_loss
+
+
+class FixedLPIPS(torch.nn.Module):
+    """A differentiable stand-in with LPIPS's [B,1,1,1] output, so the formula test needs no weights."""
+
+    def forward(self, a, b):
+        return (a - b).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_objective_equals_latent_diffusion_up_to_one_constant(size):
+    """ours * N == latent-diffusion's generator loss (KL, learned logvar, LPIPS broadcast, adaptive GAN weight)."""
+    torch.manual_seed(size)
+    model, disc = tiny_model(), NLayerDiscriminator(channels=8, n_layers=2)
+    cfg = LossConfig(lpips_weight=1.0, kl_weight=1e-3, learn_logvar=True, logvar_init=0.3, disc_enabled=True,
+                     disc_start=0, disc_weight=0.5, disc_factor=0.7)  # fmt: skip
+    loss_fn = VAELoss(cfg, lpips_model=FixedLPIPS())
+    x = torch.rand(3, 3, size, size) * 2 - 1
+    recon, post = model(x)
+    ours, _ = loss_fn(x, recon, post, step=0, discriminator=disc, last_layer=model.last_layer())
+    theirs = latent_diffusion_generator_loss(x, recon, post, FixedLPIPS()(recon, x), loss_fn.logvar, 1e-3, 0.7, 0.5,
+                                             disc(recon), model.last_layer())  # fmt: skip
+    n = 3 * size * size
+    assert torch.allclose(ours * n, theirs, rtol=1e-4)
+    # and the gradients agree up to the same constant
+    g_ours = torch.autograd.grad(ours * n, model.last_layer(), retain_graph=True)[0]
+    g_theirs = torch.autograd.grad(theirs, model.last_layer())[0]
+    assert torch.allclose(g_ours, g_theirs, rtol=1e-3, atol=1e-6)
+
+
+def test_effective_beta_is_the_same_at_every_resolution():
+    """KL's weight relative to the summed NLL is kl_weight at 16 and 64 px (it was kl_weight * 3HW before)."""
+    beta = 1e-2
+    found = []
+    for size in (16, 64):
+        x = torch.rand(2, 3, size, size) * 2 - 1
+        recon = x + 0.1 * torch.randn_like(x)
+        post = posterior(batch=2, channels=4, size=size // 8)
+        cfg = LossConfig(lpips_weight=0.0, kl_weight=beta)
+        with_kl, _ = VAELoss(cfg)(x, recon, post, step=0)
+        without, _ = VAELoss(LossConfig(lpips_weight=0.0, kl_weight=0.0))(x, recon, post, step=0)
+        nll_sum_per_image = (recon - x).abs().sum() / 2
+        kl_per_image = kl_loss(post)
+        # loss = c * (nll_sum/B) + c * beta_eff * (kl/B): c from the KL-free loss, beta_eff from the difference
+        c = without / nll_sum_per_image
+        found.append(((with_kl - without) / (c * kl_per_image)).item())
+    assert found == pytest.approx([beta, beta], rel=1e-4)
+
+
+def test_discriminator_losses_match_closed_forms():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 3.0])
+    # hinge: 0.5 * (mean relu(1 - real) + mean relu(1 + fake)) = 0.5 * ((0 + .5 + 2)/3 + (0 + 1 + 4)/3)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 5.0 / 3))
+    # vanilla: 0.5 * (mean softplus(-real) + mean softplus(fake)), softplus(t) = log(1 + e^t)
+    sp = lambda t: math.log1p(math.exp(t))  # noqa: E731
+    expected = 0.5 * (sum(sp(-r) for r in (2.0, 0.5, -1.0)) / 3 + sum(sp(f) for f in (-2.0, 0.0, 3.0)) / 3)
+    assert vanilla_d_loss(real, fake).item() == pytest.approx(expected, rel=1e-6)
+    # the generator's loss is -mean D(fake) for both, as in latent-diffusion and taming
+    assert generator_adv_loss(fake).item() == pytest.approx(-1.0 / 3)
+
+
+def test_discriminator_sees_real_and_fake_in_separate_passes():
+    """BatchNorm in training mode: two separate passes differ from one pass over the concatenation."""
+    disc = NLayerDiscriminator(channels=8, n_layers=2).train()
+    real, fake = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32) * 0.1
+    lr, lf = disc(real, fake)
+    assert torch.allclose(lr, disc(real)) and torch.allclose(lf, disc(fake))  # each pass normalises its own batch
+    joint_real, _ = disc(torch.cat([real, fake])).chunk(2)
+    assert not torch.allclose(lr, joint_real, atol=1e-4)
+
+
+def test_disc_factor_gates_both_gan_losses():
+    model, disc = tiny_model(), NLayerDiscriminator(channels=8, n_layers=2)
+    loss_fn = VAELoss(LossConfig(lpips_weight=0.0, disc_enabled=True, disc_start=3, disc_factor=0.5))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon, _ = model(x)
+    before, _ = loss_fn.discriminator_loss(x, recon, disc, step=2)
+    assert before.item() == 0.0  # adopt_weight: 0 before disc_start
+    after, _ = loss_fn.discriminator_loss(x, recon, disc, step=3)
+    lr, lf = disc(x.detach(), recon.detach())
+    assert torch.allclose(after, 0.5 * hinge_d_loss(lr, lf))

@@ -1,4 +1,4 @@
-"""Our VAE inside real diffusers pipelines: DiT generation, and both latent conventions round-trip."""
+"""Our VAE inside real diffusers pipelines: DiT generation, and the three latent conventions round-trip."""
 
 import pytest
 import torch
@@ -12,13 +12,14 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 
 from autoencoder.config import ModelConfig
 from autoencoder.models import build_vae
 from diffusion_bridge.pipelines import check_vae_fits, convention, with_vae
-from diffusion_bridge.stats import scaled
+from diffusion_bridge.stats import LatentScaling
 
 SCALE, SHIFT = 2.5, 0.3
 
@@ -92,7 +93,7 @@ def test_sd_convention_round_trip_through_stable_diffusion_pipeline():
     assert convention(pipe) == "sd"
     with torch.no_grad():
         z = vae.encode(_images()).latent_dist.mode()
-    latents = scaled(z, vae.config.scaling_factor)  # SD convention: z * scale, no shift
+    latents = LatentScaling.from_config(vae.config, "sd").scale(z)  # SD convention: z * scale, no shift
     pipe.scheduler.set_timesteps(2)
     out = pipe(prompt_embeds=torch.zeros(2, 4, 16), latents=latents / pipe.scheduler.init_noise_sigma,
                num_inference_steps=2, guidance_scale=1.0, output_type="pt").images  # fmt: skip
@@ -117,12 +118,12 @@ def test_sd3_convention_round_trip_through_sd3_pipeline():
     assert convention(pipe) == "sd3"
     with torch.no_grad():
         z = vae.encode(_images()).latent_dist.mode()
-    latents = scaled(z, vae.config.scaling_factor, vae.config.shift_factor)  # (z - shift) * scale
+    latents = LatentScaling.from_config(vae.config, "sd3").scale(z)  # (z - shift) * scale
     out = pipe(prompt_embeds=torch.zeros(2, 4, 32), pooled_prompt_embeds=torch.zeros(2, 32), latents=latents,
                height=16, width=16, num_inference_steps=2, guidance_scale=1.0, output_type="pt").images  # fmt: skip
     assert torch.allclose(out, _expected_images(vae, z), atol=1e-5)
     # the SD convention's latents would decode to something else: the conventions are not interchangeable
-    assert not torch.allclose(out, _expected_images(vae, scaled(z, SCALE) / SCALE + SHIFT), atol=1e-3)
+    assert not torch.allclose(out, _expected_images(vae, z + SHIFT), atol=1e-3)
 
 
 def test_channel_mismatch_is_a_clear_error():
@@ -139,3 +140,55 @@ def test_shifted_pipeline_needs_a_shift_factor():
     vae.register_to_config(shift_factor=None)
     with pytest.raises(ValueError, match="no shift_factor.*stats --model DIR --write"):
         check_vae_fits(vae, pipe)
+
+
+def _sdxl_pipeline(vae: AutoencoderKL) -> StableDiffusionXLPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 32)  # 6 time ids x 8 + pooled 32
+    torch.nn.init.zeros_(unet.conv_out.weight)  # predicts eps = 0: Euler steps leave the latents unchanged
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    return StableDiffusionXLPipeline(vae=vae, unet=unet.eval(), scheduler=EulerDiscreteScheduler(), text_encoder=None,
+                                     text_encoder_2=None, tokenizer=None, tokenizer_2=None, add_watermarker=False)  # fmt: skip
+
+
+def _run_sdxl(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> torch.Tensor:
+    pipe.scheduler.set_timesteps(2)
+    return pipe(prompt_embeds=torch.zeros(2, 4, 16), pooled_prompt_embeds=torch.zeros(2, 32),
+                latents=latents / pipe.scheduler.init_noise_sigma, height=16, width=16, num_inference_steps=2,
+                guidance_scale=1.0, output_type="pt").images  # fmt: skip
+
+
+def test_sdxl_convention_round_trip_through_sdxl_pipeline():
+    """Latents cached as (z - mean_c) / std_c * s decode in StableDiffusionXLPipeline's own code to our vae.decode(z)."""
+    vae = _vae()
+    stats_mean, stats_std = [0.3, -0.2, 0.1, 0.05], [1.5, 0.5, 2.0, 1.0]
+    vae.register_to_config(scaling_factor=0.8, shift_factor=None, latents_mean=stats_mean, latents_std=stats_std)
+    pipe = _sdxl_pipeline(vae)
+    assert convention(pipe) == "sdxl"
+    with torch.no_grad():
+        z = vae.encode(_images()).latent_dist.mode()
+    sdxl = LatentScaling.from_config(vae.config, "sdxl")
+    out = _run_sdxl(pipe, sdxl.scale(z))
+    assert torch.allclose(out, _expected_images(vae, z), atol=1e-5)
+    # the SD convention's z * s with latents_mean/std in the config decodes wrongly there (the bug this guards)
+    wrong = _run_sdxl(pipe, LatentScaling.from_config(vae.config, "sd").scale(z))
+    assert not torch.allclose(wrong, _expected_images(vae, z), atol=1e-3)
+    # without per-channel statistics in the config, SDXL decodes the sd convention
+    vae.register_to_config(latents_mean=None, latents_std=None)
+    assert convention(pipe) == "sd"
+    out = _run_sdxl(pipe, LatentScaling.from_config(vae.config, "sd").scale(z))
+    assert torch.allclose(out, _expected_images(vae, z), atol=1e-5)
+
+
+def test_sdxl_convention_needs_four_channels(tmp_path):
+    from diffusion_bridge.stats import LatentStats, write_stats
+
+    vae = _vae(16)
+    vae.save_pretrained(tmp_path / "m")
+    stats = LatentStats(1, 16, 0.0, 1.0, [0.9, 1.1], [0.0] * 16, [1.0] * 16)
+    with pytest.raises(ValueError, match="assumes 4 latent channels; this VAE has 16"):
+        write_stats(tmp_path / "m", stats, convention="sdxl")

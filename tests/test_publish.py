@@ -61,7 +61,9 @@ def test_dry_run_folder_loads_in_diffusers_and_the_card_round_trips(evaluated, t
     for (k, a), b, c in zip(original.state_dict().items(), fp32.state_dict().values(), fp16.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a.half(), c), k
     stats = json.loads((out / "latent_stats.json").read_text())
-    assert fp32.config.scaling_factor == pytest.approx(stats["scaling_factor"]) and fp32.config.latents_std is not None
+    assert fp32.config.scaling_factor == pytest.approx(stats["scaling_factor"]) and fp32.config.shift_factor is not None
+    assert fp32.config.latents_std is None and stats["convention"] == "sd3"  # the default convention
+    assert "written for the **sd3** convention" in (out / "README.md").read_text()
 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "diffusers" and card.data.license == "apache-2.0" and "vae" in card.data.tags

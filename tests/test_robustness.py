@@ -136,10 +136,11 @@ def test_bf16_keeps_fp32_master_and_exported_weights(tmp_path, lpips_dir, monkey
     seen = []
     original = VAEForTraining.forward
 
-    def spy(self, *args, **kwargs):
-        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    def spy(self, pixel_values, *args, **kwargs):
+        device = pixel_values.device.type  # the autocast of the device the run is on (cpu or cuda)
+        seen.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
         assert all(p.dtype == torch.float32 for p in self.parameters())  # fp32 master weights during training
-        return original(self, *args, **kwargs)
+        return original(self, pixel_values, *args, **kwargs)
 
     monkeypatch.setattr(VAEForTraining, "forward", spy)
     assert _run_inprocess(out, lpips_dir, monkeypatch, "--mixed_precision=bf16", "--max_train_steps=3",
@@ -173,6 +174,9 @@ def test_nan_loss_step_is_skipped_and_counted(tmp_path, lpips_dir, monkeypatch):
     w1, w2, w3 = (load_file(out / "checkpoints" / f"checkpoint-{i}" / "model.safetensors") for i in (1, 2, 3))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 changed nothing
     assert not all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained again
+    s1, s2, s3 = (torch.load(out / "checkpoints" / f"checkpoint-{i}" / "scheduler.bin", weights_only=False)
+                  for i in (1, 2, 3))  # fmt: skip
+    assert s1["last_epoch"] == s2["last_epoch"] == s3["last_epoch"] - 1  # the LR schedule skipped with the update
 
 
 @pytest.mark.slow

@@ -58,7 +58,8 @@ def test_tiny_run_exports_a_loadable_vae(run):
     stats = json.loads((out / "vae" / "latent_stats.json").read_text())
     assert stats == metrics["latent_stats"] and stats["num_images"] == 8
     assert vae.config.scaling_factor == pytest.approx(1 / stats["std"]) and vae.config.scaling_factor != 1.0
-    assert vae.config.shift_factor == pytest.approx(stats["mean"]) and len(vae.config.latents_std) == 4
+    assert vae.config.shift_factor == pytest.approx(stats["mean"]) and len(stats["channel_std"]) == 4
+    assert vae.config.latents_std is None and stats["convention"] == "sd3"  # SDXL would decode per channel otherwise
     # exported weights are the trained ones (same as the final checkpoint's model)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-6"]  # total limit 1, no temporary leftovers

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 import datasets
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator, skip_first_batches
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -42,7 +43,7 @@ from autoencoder.data import (
     load_splits,
     train_transform,
 )
-from autoencoder.losses import VAELoss, build_discriminator
+from autoencoder.losses import VAELoss, build_discriminator, disc_factor_at
 from autoencoder.lpips_weights import LPIPSWeightsError, build_lpips
 from autoencoder.models import (
     VAEForTraining,
@@ -330,6 +331,44 @@ def check_disk_space(path: Path, n_params: int, cfg: Config) -> None:
         )
 
 
+def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: Config, logs: dict) -> bool:
+    """Average the learned logvar's gradient, clip the VAE's; False if the norm is non-finite (not under fp16).
+
+    Under fp16 the GradScaler owns overflow handling: it skips the step and lowers its scale.
+    """
+    if cfg.loss.learn_logvar and accelerator.num_processes > 1 and loss_fn.logvar.grad is not None:
+        # logvar lives outside the DDP-wrapped model: average its gradient by hand.
+        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    logs["train/grad_norm"] = grad_norm
+    return cfg.train.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
+
+
+def warn_if_old_objective(checkpoint: Path, cfg: Config) -> None:
+    """Say how a checkpoint written before kl_weight took latent-diffusion's meaning continues its objective.
+
+    Until 0.2, the loss averaged the pixel terms over the N = 3·H·W pixel values but summed the KL
+    per image, so its kl_weight was N times latent-diffusion's β.  Such checkpoints (their saved
+    config has no ``disc_factor`` key) resume with the current meaning; the old objective is kept
+    by passing the translated value.
+    """
+    saved = checkpoint / "training_config.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    loss = old.get("loss", {})
+    if "disc_factor" in loss or "kl_weight" not in loss:
+        return
+    res = old.get("data", {}).get("resolution", cfg.data.resolution)
+    same = float(loss["kl_weight"]) / (3 * res * res)
+    logger.warning(
+        f"{checkpoint} was trained before kl_weight meant latent-diffusion's beta: its kl_weight "
+        f"{loss['kl_weight']} at {res} px is beta = {same:.3g} now. This run uses kl_weight {cfg.loss.kl_weight}; "
+        f"pass --kl_weight={same:.6g} to continue the checkpoint's objective unchanged"
+    )
+
+
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the metrics written to metrics.json.
 
@@ -407,8 +446,13 @@ def train(cfg: Config) -> dict:
     model, optimizer, scheduler, val_dl = accelerator.prepare(model, optimizer, scheduler, val_dl)
     if not streaming:
         train_dl = accelerator.prepare(train_dl)
-    if disc is not None:
-        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    disc_scheduler = None
+    if disc is not None:  # the discriminator's LR follows the VAE's schedule
+        disc_scheduler = get_scheduler(
+            t.lr_scheduler, disc_optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=t.max_train_steps * accelerator.num_processes,
+        )  # fmt: skip
+        disc, disc_optimizer, disc_scheduler = accelerator.prepare(disc, disc_optimizer, disc_scheduler)
     vae_params = list(accelerator.unwrap_model(model).vae.parameters())
     ema = None
     if t.use_ema:
@@ -433,6 +477,9 @@ def train(cfg: Config) -> dict:
     resume = resolve_resume(cfg)
     if resume is not None:
         accelerator.load_state(str(resume))
+        if ema is not None:  # load_state restores the shadow parameters on the CPU
+            ema.to(accelerator.device)
+        warn_if_old_objective(resume, cfg)
         logger.info(f"resumed from {resume} at step {state.global_step}")
     elif t.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")
@@ -472,11 +519,13 @@ def train(cfg: Config) -> dict:
                 state.batches_in_epoch += 1
                 x = batch["pixel_values"].to(accelerator.device)
                 step = state.global_step
-                use_disc = disc is not None and step >= cfg.loss.disc_start
+                use_disc = disc is not None and disc_factor_at(step, cfg.loss) > 0
+                # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
+                grad_scale = accelerator.scaler.get_scale() if use_disc and accelerator.scaler is not None else 1.0
                 with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
                     recon, posterior = model(x)
                     loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
-                                         last_layer=last_layer)  # fmt: skip
+                                         last_layer=last_layer, grad_scale=grad_scale)  # fmt: skip
                     # One tiny all-reduce so every rank takes the same branch (no DDP hang).
                     flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum is not None)],
                                          device=accelerator.device)  # fmt: skip
@@ -485,27 +534,25 @@ def train(cfg: Config) -> dict:
                     window_bad |= bad_loss
                     if not bad_loss:
                         accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if cfg.loss.learn_logvar and accelerator.num_processes > 1 and loss_fn.logvar.grad is not None:
-                            # logvar lives outside the DDP-wrapped model: average its gradient by hand.
-                            loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
-                        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                        logs["train/grad_norm"] = grad_norm
-                        # fp16: the GradScaler itself skips inf/NaN steps and lowers its scale.
-                        window_bad |= t.mixed_precision != "fp16" and not bool(torch.isfinite(grad_norm))
-                    if not (accelerator.sync_gradients and window_bad):
-                        optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients and not window_bad:
+                        # Decided before clipping: under fp16, clipping unscales the gradients, and an
+                        # unscale_ must be followed by the scaler's step/update, never by a skip.
+                        window_bad |= not clip_vae_gradients(accelerator, model, loss_fn, cfg, logs)
+                        if not window_bad:
+                            optimizer.step()  # fp16: the GradScaler may still skip it (overflow)
+                            scheduler.step()  # does not advance when the scaler skipped the step
                     optimizer.zero_grad(set_to_none=True)
-                    if use_disc and not bad_loss:
-                        d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc)
-                        accelerator.backward(d_loss)
-                        if accelerator.sync_gradients and t.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
-                        disc_optimizer.step()
+                    if use_disc:  # after the VAE step, so the D step runs on the same (updated) scaler scale
+                        if not bad_loss:
+                            d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, step)
+                            accelerator.backward(d_loss)
+                            logs.update(d_logs)
+                        if accelerator.sync_gradients and not window_bad:  # no D update when the VAE's was skipped
+                            if t.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
+                            disc_optimizer.step()
+                            disc_scheduler.step()
                         disc_optimizer.zero_grad(set_to_none=True)
-                        logs.update(d_logs)
                 state.skipped_images += int(batch["num_skipped"])
                 if not accelerator.sync_gradients:
                     continue
@@ -612,8 +659,8 @@ def train(cfg: Config) -> dict:
             shard = process_shard(val_ds, accelerator.process_index, accelerator.num_processes)
             stats_dl = torch.utils.data.DataLoader(shard, batch_size=t.validation_batch_size, collate_fn=collate)
             stats = collect_latent_stats(raw_vae, stats_dl, accelerator, sample_posterior=True, seed=t.seed)
-            raw_vae.register_to_config(**stats.config_values())
-            metrics["latent_stats"] = stats.to_json()
+            raw_vae.register_to_config(**stats.config_values(t.latent_convention))
+            metrics["latent_stats"] = stats.to_json(t.latent_convention)
             logger.info("latent statistics (validation split): " + describe(stats).replace("\n", "; "))
         vae_dir = export(accelerator, model, cfg, metrics)
     logger.info(f"exported {vae_dir}; metrics in {out / 'metrics.json'}")
