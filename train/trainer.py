@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -345,6 +346,23 @@ def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: C
     return cfg.train.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
 
 
+@contextlib.contextmanager
+def loadable_checkpoint(checkpoint: Path, has_disc: bool) -> Iterator[Path]:
+    """The folder to ``load_state`` from: a GAN checkpoint written before the discriminator had an LR
+    schedule lacks ``scheduler_1.bin``; a temporary view of it (links) gets the VAE's schedule state,
+    which the discriminator's schedule now follows.  The checkpoint itself is never modified."""
+    if not has_disc or (checkpoint / "scheduler_1.bin").exists() or not (checkpoint / "model_1.safetensors").exists():
+        yield checkpoint
+        return
+    logger.warning(f"{checkpoint} predates the discriminator's LR schedule: it starts from the VAE's schedule state")
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent, prefix=".resume-") as tmp:
+        view = Path(tmp)
+        for item in checkpoint.iterdir():
+            (view / item.name).symlink_to(item.resolve())
+        shutil.copyfile(checkpoint / "scheduler.bin", view / "scheduler_1.bin")
+        yield view
+
+
 def warn_if_old_objective(checkpoint: Path, cfg: Config) -> None:
     """Say how a checkpoint written before kl_weight took latent-diffusion's meaning continues its objective.
 
@@ -476,7 +494,8 @@ def train(cfg: Config) -> dict:
 
     resume = resolve_resume(cfg)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        with loadable_checkpoint(resume, disc is not None) as folder:
+            accelerator.load_state(str(folder))
         if ema is not None:  # load_state restores the shadow parameters on the CPU
             ema.to(accelerator.device)
         warn_if_old_objective(resume, cfg)
