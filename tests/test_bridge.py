@@ -69,8 +69,8 @@ def test_statistics_of_synthetic_latents_are_recovered():
 def test_statistics_accumulate_on_the_cpu_whatever_the_latents_device():
     """Latents from an accelerator are moved to the float64 CPU accumulator (issue: cuda/cpu mix in merge)."""
     z = _synthetic(6, seed=3).float()
-    on_meta = LatentStatsAccumulator(4)
-    # a device other than the CPU: 'meta' cannot hold values, so exercise the move with a subclass check instead
+    spied = LatentStatsAccumulator(4)
+    # no accelerator here: a tensor subclass records that update() moves the latents to CPU float64
     moved = []
 
     class Spy(torch.Tensor):
@@ -78,12 +78,12 @@ def test_statistics_accumulate_on_the_cpu_whatever_the_latents_device():
             moved.append(args)
             return super().to(*args, **kwargs)
 
-    on_meta.update(z.as_subclass(Spy))
+    spied.update(z.as_subclass(Spy))
     assert moved and moved[0] == ("cpu", torch.float64)
-    assert on_meta.channels.mean.device.type == "cpu" and on_meta.channels.mean.dtype == torch.float64
+    assert spied.channels.mean.device.type == "cpu" and spied.channels.mean.dtype == torch.float64
     plain = LatentStatsAccumulator(4)
     plain.update(z)
-    assert torch.equal(on_meta.flat(), plain.flat())
+    assert torch.equal(spied.flat(), plain.flat())
 
 
 def test_merging_per_rank_statistics_equals_one_pass():
