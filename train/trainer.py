@@ -122,6 +122,16 @@ def build_optimizers(cfg: Config, model: torch.nn.Module, loss_fn: VAELoss, disc
     return opt, disc_opt
 
 
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, world: int):
+    """The configured LR schedule (warm-up + decay) for ``optimizer``; the discriminator's follows the VAE's.
+
+    Prepared schedulers step once per process per optimizer step, hence the scaling (as in diffusers).
+    """
+    t = cfg.train
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * world,
+                         num_training_steps=t.max_train_steps * world)  # fmt: skip
+
+
 def log_grid(accelerator: Accelerator, inputs: torch.Tensor, recons: torch.Tensor, path: Path, step: int) -> None:
     """Save originals (top row) over reconstructions (bottom row) as a PNG and send it to trackers."""
     n = inputs.shape[0]
@@ -366,8 +376,8 @@ def loadable_checkpoint(checkpoint: Path, has_disc: bool) -> Iterator[Path]:
 def warn_if_old_objective(checkpoint: Path, cfg: Config) -> None:
     """Say how a checkpoint written before kl_weight took latent-diffusion's meaning continues its objective.
 
-    Until 0.2, the loss averaged the pixel terms over the N = 3·H·W pixel values but summed the KL
-    per image, so its kl_weight was N times latent-diffusion's β.  Such checkpoints (their saved
+    Before that change the loss averaged the pixel terms over the N = 3·H·W pixel values but summed
+    the KL per image, so its kl_weight was N times latent-diffusion's β.  Such checkpoints (their saved
     config has no ``disc_factor`` key) resume with the current meaning; the old objective is kept
     by passing the translated value.
     """
@@ -456,20 +466,13 @@ def train(cfg: Config) -> dict:
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=t.validation_batch_size, shuffle=False, **loader_kw)
 
     optimizer, disc_optimizer = build_optimizers(cfg, model, loss_fn, disc, accelerator.num_processes)
-    # Prepared schedulers step once per process per optimizer step, hence the scaling (as in diffusers).
-    scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=t.max_train_steps * accelerator.num_processes,
-    )  # fmt: skip
+    scheduler = build_scheduler(cfg, optimizer, accelerator.num_processes)
     model, optimizer, scheduler, val_dl = accelerator.prepare(model, optimizer, scheduler, val_dl)
     if not streaming:
         train_dl = accelerator.prepare(train_dl)
     disc_scheduler = None
     if disc is not None:  # the discriminator's LR follows the VAE's schedule
-        disc_scheduler = get_scheduler(
-            t.lr_scheduler, disc_optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=t.max_train_steps * accelerator.num_processes,
-        )  # fmt: skip
+        disc_scheduler = build_scheduler(cfg, disc_optimizer, accelerator.num_processes)
         disc, disc_optimizer, disc_scheduler = accelerator.prepare(disc, disc_optimizer, disc_scheduler)
     vae_params = list(accelerator.unwrap_model(model).vae.parameters())
     ema = None
