@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import UsageError
+
 # configs/ beside the packages (editable install / source checkout).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cpu-small.yaml"
@@ -235,7 +237,8 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
             return value
     else:
         raise AssertionError(f"unsupported config type {tp!r} for {key}")
-    raise ValueError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise UsageError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})",
+                     f"give --{key} a value of type {_type_name(tp)}")
 
 
 def parse_cli_value(key: str, text: str, tp: Any) -> Any:
@@ -251,32 +254,34 @@ def parse_cli_value(key: str, text: str, tp: Any) -> Any:
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"config key '{key}' expects float, got {text!r}") from None
+            raise UsageError(f"config key '{key}' expects float, got {text!r}", f"write e.g. --{key}=1e-4") from None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"config key '{key}': cannot parse {text!r}: {exc}") from None
+        raise UsageError(f"config key '{key}': cannot parse {text!r} ({str(exc).splitlines()[0]})",
+                         f"give --{key} a YAML value of type {_type_name(tp)}") from None
     return check_value(key, value, tp)
 
 
-def _unknown_key_error(key: str, where: str) -> ValueError:
+def _unknown_key_error(key: str, where: str) -> UsageError:
     """A ValueError for an unknown key, suggesting close matches."""
     import difflib
 
     close = difflib.get_close_matches(key, list(key_index()), n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else " Run with --help for the list of keys."
-    return ValueError(f"unknown config key '{key}' in {where}.{hint}")
+    hint = f"did you mean: {', '.join(close)}?" if close else "run with --help for the list of keys"
+    return UsageError(f"unknown config key '{key}' in {where}", hint)
 
 
 def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
     """Apply a YAML-style mapping ({section: {key: value}} or flat {key: value}) onto ``cfg``."""
     index = key_index()
     if not isinstance(mapping, dict):
-        raise ValueError(f"{where}: expected a mapping of config sections, got {type(mapping).__name__}")
+        raise UsageError(f"{where}: expected a mapping of config sections, got {type(mapping).__name__}",
+                         "write sections model/loss/data/train of key: value lines (see configs/)")
     for name, value in mapping.items():
         if name in SECTIONS:
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: section '{name}' must be a mapping, got {value!r}")
+                raise UsageError(f"{where}: section '{name}' must be a mapping, got {value!r}", "indent key: value lines under it")
             for key, sub in value.items():
                 if key not in index or index[key][0] != name:
                     raise _unknown_key_error(f"{name}.{key}", where)
@@ -293,7 +298,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"config file {str(path)!r} not found; preset files: {presets} in {CONFIG_DIR}")
+        raise UsageError(f"config file {str(path)!r} not found", f"give a path, or a preset name: {presets}")
     with open(path) as fh:
         data = yaml.safe_load(fh)
     return data or {}
@@ -314,7 +319,7 @@ def split_argv(argv: list[str]) -> list[tuple[str, Optional[str]]]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: options are written --key=value or --key value")
+            raise UsageError(f"unexpected argument {arg!r}", "options are written --key=value or --key value")
         body = arg[2:]
         if "=" in body:
             key, text = body.split("=", 1)
@@ -338,7 +343,7 @@ def apply_overrides(cfg: Config, pairs: list[tuple[str, Optional[str]]]) -> None
         section, _, tp = index[name]
         if text is None:
             if tp is not bool:
-                raise ValueError(f"config key '{name}' needs a value: --{name}=<{_type_name(tp)}>")
+                raise UsageError(f"config key '{name}' needs a value", f"write --{name}=<{_type_name(tp)}>")
             value = True
         else:
             value = parse_cli_value(name, text, tp)
@@ -348,7 +353,7 @@ def apply_overrides(cfg: Config, pairs: list[tuple[str, Optional[str]]]) -> None
 def validate(cfg: Config) -> None:
     """Cross-field checks that single-key type checks cannot catch."""
     if cfg.data.dataset_name and cfg.data.train_data_dir:
-        raise ValueError("give either --dataset_name or --train_data_dir, not both")
+        raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
     positive = {
         "max_train_steps": cfg.train.max_train_steps,
         "train_batch_size": cfg.train.train_batch_size,
@@ -358,29 +363,38 @@ def validate(cfg: Config) -> None:
     }
     for key, value in positive.items():
         if value < 1:
-            raise ValueError(f"config key '{key}' must be >= 1, got {value}")
+            raise UsageError(f"config key '{key}' must be >= 1, got {value}", f"set --{key} to 1 or more")
     index = key_index()
     for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight",
                 "disc_factor"):
         if getattr(getattr(cfg, index[key][0]), key) < 0:
-            raise ValueError(f"config key '{key}' must be >= 0")
+            raise UsageError(f"config key '{key}' must be >= 0", f"set --{key} to 0 or more")
     if cfg.train.push_to_hub and not cfg.train.hub_model_id:
-        raise ValueError("push_to_hub needs --hub_model_id=USER/NAME")
+        raise UsageError("push_to_hub needs a repository id", "add --hub_model_id=USER/NAME")
+    if cfg.train.hub_model_id:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(cfg.train.hub_model_id)
+        except HFValidationError as exc:
+            raise UsageError(f"--hub_model_id {cfg.train.hub_model_id!r} is not a Hub repository id "
+                             f"({str(exc).splitlines()[0]})", "write USER/NAME, e.g. --hub_model_id=me/my-vae") from None
     if cfg.train.push_to_hub and not cfg.train.latent_stats:
-        raise ValueError("push_to_hub publishes latent statistics: keep latent_stats=true")
+        raise UsageError("push_to_hub publishes latent statistics, but latent_stats is false", "keep --latent_stats=true")
     if cfg.train.mixed_precision == "fp16" and cfg.loss.disc_enabled and cfg.train.gradient_accumulation_steps > 1:
-        raise ValueError(
+        raise UsageError(
             "mixed_precision=fp16 with disc_enabled and gradient_accumulation_steps > 1 is not supported: accelerate's "
             "single GradScaler changes its scale between the VAE and discriminator steps, so the discriminator's "
             "accumulated gradients would mix two scales; use --mixed_precision=bf16 or --gradient_accumulation_steps=1"
         )
     if cfg.loss.kl_schedule == "cyclical" and cfg.loss.kl_cycle_steps < 1:
-        raise ValueError("kl_schedule=cyclical needs kl_cycle_steps >= 1")
+        raise UsageError("kl_schedule=cyclical needs kl_cycle_steps >= 1", "set --kl_cycle_steps")
     if not 0.0 < cfg.loss.kl_cycle_ratio <= 1.0:
-        raise ValueError(f"kl_cycle_ratio must be in (0, 1], got {cfg.loss.kl_cycle_ratio}")
+        raise UsageError(f"kl_cycle_ratio must be in (0, 1], got {cfg.loss.kl_cycle_ratio}", "set --kl_cycle_ratio in (0, 1]")
     if not 1.0 <= cfg.data.multiscale_min <= cfg.data.multiscale_max:
-        raise ValueError(
-            f"need 1 <= multiscale_min <= multiscale_max, got {cfg.data.multiscale_min}, {cfg.data.multiscale_max}"
+        raise UsageError(
+            f"need 1 <= multiscale_min <= multiscale_max, got {cfg.data.multiscale_min}, {cfg.data.multiscale_max}",
+            "set --multiscale_min and --multiscale_max in that order",
         )
 
 
@@ -411,7 +425,7 @@ def parse_config(argv: Optional[list[str]] = None, default_config: Path = DEFAUL
     pairs = split_argv(list(argv or []))
     config_paths = [text for key, text in pairs if key == "config"]
     if any(text is None for text in config_paths):
-        raise ValueError("--config needs a path or a preset name, e.g. --config configs/tiny.yaml")
+        raise UsageError("--config needs a path or a preset name", "e.g. --config configs/tiny.yaml")
     path = resolve_config_path(config_paths[-1]) if config_paths else default_config
     cfg = Config()
     apply_mapping(cfg, load_yaml(path), where=str(path))

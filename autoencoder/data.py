@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from .config import DataConfig
+from .errors import UsageError, about, looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ EMBEDDED_REPEATS = 64
 EMBEDDED_TILE_SCALE = 4
 # Consecutive unreadable images tolerated before the dataset is declared broken.
 MAX_CONSECUTIVE_BAD = 16
+PROBE_IMAGES = 64  # images decoded at start-up to catch an unreadable dataset in seconds
 
 
 @dataclass
@@ -174,9 +176,9 @@ class ImageDataset(torch.utils.data.Dataset):
                 logger.warning("skipping unreadable image #%d: %s: %s", i, type(exc).__name__, exc)
                 continue
             return {"pixel_values": self._apply_transform(img, index), "num_skipped": attempt, "index": i}
-        raise RuntimeError(
-            f"{MAX_CONSECUTIVE_BAD} consecutive images from #{index} could not be read; "
-            f"check the dataset files (column {self.column!r})"
+        raise UsageError(
+            f"{MAX_CONSECUTIVE_BAD} consecutive images from #{index} could not be read (column {self.column!r})",
+            "remove or re-encode the broken files, or check --image_column",
         )
 
 
@@ -276,14 +278,33 @@ def load_local_dataset(path_text: str, cache_dir: Optional[str], streaming: bool
     """``--train_data_dir``: an image folder, a folder of parquet files, or parquet file(s)."""
     path = Path(path_text).expanduser()
     if not path.exists():
-        raise ValueError(f"--train_data_dir {path_text!r} does not exist")
-    if path.is_file():
-        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
-        if builder is None:
-            raise ValueError(f"--train_data_dir file {path_text!r}: expected .parquet (or a folder of images)")
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir, streaming=streaming)
-    # A folder: datasets infers imagefolder or parquet, and train/test splits from file names.
-    return datasets.load_dataset(str(path), cache_dir=cache_dir, streaming=streaming)
+        raise UsageError(f"--train_data_dir {path_text!r} does not exist", "check the path")
+    with about("--train_data_dir", path_text):
+        if path.is_file():
+            builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
+            if builder is None:
+                raise UsageError(f"--train_data_dir {path_text!r} is a {path.suffix or 'suffix-less'} file",
+                                 "give a .parquet file or a folder of images")  # fmt: skip
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir,
+                                         streaming=streaming)  # fmt: skip
+        # A folder: datasets infers imagefolder or parquet, and train/test splits from file names.
+        return datasets.load_dataset(str(path), cache_dir=cache_dir, streaming=streaming)
+
+
+def load_hub_dataset(name: str, config_name: Optional[str] = None, **kwargs):
+    """``--dataset_name``: a Hub dataset (or its local cache); errors name the flag and the offline remedy."""
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"--dataset_name {name!r} does not exist", "check the path, or give a Hub id USER/NAME")
+    with about("--dataset_name", name):
+        return datasets.load_dataset(name, config_name, **kwargs)
+
+
+def check_data_source(cfg: DataConfig) -> None:
+    """The seconds-cheap part of the data checks: a local path that does not exist."""
+    if cfg.train_data_dir and not Path(cfg.train_data_dir).expanduser().exists():
+        raise UsageError(f"--train_data_dir {cfg.train_data_dir!r} does not exist", "check the path")
+    if cfg.dataset_name and looks_like_path(cfg.dataset_name) and not Path(cfg.dataset_name).expanduser().exists():
+        raise UsageError(f"--dataset_name {cfg.dataset_name!r} does not exist", "check the path, or give a Hub id USER/NAME")
 
 
 def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
@@ -292,7 +313,7 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         return embedded_splits(cfg)
     load_kw = {"cache_dir": cfg.cache_dir, "streaming": cfg.streaming}
     if cfg.dataset_name:
-        dd = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, **load_kw)
+        dd = load_hub_dataset(cfg.dataset_name, cfg.dataset_config_name, **load_kw)
         source = f"dataset {cfg.dataset_name}"
     else:
         dd = load_local_dataset(cfg.train_data_dir, **load_kw)
@@ -302,14 +323,13 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
     train_name = "train" if "train" in dd else next(iter(dd))
     train = dd[train_name]
     if cfg.image_column not in train.column_names:
-        raise ValueError(
-            f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names}); "
-            "set --image_column"
-        )
+        raise UsageError(f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})",
+                         "set --image_column")  # fmt: skip
     train = train.cast_column(cfg.image_column, datasets.Image(decode=False))
     val_name = cfg.validation_split or next((s for s in ("validation", "test") if s in dd), None)
     if cfg.validation_split and cfg.validation_split not in dd:
-        raise ValueError(f"validation split {cfg.validation_split!r} not in {source} (splits: {list(dd)})")
+        raise UsageError(f"validation split {cfg.validation_split!r} not in {source} (splits: {list(dd)})",
+                         "set --validation_split to one of them, or leave it unset to hold out training images")
     if val_name is not None and val_name != train_name:
         validation = dd[val_name].cast_column(cfg.image_column, datasets.Image(decode=False))
         validation = validation.select(range(min(cfg.num_validation_images, len(validation))))
@@ -318,7 +338,8 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         # Hold out num_validation_images, but never more than a tenth of a small dataset.
         n_val = min(cfg.num_validation_images, max(1, len(train) // 10))
         if len(train) < 2:
-            raise ValueError(f"{source} has {len(train)} image(s): too few to hold out a validation image")
+            raise UsageError(f"{source} has {len(train)} image(s): too few to hold out a validation image",
+                             "add images, or give a separate validation/test split")
         parts = train.train_test_split(test_size=n_val, seed=seed)
         train, validation = parts["train"], parts["test"]
         held = f"{len(validation)} images held out of '{train_name}' (seed {seed})"
@@ -334,7 +355,8 @@ def _streaming_splits(cfg: DataConfig, dd, source: str) -> ImageSplits:
     train_name = "train" if "train" in dd else next(iter(dd))
     train = dd[train_name]
     if cfg.image_column not in (train.column_names or [cfg.image_column]):
-        raise ValueError(f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})")
+        raise UsageError(f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})",
+                         "set --image_column")
     train = train.cast_column(cfg.image_column, datasets.Image(decode=False))
     val_name = cfg.validation_split or next((s for s in ("validation", "test") if s in dd), None)
     n = cfg.num_validation_images
@@ -367,13 +389,14 @@ def load_image_source(
     with neither, the embedded held-out photographs tiled at ``resolution``.
     """
     if dataset_name or train_data_dir:
-        dd = datasets.load_dataset(dataset_name) if dataset_name else load_local_dataset(train_data_dir, cache_dir=None)
+        dd = load_hub_dataset(dataset_name) if dataset_name else load_local_dataset(train_data_dir, cache_dir=None)
         if split is not None and split not in dd:
-            raise ValueError(f"split {split!r} not in {dataset_name or train_data_dir} (splits: {list(dd)})")
+            raise UsageError(f"split {split!r} not in {dataset_name or train_data_dir} (splits: {list(dd)})",
+                             "set --split to one of them")
         split = split or next((s for s in ("validation", "test", "train") if s in dd), next(iter(dd)))
         ds = dd[split]
         if image_column not in ds.column_names:
-            raise ValueError(f"image column {image_column!r} not in {ds.column_names}; set --image_column")
+            raise UsageError(f"image column {image_column!r} not in {ds.column_names}", "set --image_column")
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
         source = f"{dataset_name or train_data_dir} [{split}]"
     else:
@@ -382,3 +405,35 @@ def load_image_source(
     if num_images is not None:
         ds = ds.select(range(min(num_images, len(ds))))
     return ds, image_column, source
+
+
+def data_flag(cfg: DataConfig) -> str:
+    """The flag that chose the data, for error messages."""
+    return "--dataset_name" if cfg.dataset_name else "--train_data_dir" if cfg.train_data_dir else "the embedded data"
+
+
+def count_readable(ds: ImageDataset, limit: int = PROBE_IMAGES) -> tuple[int, int, Optional[str]]:
+    """(readable, probed, first decode error) over up to ``limit`` images spread evenly over ``ds``."""
+    n = len(ds)
+    picks = sorted({i * n // min(n, limit) for i in range(min(n, limit))}) if n else []
+    readable, first_error = 0, None
+    for i in picks:
+        try:
+            decode_image(ds.ds[i][ds.column])
+            readable += 1
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            first_error = first_error or f"#{i}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return readable, len(picks), first_error
+
+
+def check_enough_images(ds: ImageDataset, needed: int, role: str, flag: str) -> None:
+    """Fail before training if the ``role`` images cannot fill ``needed`` samples or none of them decodes."""
+    readable, probed, first_error = count_readable(ds)
+    if probed and not readable:
+        raise UsageError(f"none of the {probed} {role} images probed from {flag} could be read (first: {first_error})",
+                         f"check that {flag} holds images PIL can open (and --image_column names them)")  # fmt: skip
+    usable = readable if probed == len(ds) else len(ds)  # every image was probed: unreadable ones do not count
+    if usable < needed:
+        unread = f" ({len(ds) - readable} of {len(ds)} unreadable, first: {first_error})" if readable < len(ds) else ""
+        raise UsageError(f"{usable} readable {role} images{unread}, fewer than one global batch of {needed}",
+                         "add images or lower --train_batch_size")  # fmt: skip

@@ -7,8 +7,6 @@ backend on CPU), exactly as ``accelerate launch --multi_gpu`` would with GPUs.
 """
 
 import os
-import signal
-import subprocess
 import sys
 
 import psutil
@@ -57,19 +55,32 @@ def requested_cpu_processes() -> int:
 
 
 def relaunch_cpu(num_processes: int, module: str, argv: list[str]) -> int:
-    """Run ``python -m module argv`` as ``num_processes`` CPU ranks; forwards SIGINT/SIGTERM."""
+    """Run ``python -m module argv`` as ``num_processes`` CPU ranks under torch's elastic launcher.
+
+    Returns the first failing rank's exit status (our documented codes), so a rank's one-line error
+    is not followed by the launcher's own traceback; SIGINT/SIGTERM reach every rank.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     print(f"accelerate launch --cpu started 1 process for --num_processes {num_processes}: starting "
-          f"{num_processes} CPU ranks with torch.distributed.run", file=sys.stderr)  # fmt: skip
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
-        f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
-        f"--master_port={os.environ.get('MASTER_PORT', '29500')}", "-m", module, *argv,
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+          f"{num_processes} CPU ranks with torch.distributed", file=sys.stderr)  # fmt: skip
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # ranks report their own errors
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
+    endpoint = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=num_processes, run_id=str(uuid.uuid4()),
+                          rdzv_backend="static", rdzv_endpoint=endpoint, rdzv_configs={"rank": 0}, max_restarts=0,
+                          monitor_interval=0.1)  # fmt: skip
     try:
-        return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        elastic_launch(config, sys.executable)("-m", module, *argv)
+    except ChildFailedError as exc:
+        code = exc.get_first_failure()[1].exitcode
+        return code if code >= 0 else 128 - code  # killed by signal N: 128+N as a shell reports it
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0

@@ -14,6 +14,8 @@ import lpips
 import torch
 from torchvision import models as tv_models
 
+from .errors import UsageError
+
 ENV_VAR = "LPIPS_WEIGHTS"
 
 # torchvision weight enums per LPIPS net (their files are what torchvision caches).
@@ -29,7 +31,7 @@ LOCAL_FILENAMES = {
 }
 
 
-class LPIPSWeightsError(RuntimeError):
+class LPIPSWeightsError(UsageError):
     """The LPIPS backbone weights cannot be found or do not fit."""
 
 

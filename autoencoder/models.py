@@ -10,6 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from .config import ModelConfig
+from .errors import UsageError, about, check_model_source
 
 # Architecture kwargs per preset; everything else is AutoencoderKL's default.  Each level after
 # the first halves the resolution, so len(block_out_channels) = 4 gives 8x downsampling.
@@ -43,7 +44,7 @@ PRESETS: dict[str, dict] = {
 def preset_kwargs(cfg: ModelConfig) -> dict:
     """AutoencoderKL constructor kwargs for the configured preset plus any overrides."""
     if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown model preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+        raise UsageError(f"unknown model preset {cfg.preset!r}", f"choose one of {sorted(PRESETS)}")
     kwargs = dict(PRESETS[cfg.preset])
     for key in ("latent_channels", "block_out_channels", "layers_per_block"):
         if getattr(cfg, key) is not None:
@@ -60,9 +61,10 @@ def preset_kwargs(cfg: ModelConfig) -> dict:
 def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     """The VAE to train: a pretrained diffusers VAE if configured, else a fresh preset."""
     if cfg.pretrained_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(
-            cfg.pretrained_model_name_or_path, subfolder=cfg.pretrained_subfolder, revision=cfg.revision
-        )
+        source = cfg.pretrained_model_name_or_path
+        check_model_source("--pretrained_model_name_or_path", source, cfg.pretrained_subfolder)
+        with about("--pretrained_model_name_or_path", source):
+            vae = AutoencoderKL.from_pretrained(source, subfolder=cfg.pretrained_subfolder, revision=cfg.revision)
         vae = vae.to(torch.float32)  # train in fp32 whatever the checkpoint's storage dtype
     else:
         vae = AutoencoderKL(**preset_kwargs(cfg))
@@ -79,7 +81,8 @@ def is_training_checkpoint(path: str | Path) -> bool:
     return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
 
 
-def load_vae(model: str, subfolder: Optional[str] = None, revision: Optional[str] = None) -> AutoencoderKL:
+def load_vae(model: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
+             flag: str = "--model") -> AutoencoderKL:
     """A diffusers VAE (local folder or Hub id), or the trained weights of a training checkpoint folder.
 
     A checkpoint (``checkpoints/checkpoint-N``) holds ``VAEForTraining``'s state dict, keys
@@ -93,10 +96,24 @@ def load_vae(model: str, subfolder: Optional[str] = None, revision: Optional[str
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path))
         state = load_file(path / "model.safetensors")
         if not all(k.startswith("vae.") for k in state):
-            raise ValueError(f"{path / 'model.safetensors'} is not a VAEForTraining state dict (keys vae.*)")
+            raise UsageError(f"{path / 'model.safetensors'} is not a VAEForTraining state dict (keys vae.*)",
+                             "give the checkpoint folder of a training run, or an exported vae/ folder")
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()}, strict=True)
         return vae
-    return AutoencoderKL.from_pretrained(model, subfolder=subfolder, revision=revision)
+    check_model_source(flag, model, subfolder)
+    with about(flag, model):
+        return AutoencoderKL.from_pretrained(model, subfolder=subfolder, revision=revision)
+
+
+def load_vae_config(model: str, subfolder: Optional[str] = None, flag: str = "--model") -> dict:
+    """The config of a VAE (folder, Hub id or training checkpoint), loaded without its weights: a seconds-cheap check."""
+    check_model_source(flag, model, subfolder)
+    with about(flag, model):
+        config = AutoencoderKL.load_config(model, subfolder=subfolder)
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or "block_out_channels" not in config:
+        raise UsageError(f"{flag} {model!r} is a {config.get('_class_name', 'non-diffusers')} config, not an AutoencoderKL",
+                         "give an AutoencoderKL folder, or add --subfolder vae for a pipeline repository")  # fmt: skip
+    return config
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:

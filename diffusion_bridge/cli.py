@@ -7,7 +7,6 @@ diffusion training), ``publish`` (a Hub repo with model card).
 
 import argparse
 import json
-import sys
 import types
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,8 @@ from diffusers import AutoencoderKL
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.config import DataConfig
-from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source, train_transform
+from autoencoder.data import ImageDataset, check_enough_images, collate, eval_transform, load_image_source, train_transform
+from autoencoder.errors import UsageError, agree, check_output_writable, run_cli
 from autoencoder.models import count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
 from .cache import encode_dataset
@@ -58,27 +58,55 @@ def add_data_args(p: argparse.ArgumentParser, resolution: int = 256) -> None:
 
 
 def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
-    """The images under the chosen crop policy, and their description."""
+    """The images under the chosen crop policy (probed: some must decode), and their description."""
+    if args.dataset_name and args.train_data_dir:
+        raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
+    for name in ("resolution", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
     ds, column, source = load_image_source(
         args.dataset_name, args.train_data_dir, args.image_column, args.split, args.resolution, args.num_images
     )
     if args.crop == "center":
-        return ImageDataset(ds, column, eval_transform(args.resolution)), source
-    # training's random-crop transform (resize shorter side, antialiased bicubic, random crop), without flips
-    transform = train_transform(DataConfig(resolution=args.resolution, train_crop="random", random_flip=False), embedded=False)
-    return ImageDataset(ds, column, transform, seed=args.seed), source
+        dataset = ImageDataset(ds, column, eval_transform(args.resolution))
+    else:  # training's random-crop transform (resize shorter side, antialiased bicubic, random crop), without flips
+        config = DataConfig(resolution=args.resolution, train_crop="random", random_flip=False)
+        dataset = ImageDataset(ds, column, train_transform(config, embedded=False), seed=args.seed)
+    flag = "--dataset_name" if args.dataset_name else "--train_data_dir" if args.train_data_dir else "the embedded data"
+    check_enough_images(dataset, 1, "input", flag)
+    return dataset, source
+
+
+def load_checked(args: argparse.Namespace) -> tuple[AutoencoderKL, ImageDataset, str]:
+    """The VAE (resolution checked against its downsampling) and the images; no collective inside."""
+    vae = load_vae(args.model, args.subfolder).eval()
+    factor = downsampling_factor(vae)
+    if args.resolution % factor:
+        raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling {factor}",
+                         f"use e.g. --resolution {max(factor, args.resolution // factor * factor)}")  # fmt: skip
+    dataset, source = image_dataset(args)
+    return vae, dataset, source
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """``stats``: measure, print, and with --write store the latent statistics."""
     if args.write and (not Path(args.model).is_dir() or is_training_checkpoint(args.model)):
-        raise ValueError(
-            f"--write needs a local diffusers model folder; {args.model!r} is not one (download a Hub model "
-            "first; export a training checkpoint by finishing or resuming its run)"
+        raise UsageError(
+            f"--write needs a local diffusers model folder; {args.model!r} is not one",
+            "download a Hub model first; export a training checkpoint by finishing or resuming its run",
         )
     accelerator = Accelerator(cpu=use_cpu_backend())
-    vae = load_vae(args.model, args.subfolder).to(accelerator.device).eval()
-    dataset, source = image_dataset(args)
+    error = None
+    try:  # no collective in here: every rank reaches the agreement below
+        if args.write:
+            check_output_writable("--model", Path(args.model) / (args.subfolder or ""))
+        if args.output:
+            check_output_writable("--output", Path(args.output).parent)
+        vae, dataset, source = load_checked(args)
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    agree(error)
+    vae.to(accelerator.device)
     shard = process_shard(dataset, accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
     stats = collect_latent_stats(vae, loader, accelerator, sample_posterior=not args.mode, seed=args.seed)
@@ -105,21 +133,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """``encode``: write the latent cache a diffusion trainer consumes."""
-    accelerator = Accelerator(cpu=use_cpu_backend())
-    vae = load_vae(args.model, args.subfolder).to(accelerator.device).eval()
     if args.shift_factor is not None and args.convention != "sd3":
-        raise ValueError("--shift_factor applies to --convention sd3 only")
+        raise UsageError("--shift_factor applies to --convention sd3 only", "drop it or add --convention sd3")
+    if args.shard_size < 1:
+        raise UsageError(f"--shard_size must be >= 1, got {args.shard_size}", "set --shard_size to 1 or more")
+    accelerator = Accelerator(cpu=use_cpu_backend())
+    error = None
+    try:  # no collective in here: every rank reaches the agreement below
+        check_output_writable("--output_dir", args.output_dir)
+        vae, dataset, source = load_checked(args)
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    agree(error)
+    vae.to(accelerator.device)
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
     config = types.SimpleNamespace(**{k: vae.config[k] for k in keys})
     config.scaling_factor = args.scaling_factor if args.scaling_factor is not None else config.scaling_factor
     config.shift_factor = args.shift_factor if args.shift_factor is not None else config.shift_factor
     scaling = LatentScaling.from_config(config, args.convention)
     if args.convention != "sdxl" and scaling.scaling_factor == 1.0 and args.scaling_factor is None:
-        raise ValueError(
-            f"{args.model} has scaling_factor 1.0 (no latent statistics): run `python -m diffusion_bridge stats "
-            "--model DIR --write` first, or pass --scaling_factor explicitly"
+        raise UsageError(
+            f"{args.model} has scaling_factor 1.0 (no latent statistics)",
+            "run `python -m diffusion_bridge stats --model DIR --write` first, or pass --scaling_factor explicitly",
         )
-    dataset, source = image_dataset(args)
     info = {"model": args.model, "source": source, "resolution": args.resolution, "crop": args.crop}
     done = encode_dataset(
         vae, dataset, Path(args.output_dir), accelerator, scaling=scaling, shard_size=args.shard_size,
@@ -151,8 +187,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``python -m diffusion_bridge``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point of ``python -m diffusion_bridge``; exit 0 done, 1 crash, 2 bad input, 3 out of memory."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    """The body of ``main`` (errors are reported by ``run_cli``)."""
     parser = argparse.ArgumentParser(prog="python -m diffusion_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the latent-space facts of a diffusers VAE")
@@ -196,18 +236,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     n = requested_cpu_processes()
     if n > 1 and args.command in ("stats", "encode"):
         return relaunch_cpu(n, "diffusion_bridge", argv)
-    try:
-        if args.command == "info":
-            vae = AutoencoderKL.from_pretrained(args.model, subfolder=args.subfolder)
-            print(json.dumps(vae_info(vae), indent=2))
-            return 0
-        if args.command == "stats":
-            return cmd_stats(args)
-        if args.command == "encode":
-            return cmd_encode(args)
-        if args.command == "publish":
-            return cmd_publish(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "info":
+        print(json.dumps(vae_info(load_vae(args.model, args.subfolder)), indent=2))
+        return 0
+    if args.command == "stats":
+        return cmd_stats(args)
+    if args.command == "encode":
+        return cmd_encode(args)
+    if args.command == "publish":
+        return cmd_publish(args)
     raise AssertionError(args.command)

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
+from autoencoder.errors import UsageError
 from autoencoder.models import count_parameters, downsampling_factor
 
 # model-index metric types and display names, in table order.
@@ -28,7 +29,7 @@ CARD_METRICS = (("psnr", "PSNR (dB)", "↑"), ("ssim", "SSIM", "↑"), ("ms_ssim
                 ("lpips", "LPIPS", "↓"), ("rfid", "rFID", "↓"))  # fmt: skip
 
 
-class PublishError(ValueError):
+class PublishError(UsageError):
     """Publishing was refused or failed; the message says why and what to do."""
 
 
@@ -50,7 +51,7 @@ def check_finite(vae: AutoencoderKL) -> None:
     overflow = [name for name, p in vae.state_dict().items() if not torch.isfinite(p.to(torch.float16)).all()]
     if overflow:
         raise PublishError(f"refusing to publish: weights {overflow[:3]} overflow float16, so the fp16 variant "
-                           "would hold inf")  # fmt: skip
+                           "would hold inf", "resume from an earlier checkpoint, or train with weight decay")  # fmt: skip
 
 
 def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) -> Optional[dict]:
@@ -62,8 +63,8 @@ def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) 
         return None
     raise PublishError(
         f"refusing to publish: {model_dir} has no latent statistics (no latent_stats.json; scaling_factor is "
-        f"{vae.config.scaling_factor}), so a diffusion model would be trained on wrongly scaled latents. Run "
-        f"`python -m diffusion_bridge stats --model {model_dir} --write` first, or pass --allow_missing_stats"
+        f"{vae.config.scaling_factor}), so a diffusion model would be trained on wrongly scaled latents",
+        f"run `python -m diffusion_bridge stats --model {model_dir} --write` first, or pass --allow_missing_stats",
     )
 
 
@@ -74,17 +75,17 @@ def read_eval(eval_dir: Optional[str], model_dir: Path, allow_missing: bool) -> 
     if eval_dir is None:
         if allow_missing:
             return None
-        raise PublishError(f"refusing to publish without an evaluation: {how}")
+        raise PublishError("refusing to publish without an evaluation", how)
     path = Path(eval_dir) / "metrics.json"
     if not path.is_file():
-        raise PublishError(f"refusing to publish: {path} does not exist; {how}")
+        raise PublishError(f"refusing to publish: {path} does not exist", how)
     run = json.loads(path.read_text())
     models = run.get("models", {})
     key = next((k for k in models if Path(k).expanduser().resolve() == model_dir.resolve()), None)
     if key is None and len(models) == 1:
         key = next(iter(models))  # a single-model evaluation, e.g. run on a copy of the folder
     if key is None:
-        raise PublishError(f"{path} evaluates {list(models)}, not {model_dir}; evaluate this model ({how})")
+        raise PublishError(f"{path} evaluates {list(models)}, not {model_dir}", f"evaluate this model: {how}")
     return EvalEntry(metrics=models[key], run=run, source=path)
 
 
@@ -313,13 +314,26 @@ def _training_metrics(model_dir: Path) -> Optional[dict]:
     return metrics if "train_seconds_this_run" in metrics else None
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repository id the Hub would reject, before any work."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise PublishError(f"--repo_id {repo_id!r} is not a Hub repository id ({str(exc).splitlines()[0]})",
+                           "write USER/NAME, e.g. --repo_id me/my-vae") from None
+
+
 def prepare_folder(model_dir: str | Path, folder: str | Path, repo_id: str, eval_dir: Optional[str] = None,
                    allow_missing_stats: bool = False, allow_missing_eval: bool = False,
                    license: str = "apache-2.0") -> Path:  # fmt: skip
     """Check the model and write the complete repo folder; returns it. Refusals raise PublishError."""
     model_dir, folder = Path(model_dir), Path(folder)
+    check_repo_id(repo_id)
     if not (model_dir / "config.json").is_file():
-        raise PublishError(f"{model_dir} is not a diffusers model folder (no config.json)")
+        raise PublishError(f"{model_dir} is not a diffusers model folder (no config.json)",
+                           "give the exported vae/ folder of a training run (save_pretrained output)")
     vae = AutoencoderKL.from_pretrained(model_dir).float()
     check_finite(vae)
     stats = read_latent_stats(model_dir, vae, allow_missing_stats)
@@ -352,7 +366,7 @@ def upload(folder: str | Path, repo_id: str, private: bool = False, revision: Op
     token = token or get_token()  # HF_TOKEN or the saved `hf auth login`
     retry = f"The prepared folder is kept at {folder}; retry the same command (or `hf upload {repo_id} {folder} .`)."
     if token is None:
-        raise PublishError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`. {retry}")
+        raise PublishError("no Hugging Face token", f"set HF_TOKEN or run `hf auth login`. {retry}")
     api = api or HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -362,8 +376,10 @@ def upload(folder: str | Path, repo_id: str, private: bool = False, revision: Op
                                  commit_message=commit_message or "Upload AutoencoderKL")  # fmt: skip
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        hint = " Check that the token has write access to this namespace." if status in (401, 403) else ""
-        raise PublishError(f"the Hub refused the upload to {repo_id} (HTTP {status}): {exc}.{hint} {retry}") from exc
+        hint = "check that the token has write access to this namespace. " if status in (401, 403) else ""
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise PublishError(f"the Hub refused the upload to {repo_id} (HTTP {status}): {first}", hint + retry) from exc
     except Exception as exc:  # network: connection errors, timeouts, DNS
-        raise PublishError(f"upload to {repo_id} failed ({type(exc).__name__}: {exc}). {retry}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise PublishError(f"upload to {repo_id} failed ({type(exc).__name__}: {first})", retry) from exc
     return getattr(info, "commit_url", str(info))

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from autoencoder.errors import UsageError
+
 FID_WEIGHTS_ENV = "FID_WEIGHTS"
 # torch-fidelity's release of the TF 2015-12-05 Inception graph (what torchmetrics' FID loads).
 FID_WEIGHTS_URL = (
@@ -27,7 +29,7 @@ FID_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
-class FIDWeightsError(ValueError):
+class FIDWeightsError(UsageError):
     """A given Inception weights file is not the standard one."""
 
 

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,11 +21,18 @@ from diffusers import AutoencoderKL
 from torchvision.utils import make_grid, save_image
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
-from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source
-from autoencoder.lpips_weights import LPIPSWeightsError, backbone_features, build_lpips
-from autoencoder.models import downsampling_factor, half_check_latents, half_precision_decode_check, load_vae
+from autoencoder.data import ImageDataset, check_enough_images, collate, eval_transform, load_image_source
+from autoencoder.errors import OutOfMemory, UsageError, agree, check_output_writable, is_oom, run_cli
+from autoencoder.lpips_weights import backbone_features, build_lpips
+from autoencoder.models import (
+    downsampling_factor,
+    half_check_latents,
+    half_precision_decode_check,
+    load_vae,
+    load_vae_config,
+)
 
-from .fid import FIDWeightsError, FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
+from .fid import FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
 from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstruction_metrics
 
 METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
@@ -59,14 +65,32 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
-    """The evaluation images under the evaluation transform, and a description of them."""
-    try:
-        ds, column, source = load_image_source(
-            args.dataset_name, args.train_data_dir, args.image_column, args.split, args.resolution, args.num_images
-        )
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    return ImageDataset(ds, column, eval_transform(args.resolution)), source
+    """The evaluation images under the evaluation transform (probed: some must decode), and their description."""
+    if args.dataset_name and args.train_data_dir:
+        raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
+    ds, column, source = load_image_source(
+        args.dataset_name, args.train_data_dir, args.image_column, args.split, args.resolution, args.num_images
+    )
+    dataset = ImageDataset(ds, column, eval_transform(args.resolution))
+    flag = "--dataset_name" if args.dataset_name else "--train_data_dir" if args.train_data_dir else "the embedded data"
+    check_enough_images(dataset, 1, "evaluation", flag)
+    return dataset, source
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options in seconds: numbers, output folder, and every model (config only) vs the resolution."""
+    for name in ("resolution", "batch_size", "grid_images"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
+    if args.num_images is not None and args.num_images < 1:
+        raise UsageError(f"--num_images must be >= 1, got {args.num_images}", "set it to 1 or more, or leave it out")
+    check_output_writable("--output_dir", args.output_dir)
+    for model_id in args.model:
+        config = load_vae_config(model_id, args.subfolder)
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+        if args.resolution % factor:
+            raise UsageError(f"--resolution {args.resolution} is not a multiple of {model_id}'s downsampling {factor}",
+                             f"use e.g. --resolution {max(factor, args.resolution // factor * factor)}")  # fmt: skip
 
 
 def dataset_facts(args: argparse.Namespace, dataset: ImageDataset) -> dict:
@@ -273,30 +297,43 @@ def render_report(payload: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``python -m eval``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point of ``python -m eval``; exit 0 done, 1 crash, 2 bad input, 3 out of memory (autoencoder.errors)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    """The body of ``main`` (errors are reported by ``run_cli``)."""
     args = parse_args(argv)
     n = requested_cpu_processes()
     if n > 1:
         return relaunch_cpu(n, "eval", argv)
     accelerator = Accelerator(cpu=use_cpu_backend())
-    try:
+    error = None
+    try:  # no collective in here: every rank reaches the agreement below
+        check_args(args)
         lpips_model = build_lpips(args.lpips_net, args.lpips_weights).to(accelerator.device)
         extractors, unavailable = build_extractors(args)
-    except (LPIPSWeightsError, FIDWeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        dataset, source = eval_dataset(args)
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    agree(error)
     extractors = {name: ex.to(accelerator.device) for name, ex in extractors.items()}
-    dataset, source = eval_dataset(args)
     # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate))
     feature_accs, originals = real_pass(accelerator, loader, extractors, args.grid_images)
     results, rows = {}, [originals]
     for model_id in args.model:
-        results[model_id], row = evaluate_model(
-            accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image
-        )
+        try:
+            results[model_id], row = evaluate_model(
+                accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image
+            )
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            raise OutOfMemory(f"out of memory evaluating {model_id} at --batch_size {args.batch_size}, "
+                              f"--resolution {args.resolution} (tiling check at {2 * args.resolution} px)",
+                              "lower --batch_size, or add --no_tiling_check") from exc  # fmt: skip
         if "rfid" in unavailable:
             results[model_id]["rfid"] = None
             results[model_id]["rfid_unavailable"] = unavailable["rfid"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from autoencoder.errors import UsageError
 from autoencoder.config import DataConfig
 from autoencoder.data import (
     EMBEDDED_TRAIN,
@@ -72,7 +73,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_all_unreadable_is_a_clear_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")]}).cast_column("image", datasets.Image(decode=False))
-    with pytest.raises(RuntimeError, match="could not be read"):
+    with pytest.raises(UsageError, match="could not be read"):
         ImageDataset(ds, "image", eval_transform(8))[0]
 
 

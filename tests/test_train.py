@@ -96,22 +96,22 @@ def test_resume_latest_continues_the_step_count(run, caplog):
     assert (out / "checkpoints" / "checkpoint-6").is_dir()
 
 
-def test_resume_from_missing_folder_is_an_error(run, tmp_path):
-    with pytest.raises(SystemExit, match="not a checkpoint folder"):
-        run("--max_train_steps=1", f"--resume_from_checkpoint={tmp_path / 'nope'}")
+def test_resume_from_missing_folder_is_an_error(run, tmp_path, capsys):
+    code, out = run("--max_train_steps=1", f"--resume_from_checkpoint={tmp_path / 'nope'}")
+    assert code == 2 and "not a checkpoint folder" in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()  # refused before anything was written
 
 
-def test_offline_without_lpips_weights_stops_before_training(run, monkeypatch, tmp_path):
+def test_offline_without_lpips_weights_stops_before_training(run, monkeypatch, tmp_path, capsys):
     def unreachable(*args, **kwargs):
         raise AssertionError("training work started before the LPIPS check")
 
     monkeypatch.setattr(trainer, "load_splits", unreachable)
     monkeypatch.setattr(trainer, "build_vae", unreachable)
     _offline(monkeypatch, tmp_path)
-    with pytest.raises(SystemExit) as info:
-        run("--max_train_steps=1")
-    message = str(info.value)
-    assert message.startswith("error: cannot obtain the ImageNet vgg backbone")
+    code, _ = run("--max_train_steps=1")
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and message.startswith("error: cannot obtain the ImageNet vgg backbone")
     assert "--lpips_weights" in message and "LPIPS_WEIGHTS" in message and "checkpoints" in message
 
 
@@ -143,13 +143,13 @@ def test_streaming_training_and_resume(run, shared):
     assert code == 0 and _metrics(out)["step"] == 4
 
 
-def test_unwritable_output_dir_fails_at_start_up(run, tmp_path):
+def test_unwritable_output_dir_fails_at_start_up(run, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    with pytest.raises(SystemExit, match="is not writable"):
-        trainer.main(["--config=tiny", f"--output_dir={blocker / 'out'}"])
+    assert trainer.main(["--config=tiny", f"--output_dir={blocker / 'out'}"]) == 2
+    assert "is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.slow

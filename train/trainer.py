@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -39,13 +40,17 @@ from autoencoder.config import Config, flat_dict, help_text, parse_config, save_
 from autoencoder.data import (
     ImageDataset,
     StreamingImageDataset,
+    check_data_source,
+    check_enough_images,
     collate,
+    data_flag,
     eval_transform,
     load_splits,
     train_transform,
 )
 from autoencoder.losses import VAELoss, build_discriminator, disc_factor_at
-from autoencoder.lpips_weights import LPIPSWeightsError, build_lpips
+from autoencoder.errors import OutOfMemory, UsageError, agree, check_output_writable, is_oom, run_cli
+from autoencoder.lpips_weights import build_lpips
 from autoencoder.models import (
     VAEForTraining,
     build_vae,
@@ -88,17 +93,6 @@ class TrainingState:
                 setattr(self, key, int(value))
         with torch.no_grad():
             self.loss_fn.logvar.copy_(state["logvar"])
-
-
-def check_output_dir(path: Path) -> None:
-    """Fail at start-up, not at the first checkpoint, if ``path`` cannot be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as exc:
-        raise SystemExit(f"error: output_dir {str(path)!r} is not writable ({exc}); choose another --output_dir")
 
 
 def build_optimizers(cfg: Config, model: torch.nn.Module, loss_fn: VAELoss, disc: Optional[torch.nn.Module], world: int):
@@ -212,7 +206,8 @@ def resolve_resume(cfg: Config) -> Optional[Path]:
         return checkpoints.latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
     path = Path(value)
     if not path.is_dir():
-        raise SystemExit(f"error: --resume_from_checkpoint {value!r} is not a checkpoint folder (or use 'latest')")
+        raise UsageError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder",
+                         "give a folder under OUTPUT_DIR/checkpoints, or 'latest'")  # fmt: skip
     return path
 
 
@@ -330,9 +325,9 @@ def check_disk_space(path: Path, n_params: int, cfg: Config) -> None:
     ckpt = n_params * 4 * (3 + int(t.use_ema))
     free = shutil.disk_usage(path).free
     if free < ckpt + n_params * 4:
-        raise SystemExit(
-            f"error: only {free / 1e9:.2f} GB free under {str(path)!r}, but one checkpoint plus the export needs "
-            f"~{(ckpt + n_params * 4) / 1e9:.2f} GB; free space or choose another --output_dir"
+        raise UsageError(
+            f"only {free / 1e9:.2f} GB free under {str(path)!r}, but one checkpoint plus the export needs "
+            f"~{(ckpt + n_params * 4) / 1e9:.2f} GB", "free space or choose another --output_dir"
         )
     kept = t.checkpoints_total_limit or (math.ceil(t.max_train_steps / t.checkpointing_steps) if t.checkpointing_steps else 0)
     if free < (kept + 1) * ckpt + n_params * 4:
@@ -397,6 +392,98 @@ def warn_if_old_objective(checkpoint: Path, cfg: Config) -> None:
     )
 
 
+@dataclass
+class RunInputs:
+    """What ``preflight`` built: the losses, the model and the data of a run."""
+
+    loss_fn: VAELoss
+    val_lpips: torch.nn.Module
+    vae: AutoencoderKL
+    factor: int  # the VAE's spatial downsampling
+    disc: Optional[torch.nn.Module]
+    splits: Any  # autoencoder.data.ImageSplits
+    train_ds: torch.utils.data.Dataset
+    val_ds: ImageDataset
+    streaming: bool
+
+
+def preflight(cfg: Config, accelerator: Accelerator) -> RunInputs:
+    """Check everything bad input can break and build the run's parts, before any collective or training.
+
+    Contains no collective, so every rank reaches ``agree`` whatever failed.  Order: cheapest first,
+    so a mistake costs seconds.
+    """
+    t = cfg.train
+    out = Path(t.output_dir)
+    if accelerator.is_main_process:
+        check_output_writable("--output_dir", out)
+        if t.push_to_hub and get_token() is None:  # fail now, not after hours of training
+            raise UsageError("push_to_hub needs a Hugging Face token", "set HF_TOKEN or run `hf auth login`")
+    resolve_resume(cfg)  # a mistyped --resume_from_checkpoint fails now
+    check_data_source(cfg.data)
+    # LPIPS first: missing backbone weights must stop the run before any data or model work.
+    loss_fn = VAELoss(cfg.loss)
+    reuse = loss_fn.lpips is not None and cfg.loss.lpips_net == t.val_lpips_net
+    val_lpips = loss_fn.lpips if reuse else build_lpips(t.val_lpips_net, cfg.loss.lpips_weights)
+    vae = build_vae(cfg.model)
+    factor = downsampling_factor(vae)
+    if cfg.data.resolution % factor:
+        lower = cfg.data.resolution // factor * factor
+        raise UsageError(f"--resolution {cfg.data.resolution} is not a multiple of the VAE's downsampling {factor}",
+                         f"use e.g. --resolution {max(lower, factor)}")  # fmt: skip
+    disc = build_discriminator(cfg.loss)
+    if accelerator.is_main_process:
+        check_disk_space(out, count_parameters(vae) + (count_parameters(disc) if disc is not None else 0), cfg)
+    splits = load_splits(cfg.data, seed=t.seed)
+    transform = train_transform(cfg.data, splits.embedded)
+    streaming = isinstance(splits.train, datasets.IterableDataset)
+    global_batch = t.train_batch_size * accelerator.num_processes
+    if streaming:  # sharded per rank here, so the loader is not prepared (no accelerate re-sharding)
+        train_ds = StreamingImageDataset(splits.train, splits.image_column, transform, t.seed, accelerator.process_index,
+                                         accelerator.num_processes, cfg.data.shuffle_buffer)  # fmt: skip
+    else:
+        train_ds = ImageDataset(splits.train, splits.image_column, transform, seed=t.seed)
+        check_enough_images(train_ds, global_batch, "training", data_flag(cfg.data))
+    val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
+    check_enough_images(val_ds, 1, "validation", data_flag(cfg.data))
+    return RunInputs(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming)
+
+
+def stop_after_oom(accelerator: Accelerator, model, optimizers: list, cfg: Config, state: TrainingState, what: str,
+                   micro_in_window: int, in_update: bool) -> None:
+    """Out of memory in the loop: checkpoint the last completed step where that is safe, then raise OutOfMemory.
+
+    Safe means one process (a collective save cannot be joined by ranks stuck in a collective) and no
+    optimizer step half done; the unfinished accumulation window is rewound so a resume replays it.
+    """
+    t = cfg.train
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    saved = None
+    last = checkpoints.latest_checkpoint(Path(t.output_dir) / "checkpoints")
+    if accelerator.num_processes == 1 and not in_update and state.global_step > 0 and (
+            last is None or not last.name.endswith(f"-{state.global_step}")):  # fmt: skip
+        state.batches_in_epoch -= micro_in_window
+        accelerator.step -= micro_in_window  # accelerate's accumulation counter is saved with the state
+        try:
+            saved = save_checkpoint(accelerator, model, cfg, state.global_step)
+        except Exception as exc:  # noqa: BLE001 - the OOM is the error to report
+            logger.error(f"could not write a checkpoint after running out of memory: {exc}")
+    last = saved or last
+    resume = f"; resume with --resume_from_checkpoint {last}" if last else ""
+    precision = t.mixed_precision if t.mixed_precision != "no" else "fp32"
+    raise OutOfMemory(
+        f"out of memory at step {state.global_step + 1} on {accelerator.device} with --train_batch_size "
+        f"{t.train_batch_size} x --gradient_accumulation_steps {t.gradient_accumulation_steps} at --resolution "
+        f"{cfg.data.resolution} ({precision}, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}; "
+        f"{what[:120]})" + (f"; saved {saved} at step {state.global_step}" if saved else ""),
+        "lower --train_batch_size (raise --gradient_accumulation_steps to keep the global batch), add "
+        "--gradient_checkpointing, or use --mixed_precision=bf16" + resume,
+    )
+
+
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the metrics written to metrics.json.
 
@@ -417,46 +504,22 @@ def train(cfg: Config) -> dict:
     logging.getLogger(__name__).setLevel(logging.INFO)
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # we log one line per checkpoint
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if accelerator.is_main_process:
-        check_output_dir(out)
+    set_seed(t.seed)  # before the VAE and discriminator are built: their initialisation is seeded
+    error = None
+    try:
+        run = preflight(cfg, accelerator)
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
+        error = exc
+    agree(error)  # one rank's mistake ends every rank with the same message
+    loss_fn, val_lpips, vae, disc, splits = run.loss_fn, run.val_lpips, run.vae, run.disc, run.splits
+    train_ds, val_ds, streaming, factor = run.train_ds, run.val_ds, run.streaming, run.factor
+    if accelerator.is_main_process:  # only now: a run refused above leaves the output folder as it was
         checkpoints.clean_incomplete(out / "checkpoints")
         save_config(cfg, out / "config.yaml")
-        if t.push_to_hub and get_token() is None:  # fail now, not after hours of training
-            raise SystemExit("error: push_to_hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    set_seed(t.seed)
-
-    # LPIPS first: missing backbone weights must stop the run before any data or model work.
-    try:
-        loss_fn = VAELoss(cfg.loss)
-        reuse = loss_fn.lpips is not None and cfg.loss.lpips_net == t.val_lpips_net
-        val_lpips = loss_fn.lpips if reuse else build_lpips(t.val_lpips_net, cfg.loss.lpips_weights)
-    except LPIPSWeightsError as exc:
-        raise SystemExit(f"error: {exc}") from None
     loss_fn.to(accelerator.device)
     val_lpips.to(accelerator.device)
-
-    vae = build_vae(cfg.model)
-    factor = downsampling_factor(vae)
-    if cfg.data.resolution % factor:
-        raise SystemExit(f"error: resolution {cfg.data.resolution} is not a multiple of the VAE's downsampling {factor}")
     model = VAEForTraining(vae)
-    disc = build_discriminator(cfg.loss)
-    if accelerator.is_main_process:
-        n_params = count_parameters(vae) + (count_parameters(disc) if disc is not None else 0)
-        check_disk_space(out, n_params, cfg)
     initial_checksum = param_checksum(vae)
-
-    splits = load_splits(cfg.data, seed=t.seed)
-    transform = train_transform(cfg.data, splits.embedded)
-    streaming = isinstance(splits.train, datasets.IterableDataset)
-    if streaming:  # sharded per rank here, so the loader is not prepared (no accelerate re-sharding)
-        train_ds = StreamingImageDataset(splits.train, splits.image_column, transform, t.seed, accelerator.process_index,
-                                         accelerator.num_processes, cfg.data.shuffle_buffer)  # fmt: skip
-    else:
-        train_ds = ImageDataset(splits.train, splits.image_column, transform, seed=t.seed)
-        if len(train_ds) < t.train_batch_size * accelerator.num_processes:
-            raise SystemExit(f"error: {len(train_ds)} training images, fewer than one global batch")
-    val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
     # Own generators: creating a DataLoader iterator draws a base seed, which must not come from
     # the global RNG (it drives posterior sampling and must replay exactly after a resume).
     loader_kw = dict(collate_fn=collate, num_workers=cfg.data.dataloader_num_workers,
@@ -522,112 +585,134 @@ def train(cfg: Config) -> dict:
     train_start = time.perf_counter()
     window_bad = False  # a micro-batch of the current accumulation window had a non-finite loss
     interrupted: Optional[int] = None
+    micro_in_window = 0  # micro-batches of the current accumulation window entered so far
+    in_update = False  # inside an optimizer step: parameters may be half-updated
+    oom: Optional[str] = None
     model.train()
-    with StopRequest() as stop:
-        for epoch in itertools.count(state.epoch):
-            if state.global_step >= t.max_train_steps or interrupted:
-                break
-            state.epoch = epoch
-            (train_ds if streaming else train_dl).set_epoch(epoch)  # data order and augmentation of this epoch
-            if streaming:  # a stream cannot seek: re-read and drop the batches already trained on
-                loader = itertools.islice(train_dl, state.batches_in_epoch, None)
-            elif state.batches_in_epoch:
-                loader = skip_first_batches(train_dl, state.batches_in_epoch)
-            else:
-                loader = train_dl
-            yielded = 0
-            for batch in loader:
-                yielded += 1
-                state.batches_in_epoch += 1
-                x = batch["pixel_values"].to(accelerator.device)
-                step = state.global_step
-                use_disc = disc is not None and disc_factor_at(step, cfg.loss) > 0
-                # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
-                grad_scale = accelerator.scaler.get_scale() if use_disc and accelerator.scaler is not None else 1.0
-                with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
-                    recon, posterior = model(x)
-                    loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
-                                         last_layer=last_layer, grad_scale=grad_scale)  # fmt: skip
-                    # One tiny all-reduce so every rank takes the same branch (no DDP hang).
-                    flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum is not None)],
-                                         device=accelerator.device)  # fmt: skip
-                    flags = accelerator.reduce(flags, "sum") if accelerator.num_processes > 1 else flags
-                    bad_loss, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
-                    window_bad |= bad_loss
-                    if not bad_loss:
-                        accelerator.backward(loss)
-                    if accelerator.sync_gradients and not window_bad:
-                        # Decided before clipping: under fp16, clipping unscales the gradients, and an
-                        # unscale_ must be followed by the scaler's step/update, never by a skip.
-                        window_bad |= not clip_vae_gradients(accelerator, model, loss_fn, cfg, logs)
-                        if not window_bad:
-                            optimizer.step()  # fp16: the GradScaler may still skip it (overflow)
-                            scheduler.step()  # does not advance when the scaler skipped the step
-                    optimizer.zero_grad(set_to_none=True)
-                    if use_disc:  # after the VAE step, so the D step runs on the same (updated) scaler scale
-                        if not bad_loss:
-                            d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, step)
-                            accelerator.backward(d_loss)
-                            logs.update(d_logs)
-                        if accelerator.sync_gradients and not window_bad:  # no D update when the VAE's was skipped
-                            if t.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
-                            disc_optimizer.step()
-                            disc_scheduler.step()
-                        disc_optimizer.zero_grad(set_to_none=True)
-                state.skipped_images += int(batch["num_skipped"])
-                if not accelerator.sync_gradients:
-                    continue
-                state.global_step += 1
-                interval_steps += 1
-                progress.update(1)
-                if window_bad:
-                    state.nonfinite_steps += 1
-                    state.consecutive_nonfinite += 1
-                    logger.warning(f"step {state.global_step}: non-finite loss or gradient, update skipped "
-                                   f"({state.consecutive_nonfinite} in a row, {state.nonfinite_steps} in total)")  # fmt: skip
-                    if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-                        last = checkpoints.latest_checkpoint(out / "checkpoints")
-                        accelerator.end_training()
-                        raise SystemExit(
-                            f"error: {state.consecutive_nonfinite} consecutive steps with a non-finite loss or "
-                            f"gradient (up to step {state.global_step}); stopping. Last good checkpoint: "
-                            f"{last or 'none'}. Resume from it with --resume_from_checkpoint "
-                            f"{last or 'PATH'} and e.g. a lower --learning_rate or --mixed_precision=bf16/no"
-                        )
+    try:
+        with StopRequest() as stop:
+            for epoch in itertools.count(state.epoch):
+                if state.global_step >= t.max_train_steps or interrupted:
+                    break
+                state.epoch = epoch
+                (train_ds if streaming else train_dl).set_epoch(epoch)  # data order and augmentation of this epoch
+                if streaming:  # a stream cannot seek: re-read and drop the batches already trained on
+                    loader = itertools.islice(train_dl, state.batches_in_epoch, None)
+                elif state.batches_in_epoch:
+                    loader = skip_first_batches(train_dl, state.batches_in_epoch)
                 else:
-                    state.consecutive_nonfinite = 0
-                    if ema is not None:
-                        ema.step(vae_params)
-                window_bad = False
-                if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
-                    elapsed = time.perf_counter() - interval_start
-                    logs = {k: float(v) for k, v in logs.items()}
-                    logs["train/lr"] = scheduler.get_last_lr()[0]
-                    logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
-                    logs["train/skipped_images"] = state.skipped_images
-                    logs["train/nonfinite_steps"] = state.nonfinite_steps
-                    if ema is not None:
-                        logs["train/ema_decay"] = ema.cur_decay_value or 0.0
-                    accelerator.log(logs, step=state.global_step)
-                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
-                    interval_start, interval_steps = time.perf_counter(), 0
-                if stop_now:
-                    interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
-                    break
-                if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, model, cfg, state.global_step)
-                if t.validation_steps and state.global_step % t.validation_steps == 0:
-                    with ema_weights(ema, vae_params):
-                        results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
-                    results["step"] = state.global_step
-                    logger.info(f"step {state.global_step}: {fmt(results)}")
-                if state.global_step >= t.max_train_steps:
-                    break
-            else:  # the epoch ran to its end
-                if not yielded and not state.batches_in_epoch:
-                    raise SystemExit(f"error: the training data yielded no batch of {t.train_batch_size} images")
-                state.batches_in_epoch = 0
+                    loader = train_dl
+                yielded = 0
+                for batch in loader:
+                    yielded += 1
+                    state.batches_in_epoch += 1
+                    micro_in_window += 1
+                    x = batch["pixel_values"].to(accelerator.device)
+                    step = state.global_step
+                    use_disc = disc is not None and disc_factor_at(step, cfg.loss) > 0
+                    # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
+                    grad_scale = accelerator.scaler.get_scale() if use_disc and accelerator.scaler is not None else 1.0
+                    with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
+                        recon, posterior = model(x)
+                        loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
+                                             last_layer=last_layer, grad_scale=grad_scale)  # fmt: skip
+                        # One tiny all-reduce so every rank takes the same branch (no DDP hang).
+                        flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum is not None)],
+                                             device=accelerator.device)  # fmt: skip
+                        flags = accelerator.reduce(flags, "sum") if accelerator.num_processes > 1 else flags
+                        bad_loss, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
+                        window_bad |= bad_loss
+                        if not bad_loss:
+                            accelerator.backward(loss)
+                        if accelerator.sync_gradients and not window_bad:
+                            # Decided before clipping: under fp16, clipping unscales the gradients, and an
+                            # unscale_ must be followed by the scaler's step/update, never by a skip.
+                            window_bad |= not clip_vae_gradients(accelerator, model, loss_fn, cfg, logs)
+                            if not window_bad:
+                                in_update = True
+                                optimizer.step()  # fp16: the GradScaler may still skip it (overflow)
+                                scheduler.step()  # does not advance when the scaler skipped the step
+                                in_update = False
+                        optimizer.zero_grad(set_to_none=True)
+                        if use_disc:  # after the VAE step, so the D step runs on the same (updated) scaler scale
+                            if not bad_loss:
+                                d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, step)
+                                accelerator.backward(d_loss)
+                                logs.update(d_logs)
+                            if accelerator.sync_gradients and not window_bad:  # no D update when the VAE's was skipped
+                                if t.max_grad_norm > 0:
+                                    accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
+                                in_update = True
+                                disc_optimizer.step()
+                                disc_scheduler.step()
+                                in_update = False
+                            disc_optimizer.zero_grad(set_to_none=True)
+                    state.skipped_images += int(batch["num_skipped"])
+                    if not accelerator.sync_gradients:
+                        continue
+                    micro_in_window = 0
+                    state.global_step += 1
+                    interval_steps += 1
+                    progress.update(1)
+                    if window_bad:
+                        state.nonfinite_steps += 1
+                        state.consecutive_nonfinite += 1
+                        logger.warning(f"step {state.global_step}: non-finite loss or gradient, update skipped "
+                                       f"({state.consecutive_nonfinite} in a row, {state.nonfinite_steps} in total)")  # fmt: skip
+                        if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+                            last = checkpoints.latest_checkpoint(out / "checkpoints")
+                            accelerator.end_training()
+                            raise UsageError(
+                                f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up "
+                                f"to step {state.global_step}); stopping. Last good checkpoint: {last or 'none'}",
+                                f"resume from it with --resume_from_checkpoint {last or 'PATH'} and e.g. a lower "
+                                "--learning_rate or --mixed_precision=bf16/no",
+                            )
+                    else:
+                        state.consecutive_nonfinite = 0
+                        if ema is not None:
+                            in_update = True
+                            ema.step(vae_params)
+                            in_update = False
+                    window_bad = False
+                    if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
+                        elapsed = time.perf_counter() - interval_start
+                        logs = {k: float(v) for k, v in logs.items()}
+                        logs["train/lr"] = scheduler.get_last_lr()[0]
+                        logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
+                        logs["train/skipped_images"] = state.skipped_images
+                        logs["train/nonfinite_steps"] = state.nonfinite_steps
+                        if ema is not None:
+                            logs["train/ema_decay"] = ema.cur_decay_value or 0.0
+                        accelerator.log(logs, step=state.global_step)
+                        progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
+                        interval_start, interval_steps = time.perf_counter(), 0
+                    if stop_now:
+                        interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
+                        break
+                    if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, model, cfg, state.global_step)
+                    if t.validation_steps and state.global_step % t.validation_steps == 0:
+                        with ema_weights(ema, vae_params):
+                            results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
+                        results["step"] = state.global_step
+                        logger.info(f"step {state.global_step}: {fmt(results)}")
+                    if state.global_step >= t.max_train_steps:
+                        break
+                else:  # the epoch ran to its end
+                    if not yielded and not state.batches_in_epoch:
+                        raise UsageError(f"the training data yielded no batch of {t.train_batch_size} images",
+                                         "add images or lower --train_batch_size")  # fmt: skip
+                    state.batches_in_epoch = 0
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+        if not is_oom(exc):
+            raise
+        oom = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if oom is not None:  # outside the except block, so the failed step's tensors can be freed
+        x = recon = posterior = loss = logs = batch = None  # noqa: F841
+        progress.close()
+        optimizers = [o for o in (optimizer, disc_optimizer) if o is not None]
+        stop_after_oom(accelerator, model, optimizers, cfg, state, oom, micro_in_window, in_update)
     progress.close()
     train_time = time.perf_counter() - train_start
 
@@ -701,16 +786,19 @@ def fmt(results: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: ``python -m train [--config PRESET|PATH] [--key=value ...]``; 128+signal if interrupted."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point: ``python -m train [--config PRESET|PATH] [--key=value ...] [--debug]``.
+
+    Exit status: 0 done, 1 crash, 2 bad input, 3 out of memory, 128+signal if interrupted (see autoencoder.errors).
+    """
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    """The body of ``main`` (errors are reported by ``run_cli``)."""
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
-    try:
-        cfg = parse_config(argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse_config(argv)
     n = requested_cpu_processes()
     if n > 1:
         return relaunch_cpu(n, "train", argv)

@@ -1,0 +1,199 @@
+"""Every command answers a mistake with one line ``error: <what>; <fix>``, a documented exit status and no traceback.
+
+Table-driven: each row runs the real command in a subprocess (offline, as a new user would) and
+checks the exit status, a fragment of the message and the absence of "Traceback".  Rows that
+point ``train`` at an output folder holding an earlier run check that nothing in it changed.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train.trainer as trainer
+from autoencoder.config import ModelConfig
+from autoencoder.errors import EXIT_OOM, EXIT_USAGE
+from autoencoder.models import build_vae
+from conftest import REPO, SHARED
+
+CIFAR = SHARED / "data" / "cifar10" / "train.parquet"
+TRAIN = ("train", "--config=tiny", "--max_train_steps=2")
+
+# (id, module and arguments, exit status, fragment of the error line).  Placeholders: {M} a tiny
+# diffusers VAE folder, {EMPTY} an empty folder, {CORRUPT} 3 unreadable .png files, {FEW} 5 good +
+# 3 unreadable images, {FILE} a regular file, {OUT} an output folder holding an earlier run, {TMP} scratch.
+ROWS = [
+    ("train-missing-data-dir", (*TRAIN, "--train_data_dir=/nonexistent"), 2, "--train_data_dir '/nonexistent' does not exist"),
+    ("train-empty-dir", (*TRAIN, "--train_data_dir={EMPTY}"), 2, "holds no data files"),
+    ("train-all-corrupt", (*TRAIN, "--train_data_dir={CORRUPT}"), 2, "training images probed from --train_data_dir could be read"),
+    ("train-too-few-readable", (*TRAIN, "--train_data_dir={FEW}", "--train_batch_size=6"), 2, "of 7 unreadable"),
+    ("train-offline-hub-dataset", (*TRAIN, "--dataset_name=no/such-dataset"), 2, "the Hugging Face Hub cannot be reached"),
+    ("train-local-dataset-name", (*TRAIN, "--dataset_name=./no/such/folder"), 2, "does not exist"),
+    ("train-wrong-image-column", (*TRAIN, f"--train_data_dir={CIFAR}", "--image_column=img"), 2, "image column 'img' not in"),
+    ("train-missing-pretrained", (*TRAIN, "--pretrained_model_name_or_path=/nonexistent"), 2, "'/nonexistent' does not exist"),
+    ("train-offline-hub-model", (*TRAIN, "--pretrained_model_name_or_path=no/such-model"), 2, "cannot be reached"),
+    ("train-folder-without-config", (*TRAIN, "--pretrained_model_name_or_path={EMPTY}"), 2, "has no config.json"),
+    ("train-resolution-vs-downsampling", (*TRAIN, "--resolution=33"), 2, "not a multiple of the VAE's downsampling 2"),
+    ("train-unknown-key", (*TRAIN, "--learning_rte=1e-4"), 2, "did you mean: learning_rate"),
+    ("train-wrong-type", (*TRAIN, "--learning_rate=fast"), 2, "expects float"),
+    ("train-zero-steps", ("train", "--config=tiny", "--max_train_steps=0"), 2, "'max_train_steps' must be >= 1"),
+    ("train-missing-config", ("train", "--config=no-such-preset"), 2, "config file 'no-such-preset' not found"),
+    ("train-output-is-a-file", ("train", "--config=tiny", "--output_dir={FILE}"), 2, "is a file, not a folder"),
+    ("train-missing-resume", (*TRAIN, "--resume_from_checkpoint={TMP}/nope"), 2, "is not a checkpoint folder"),
+    ("train-bad-repo-id", (*TRAIN, "--push_to_hub", "--hub_model_id=bad id!!"), 2, "is not a Hub repository id"),
+    ("train-both-sources", (*TRAIN, "--dataset_name=a/b", "--train_data_dir={EMPTY}"), 2, "give only one of them"),
+    ("train-missing-lpips-weights", (*TRAIN, "--lpips_weights=/nonexistent"), 2, "LPIPS"),
+    ("eval-missing-model", ("eval", "--model=/nonexistent", "--output_dir={TMP}/e"), 2, "--model '/nonexistent' does not exist"),
+    ("eval-offline-hub-model", ("eval", "--model=no/such-model", "--output_dir={TMP}/e"), 2, "cannot be reached"),
+    ("eval-corrupt-images", ("eval", "--model={M}", "--train_data_dir={CORRUPT}", "--output_dir={TMP}/e"), 2,
+     "none of the 3 evaluation images"),
+    ("eval-missing-data-dir", ("eval", "--model={M}", "--train_data_dir=/nonexistent", "--output_dir={TMP}/e"), 2, "does not exist"),
+    ("eval-resolution", ("eval", "--model={M}", "--resolution=33", "--output_dir={TMP}/e"), 2, "not a multiple"),
+    ("eval-output-is-a-file", ("eval", "--model={M}", "--output_dir={FILE}"), 2, "is a file, not a folder"),
+    ("eval-missing-split", ("eval", "--model={M}", f"--train_data_dir={CIFAR}", "--split=validation",
+                            "--output_dir={TMP}/e"), 2, "split 'validation' not in"),  # fmt: skip
+    ("eval-zero-batch", ("eval", "--model={M}", "--batch_size=0", "--output_dir={TMP}/e"), 2, "--batch_size must be >= 1"),
+    ("bridge-stats-offline-dataset", ("diffusion_bridge", "stats", "--model={M}", "--dataset_name=no/such"), 2, "cannot be reached"),
+    ("bridge-encode-missing-model", ("diffusion_bridge", "encode", "--model=/nonexistent", "--output_dir={TMP}/c"), 2,
+     "--model '/nonexistent' does not exist"),
+    ("bridge-stats-empty-dir", ("diffusion_bridge", "stats", "--model={M}", "--train_data_dir={EMPTY}"), 2, "holds no data files"),
+    ("bridge-encode-shift-convention", ("diffusion_bridge", "encode", "--model={M}", "--shift_factor=0.1",
+                                        "--output_dir={TMP}/c"), 2, "--shift_factor applies to --convention sd3"),  # fmt: skip
+    ("bridge-encode-no-stats", ("diffusion_bridge", "encode", "--model={M}", "--output_dir={TMP}/c"), 2, "no latent statistics"),
+    ("bridge-info-model-file", ("diffusion_bridge", "info", "--model={FILE}"), 2, "is a file, not a model folder"),
+    ("bridge-publish-bad-repo-id", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=bad id!!", "--dry_run={TMP}/p"),
+     2, "is not a Hub repository id"),
+    ("bridge-publish-no-eval", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={TMP}/p",
+                                "--allow_missing_stats"), 2, "refusing to publish without an evaluation"),  # fmt: skip
+]
+
+
+def _png(path: Path, seed: int) -> None:
+    """A small random RGB image."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    """The folders and files the rows' placeholders name."""
+    root = tmp_path_factory.mktemp("bad-input")
+    (root / "empty").mkdir()
+    (root / "corrupt").mkdir()
+    for i in range(3):
+        (root / "corrupt" / f"img{i}.png").write_bytes(os.urandom(2000))
+    (root / "few").mkdir()
+    for i in range(5):
+        _png(root / "few" / f"good{i}.png", i)
+    for i in range(3):
+        (root / "few" / f"bad{i}.png").write_bytes(b"not an image")
+    (root / "a-file").write_text("not a folder")
+    torch.manual_seed(0)
+    build_vae(ModelConfig(preset="tiny")).save_pretrained(root / "M")
+    return {"M": str(root / "M"), "EMPTY": str(root / "empty"), "CORRUPT": str(root / "corrupt"),
+            "FEW": str(root / "few"), "FILE": str(root / "a-file"), "TMP": str(root)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory, places) -> Path:
+    """An output folder holding an earlier run's export, config and checkpoint."""
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    shutil.copytree(places["M"], out / "vae")
+    (out / "config.yaml").write_text("train:\n  max_train_steps: 7\n")
+    (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-7" / "model.safetensors").write_bytes(b"weights")
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its sha256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def _env(lpips_dir: Path) -> dict[str, str]:
+    """Offline, with the verified LPIPS backbones, warnings silenced as a user's terminal would show them."""
+    return {**os.environ, "LPIPS_WEIGHTS": str(lpips_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PYTHONWARNINGS": "ignore", "AUTOENCODER_DEBUG": ""}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_mistake_gives_one_line_and_exit_status(row, places, earlier_run, lpips_dir):
+    name, command, status, fragment = row
+    args = [a.format(**places) for a in command]
+    if args[0] == "train" and not any(a.startswith("--output_dir") for a in args):
+        args.append(f"--output_dir={earlier_run}")
+    before = _snapshot(earlier_run)
+    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(lpips_dir), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    output = result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == status, output[-3000:]
+    assert "Traceback" not in output
+    assert len(errors) == 1 and fragment in errors[0], output[-3000:]
+    assert "; " in errors[0]  # what is wrong; how to fix it
+    assert _snapshot(earlier_run) == before  # nothing lost or half-written
+
+
+def test_debug_flag_shows_the_traceback(places, lpips_dir):
+    result = subprocess.run([sys.executable, "-m", "eval", "--model=/nonexistent", "--debug"], cwd=REPO,
+                            env=_env(lpips_dir), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == EXIT_USAGE
+    assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: --model")
+
+
+@pytest.mark.slow
+def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
+    """Under ``accelerate launch`` with 2 processes a data mistake ends both ranks, with one line from our code."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    cmd = [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "train", "--config=tiny",
+           f"--train_data_dir={places['CORRUPT']}", f"--output_dir={tmp_path / 'out'}"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could be read" in errors[0], result.stderr[-3000:]
+    # accelerate's own launcher reports the ranks' status 2 (with its CalledProcessError); no rank printed a traceback
+    assert result.returncode != 0 and "exit status 2" in result.stderr
+    ours = ("/train/", "/eval/", "/autoencoder/", "/diffusion_bridge/")
+    assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File") and any(p in line for p in ours)]
+
+
+@pytest.mark.slow
+def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, lpips_dir, monkeypatch, capsys):
+    """An OOM in step 6's forward: the run saves step 5, exits 3 with the failing batch, and resumes from it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from autoencoder.losses import VAELoss
+
+    monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
+    real_forward, calls = VAELoss.forward, {"train": 0}
+
+    def forward(self, *args, split="train", **kwargs):
+        calls[split] = calls.get(split, 0) + 1
+        if split == "train" and calls["train"] == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, split=split, **kwargs)
+
+    monkeypatch.setattr(VAELoss, "forward", forward)
+    out = tmp_path / "oom"
+    args = ["--config=tiny", f"--output_dir={out}", "--max_train_steps=8", "--checkpointing_steps=4",
+            "--validation_steps=0"]  # fmt: skip
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert trainer.main(args) == EXIT_OOM
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: out of memory at step 6 on cpu with --train_batch_size 4")
+    assert "--gradient_checkpointing" in line and "--mixed_precision=bf16" in line
+    assert f"saved {out / 'checkpoints' / 'checkpoint-5'} at step 5" in line
+    assert not (out / "vae").exists()
+
+    monkeypatch.setattr(VAELoss, "forward", real_forward)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert trainer.main([*args, "--resume_from_checkpoint=latest"]) == 0
+    assert (out / "vae").is_dir()
