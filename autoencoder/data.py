@@ -426,7 +426,8 @@ def count_readable(ds: ImageDataset, limit: int = PROBE_IMAGES) -> tuple[int, in
     return readable, len(picks), first_error
 
 
-def check_enough_images(ds: ImageDataset, needed: int, role: str, flag: str) -> None:
+def check_enough_images(ds: ImageDataset, needed: int, role: str, flag: str, need: str = "one global batch of {n}",
+                        fix: str = "add images or lower --train_batch_size") -> None:
     """Fail before training if the ``role`` images cannot fill ``needed`` samples or none of them decodes."""
     readable, probed, first_error = count_readable(ds)
     if probed and not readable:
@@ -435,5 +436,4 @@ def check_enough_images(ds: ImageDataset, needed: int, role: str, flag: str) -> 
     usable = readable if probed == len(ds) else len(ds)  # every image was probed: unreadable ones do not count
     if usable < needed:
         unread = f" ({len(ds) - readable} of {len(ds)} unreadable, first: {first_error})" if readable < len(ds) else ""
-        raise UsageError(f"{usable} readable {role} images{unread}, fewer than one global batch of {needed}",
-                         "add images or lower --train_batch_size")  # fmt: skip
+        raise UsageError(f"{usable} readable {role} images{unread}, fewer than {need.format(n=needed)}", fix)

@@ -73,7 +73,7 @@ def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
         config = DataConfig(resolution=args.resolution, train_crop="random", random_flip=False)
         dataset = ImageDataset(ds, column, train_transform(config, embedded=False), seed=args.seed)
     flag = "--dataset_name" if args.dataset_name else "--train_data_dir" if args.train_data_dir else "the embedded data"
-    check_enough_images(dataset, 1, "input", flag)
+    check_enough_images(dataset, 1, "input", flag, need="{n} image", fix="point the data flags at readable images")
     return dataset, source
 
 

@@ -228,6 +228,30 @@ def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
     return lines
 
 
+def _latent_section(entry: Optional[EvalEntry], train_metrics: Optional[dict]) -> list[str]:
+    """Rate, active units and prior gap of the latent space (the evaluation's, else the training validation's)."""
+    latent, where = None, ""
+    if entry is not None and entry.metrics.get("latent"):
+        latent, where = entry.metrics["latent"], f"the evaluation images ({entry.run.get('resolution')} px)"
+    elif train_metrics and train_metrics.get("latent"):
+        latent, where = train_metrics["latent"], f"the held-out validation images ({train_metrics['resolution']} px)"
+    if latent is None:
+        return []
+    collapsed = latent["collapsed_channels"]
+    lines = [
+        "## Rate, active units and prior gap", "",
+        f"On {where}: rate {latent['rate_bpp']:.4f} bits per pixel ({latent['kl_per_latent_nats']:.4f} nats per latent "
+        f"element); active units {latent['active_units']}/{latent['units']} (Burda et al.: Var over images of the "
+        f"posterior mean > 0.01), {latent['active_channels']}/{latent['latent_shape'][0]} channels active"
+        + (f", channels {collapsed} collapsed" if collapsed else "") + "; prior gap (Gaussian Fréchet distance of the "
+        f"aggregate posterior per position to N(0, I)) {latent['prior_fd']:.3f}.",
+    ]  # fmt: skip
+    if latent.get("iwae_nll_bpd") is not None:
+        lines.append(f"Likelihood: −ELBO {latent['neg_elbo_bpd']:.4f} bits/dim, IWAE (k = {latent['iwae_samples']}) "
+                     f"{latent['iwae_nll_bpd']:.4f} bits/dim under a {latent['likelihood']}.")  # fmt: skip
+    return lines + [""]
+
+
 def _training_section(vae: AutoencoderKL, training_config: Optional[dict], train_metrics: Optional[dict]) -> list[str]:
     """Preset, steps, data, objective, hardware and wall time, from the run's own files."""
     lines = ["## Training", ""]
@@ -294,6 +318,7 @@ def render_card(repo_id: str, vae: AutoencoderKL, stats: Optional[dict], entry: 
         *_usage_section(repo_id, vae),
         *_stats_section(vae, stats),
         *_eval_section(entry),
+        *_latent_section(entry, train_metrics),
         *_training_section(vae, training_config, train_metrics),
         "Trained with autoencoder-kl-trainer (Hugging Face Accelerate; L1/L2 + LPIPS + β-KL, optional PatchGAN).",
     ]

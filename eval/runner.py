@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,6 +33,16 @@ from autoencoder.models import (
     load_vae_config,
 )
 
+from .latent import (
+    LEVELS,
+    LatentAccumulator,
+    LikelihoodAccumulator,
+    collapse_warning,
+    log_weights,
+    picture_rows,
+    save_latent_figure,
+    to_levels,
+)
 from .fid import FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
 from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstruction_metrics
 
@@ -60,6 +71,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--no_half_check", action="store_true", help="skip the fp16/bf16 decode finiteness check")
     p.add_argument("--no_tiling_check", action="store_true", help="skip the tiled-vs-untiled decode comparison")
     p.add_argument("--grid_images", type=int, default=8, help="columns of reconstructions.png")
+    p.add_argument("--iwae_samples", type=int, default=8,
+                   help="posterior samples k of the importance-weighted likelihood bound (0: skip ELBO/IWAE)")
+    p.add_argument("--seed", type=int, default=0, help="posterior samples of the latent report")
     p.add_argument("--output_dir", default="outputs/eval")
     return p.parse_args(argv)
 
@@ -73,7 +87,8 @@ def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     )
     dataset = ImageDataset(ds, column, eval_transform(args.resolution))
     flag = "--dataset_name" if args.dataset_name else "--train_data_dir" if args.train_data_dir else "the embedded data"
-    check_enough_images(dataset, 1, "evaluation", flag)
+    check_enough_images(dataset, 2, "evaluation", flag, need="the 2 that the latent report's active units (a variance "
+                        "over images) need", fix="add images or raise --num_images")
     return dataset, source
 
 
@@ -182,8 +197,9 @@ def tiling_check(vae: AutoencoderKL, image: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image) -> tuple[dict, torch.Tensor]:
-    """All metrics of one VAE's deterministic (posterior-mode) reconstructions, and its grid row."""
+def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image) -> tuple[dict, torch.Tensor, dict]:
+    """All metrics of one VAE's deterministic (posterior-mode) reconstructions and latent space, its grid row
+    and its latent pictures (eval.latent)."""
     device = accelerator.device
     vae = load_vae(model_id, args.subfolder).to(device).eval()
     if device.type == "cuda":
@@ -192,6 +208,8 @@ def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_acc
     t_enc = t_dec = 0.0
     n_local = 0
     first_latents = None
+    latent_acc, generator = LatentAccumulator(), torch.Generator().manual_seed(args.seed)
+    abs_err, n_err, picture_means = 0.0, 0, []
     for acc_f in feature_accs.values():
         acc_f.reset_fake()
     # Untimed warm-up on the first batch: CUDA context, cuDNN autotuning and allocator growth are not throughput.
@@ -204,7 +222,8 @@ def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_acc
         x = batch["pixel_values"]
         _sync(device)
         t0 = time.perf_counter()
-        z = vae.encode(x).latent_dist.mode()
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mode()
         _sync(device)
         t1 = time.perf_counter()
         recon = vae.decode(z).sample
@@ -212,6 +231,12 @@ def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_acc
         t_enc, t_dec, n_local = t_enc + t1 - t0, t_dec + time.perf_counter() - t1, n_local + len(x)
         if first_latents is None:
             first_latents = z[:2]
+        mean, logvar = accelerator.gather_for_metrics((posterior.mean.float(), posterior.logvar.float()))
+        latent_acc.update(mean, logvar, tuple(x.shape[-2:]), generator=generator)
+        picture_means += list(mean[: max(0, 2 - len(picture_means))].cpu())
+        # mean |x - x̂| in 8-bit levels per image: the ML scale of the Laplace decoder likelihood
+        err = accelerator.gather_for_metrics((to_levels(x.float()) - (recon.float() + 1) * (LEVELS / 2)).abs().flatten(1).mean(1))
+        abs_err, n_err = abs_err + float(err.sum()), n_err + len(err)
         acc.update(accelerator.gather_for_metrics(reconstruction_metrics(recon, x, lpips_model)))
         for name, ex in extractors.items():
             feature_accs[name].update(accelerator.gather_for_metrics(ex(to_uint8(recon))), real=False)
@@ -238,7 +263,24 @@ def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_acc
         }
     if not args.no_tiling_check:
         result["tiling"] = tiling_check(vae, large_image.to(device))
-    return result, torch.cat(row)[: args.grid_images]
+    result["latent"] = latent_acc.compute()
+    if args.iwae_samples:
+        result["latent"].update(likelihood(accelerator, vae, loader, args, max(abs_err / n_err, 0.05)))
+    z_a, z_b = picture_means[0], picture_means[-1]
+    pictures = picture_rows(vae, z_a, z_b, result["latent"], seed=args.seed)
+    return result, torch.cat(row)[: args.grid_images], pictures
+
+
+@torch.no_grad()
+def likelihood(accelerator, vae, loader, args: argparse.Namespace, scale: float) -> dict:
+    """−ELBO and the IWAE bound in bits per dimension (eval.latent), over the same images."""
+    acc, generator, hw = LikelihoodAccumulator(), torch.Generator().manual_seed(args.seed + 1), None
+    for batch in loader:
+        x = batch["pixel_values"]
+        hw = tuple(x.shape[-2:])
+        weights = log_weights(vae, x, args.iwae_samples, scale, generator)  # [k, B]
+        acc.update(accelerator.gather_for_metrics(weights.T.contiguous()).T)
+    return acc.compute(hw, args.iwae_samples, scale)
 
 
 def _fmt(value, digits: int) -> str:
@@ -292,8 +334,53 @@ def render_report(payload: dict) -> str:
         "`enable_tiling()` and without (PSNR between the two; higher = fewer seams).",
         "",
         "`reconstructions.png`: first row the originals, then one row per model in the order above.",
+        *latent_section(models),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _per_channel(values: list[float], digits: int = 3) -> str:
+    """A per-channel list as 'c0 v, c1 v, ...'."""
+    return ", ".join(f"{v:.{digits}g}" for v in values)
+
+
+def latent_section(models: dict) -> list[str]:
+    """report.md's latent-space part: rate, active units, prior gap, likelihood, per-channel detail, pictures."""
+    head = ["model", "rate (bits/px)", "KL/elem (nats)", "active units", "active channels", "collapsed",
+            "prior FD", "−ELBO (bpd)", "IWAE NLL (bpd)"]  # fmt: skip
+    lines = ["", "## Latent space", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in models.items():
+        lat = r["latent"]
+        lines.append("| " + " | ".join([
+            f"`{name}`", f"{lat['rate_bpp']:.4f}", f"{lat['kl_per_latent_nats']:.4f}",
+            f"{lat['active_units']}/{lat['units']}", f"{lat['active_channels']}/{lat['latent_shape'][0]}",
+            str(lat["collapsed_channels"] or "none"), f"{lat['prior_fd']:.3f}",
+            _fmt(lat.get("neg_elbo_bpd"), 4), _fmt(lat.get("iwae_nll_bpd"), 4),
+        ]) + " |")  # fmt: skip
+    first = next(iter(models.values()))["latent"]
+    lines += [
+        "",
+        "- rate: KL(q(z|x) ‖ N(0, I)) per latent element, and per image in bits per input pixel (KL / (H·W·ln 2))",
+        "- active unit (Burda et al. 2016): Var over images of the posterior mean of one latent unit (channel, "
+        "row, column) > 0.01; a channel active at < 1 % of its positions is collapsed",
+        "- prior FD: Gaussian Fréchet distance between the aggregate posterior of the C-dim latent vector at a "
+        "position (posterior samples pooled over images and positions) and N(0, I); 0 = the prior's moments",
+        f"- likelihood: {first.get('likelihood', 'not computed (--iwae_samples 0)')}; IWAE with k = "
+        f"{first.get('iwae_samples', '–')} posterior samples; bits per dimension over the 3·H·W 8-bit values",
+        "",
+    ]
+    for name, r in models.items():
+        lat = r["latent"]
+        lines += [
+            f"`{name}` per channel: KL (nats/elem) {_per_channel(lat['kl_per_channel_nats'])}; active fraction "
+            f"{_per_channel(lat['active_fraction_per_channel'], 2)}; posterior std {_per_channel(lat['posterior_std_per_channel'])}; "
+            f"aggregate mean {_per_channel(lat['aggregate_mean_per_channel'])}, std {_per_channel(lat['aggregate_std_per_channel'])}"
+            + (f". Pictures: `{lat['figure']}`" if "figure" in lat else ""),
+            "",
+        ]
+    lines.append("Pictures: traversals (one row per channel, moved over ±2σ of its aggregate distribution), linear and "
+                 "spherical interpolation between two held-out images, samples from the aggregate-matched prior.")
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -322,10 +409,10 @@ def _main(argv: list[str]) -> int:
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate))
     feature_accs, originals = real_pass(accelerator, loader, extractors, args.grid_images)
-    results, rows = {}, [originals]
+    results, rows, pictures = {}, [originals], {}
     for model_id in args.model:
         try:
-            results[model_id], row = evaluate_model(
+            results[model_id], row, pictures[model_id] = evaluate_model(
                 accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image
             )
         except Exception as exc:
@@ -351,6 +438,12 @@ def _main(argv: list[str]) -> int:
             "preprocessing": "resize shorter side (bicubic, antialiased) + centre crop",
             "lpips_net": args.lpips_net, "rfid_status": rfid_status, "models": results,
         }
+        for i, (model_id, rows_of) in enumerate(pictures.items()):
+            latent = results[model_id]["latent"]
+            latent["figure"] = f"latent_{i}.png"
+            save_latent_figure(rows_of, latent, out / latent["figure"], f"{model_id}: latent space")
+            if warning := collapse_warning(latent):
+                print(f"warning: {model_id}: {warning}", file=sys.stderr)
         (out / "metrics.json").write_text(json.dumps(payload, indent=2))
         (out / "report.md").write_text(render_report(payload))
         n = min(len(r) for r in rows)

@@ -39,7 +39,7 @@ def test_dotted_keys_bare_flags_and_lists():
 
 
 def test_unknown_key_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*Did you mean: learning_rate"):
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*did you mean: learning_rate"):
         parse_config(["--learning_rat=1e-4"])
 
 
@@ -81,7 +81,7 @@ def test_yaml_wrong_type(tmp_path):
 
 
 def test_cross_field_errors():
-    with pytest.raises(ValueError, match="either --dataset_name or --train_data_dir"):
+    with pytest.raises(ValueError, match="both --dataset_name and --train_data_dir"):
         parse_config(["--dataset_name=a/b", "--train_data_dir=/x"])
     with pytest.raises(ValueError, match="must be >= 1"):
         parse_config(["--train_batch_size=0"])

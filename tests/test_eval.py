@@ -142,3 +142,11 @@ def test_runner_on_two_tiny_models_writes_metrics_report_and_grid(monkeypatch, t
     assert f"`{tmp_path / 'a'}`" in report and f"`{tmp_path / 'b'}`" in report and "rFID: unavailable" in report
     grid = Image.open(out / "reconstructions.png")
     assert grid.size == (2 + 4 * 34, 2 + 3 * 34)  # 4 columns; rows: originals + 2 models (32 px + 2 px padding)
+    for i, m in enumerate((a, b)):  # the latent report of each model
+        lat = m["latent"]
+        assert lat["n_images"] == 5 and lat["latent_shape"] == [4, 16, 16] and len(lat["kl_per_channel_nats"]) == 4
+        assert lat["rate_bpp"] > 0 and 0 <= lat["active_units"] <= lat["units"] and lat["prior_fd"] >= 0
+        assert lat["iwae_samples"] == 8 and lat["iwae_nll_bpd"] <= lat["neg_elbo_bpd"]
+        assert lat["figure"] == f"latent_{i}.png" and Image.open(out / lat["figure"]).size[0] > 300
+    assert a["latent"]["rate_bpp"] != b["latent"]["rate_bpp"]
+    assert "## Latent space" in report and "IWAE with k = 8" in report

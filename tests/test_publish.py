@@ -77,7 +77,8 @@ def test_dry_run_folder_loads_in_diffusers_and_the_card_round_trips(evaluated, t
     again = ModelCardData(**card.data.to_dict()).eval_results
     assert [(r.metric_type, r.metric_value) for r in again] == [(r.metric_type, r.metric_value) for r in card.data.eval_results]
     text = card.text
-    for needle in ("## Usage", 'variant="fp16"', "## Latent space", "scaling_factor", "## Evaluation", "rFID: not reported — skipped (--no_fid)"):
+    for needle in ("## Usage", 'variant="fp16"', "## Latent space", "scaling_factor", "## Evaluation", "rFID: not reported — skipped (--no_fid)",
+                   "## Rate, active units and prior gap", "bits per pixel", "channels active", "IWAE (k = "):
         assert needle in text, needle
 
 

@@ -47,6 +47,9 @@ def test_tiny_run_exports_a_loadable_vae(run):
     for key in ("psnr", "ssim", "lpips"):
         assert isinstance(metrics[key], float) and isinstance(metrics["initial"][key], float)
     assert metrics["lpips_net"] == "alex"
+    latent = metrics["latent"]  # the held-out latent report of the last validation
+    assert len(latent["kl_per_channel_nats"]) == 4 and latent["n_images"] == 8 and latent["active_channels"] >= 1
+    assert metrics["val"]["val/active_channels"] == latent["active_channels"] and "val/kl_ch3" in metrics["val"]
 
     vae = AutoencoderKL.from_pretrained(out / "vae")
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()

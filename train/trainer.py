@@ -62,6 +62,7 @@ from autoencoder.models import (
 )
 from diffusion_bridge.publish import PublishError, prepare_folder, upload
 from diffusion_bridge.stats import collect_latent_stats, describe, process_shard
+from eval.latent import LatentAccumulator, collapse_warning
 from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
 
 from . import checkpoints
@@ -148,7 +149,8 @@ def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Con
     assert all(p.dtype == torch.float32 for p in vae_model.parameters()), "master weights must stay fp32"
     was_training = vae_model.training
     vae_model.eval()
-    acc = MeanAccumulator()
+    acc, latent_acc = MeanAccumulator(), LatentAccumulator()
+    generator = torch.Generator().manual_seed(step)  # aggregate-posterior samples; the global RNG is untouched
     grid_inputs, grid_recons = [], []
     for batch in val_dl:
         x = batch["pixel_values"]
@@ -162,17 +164,28 @@ def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Con
         assert not terms.keys() & per_image.keys(), "loss log names must not shadow the metrics"
         per_image.update(terms)
         acc.update(accelerator.gather_for_metrics(per_image))
+        mean, logvar = accelerator.gather_for_metrics((posterior.mean.float(), posterior.logvar.float()))
+        latent_acc.update(mean, logvar, tuple(x.shape[-2:]), generator)
         if sum(t.shape[0] for t in grid_inputs) < cfg.train.num_grid_images:
             grid_inputs.append(x)
             grid_recons.append(recon)
     vae_model.train(was_training)
     results = {f"val/{k}": v for k, v in acc.compute().items()}
     results["val/n_images"] = acc.count("psnr")
+    if latent_acc.n >= 2:  # active units are a variance over images
+        latent = latent_acc.compute()
+        results.update({f"val/kl_ch{c}": kl for c, kl in enumerate(latent["kl_per_channel_nats"])})
+        results["val/active_channels"] = latent["active_channels"]
+        results["val/active_units_fraction"] = latent["active_units"] / latent["units"]
+        results["val/prior_fd"] = latent["prior_fd"]
+        if warning := collapse_warning(latent):
+            logger.warning(f"step {step}: {warning}")
+        results["latent"] = latent
     if accelerator.is_main_process:
         n = cfg.train.num_grid_images
         path = Path(cfg.train.output_dir) / "samples" / f"step_{step:07d}.png"
         log_grid(accelerator, torch.cat(grid_inputs)[:n], torch.cat(grid_recons)[:n], path, step)
-    accelerator.log({k: v for k, v in results.items()}, step=step)
+    accelerator.log({k: v for k, v in results.items() if k.startswith("val/")}, step=step)
     return results
 
 
@@ -445,7 +458,8 @@ def preflight(cfg: Config, accelerator: Accelerator) -> RunInputs:
         train_ds = ImageDataset(splits.train, splits.image_column, transform, seed=t.seed)
         check_enough_images(train_ds, global_batch, "training", data_flag(cfg.data))
     val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
-    check_enough_images(val_ds, 1, "validation", data_flag(cfg.data))
+    check_enough_images(val_ds, 1, "validation", data_flag(cfg.data), need="{n} image",
+                        fix="add images or choose another --validation_split")
     return RunInputs(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming)
 
 
@@ -484,11 +498,21 @@ def stop_after_oom(accelerator: Accelerator, model, optimizers: list, cfg: Confi
     )
 
 
-def train(cfg: Config) -> dict:
+def end_run(accelerator: Accelerator, keep_process_group: bool) -> None:
+    """``end_training``, or only finish the trackers when another run follows in this process (train.sweep):
+    a destroyed process group cannot be initialised again on the same rendezvous."""
+    if keep_process_group:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
+
+
+def train(cfg: Config, keep_process_group: bool = False) -> dict:
     """Run training as configured; returns the metrics written to metrics.json.
 
     On SIGINT/SIGTERM it checkpoints and returns early with ``metrics["interrupted"]`` set to the
-    signal number.
+    signal number.  ``keep_process_group``: another run follows in this process (see ``end_run``).
     """
     t = cfg.train
     out = Path(t.output_dir)
@@ -661,7 +685,7 @@ def train(cfg: Config) -> dict:
                                        f"({state.consecutive_nonfinite} in a row, {state.nonfinite_steps} in total)")  # fmt: skip
                         if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
                             last = checkpoints.latest_checkpoint(out / "checkpoints")
-                            accelerator.end_training()
+                            end_run(accelerator, keep_process_group)
                             raise UsageError(
                                 f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up "
                                 f"to step {state.global_step}); stopping. Last good checkpoint: {last or 'none'}",
@@ -720,7 +744,7 @@ def train(cfg: Config) -> dict:
         path = save_checkpoint(accelerator, model, cfg, state.global_step)
         logger.warning(f"{signal.Signals(interrupted).name} received: saved {path} at step {state.global_step}; "
                        "continue with --resume_from_checkpoint latest")  # fmt: skip
-        accelerator.end_training()
+        end_run(accelerator, keep_process_group)
         return {"step": state.global_step, "interrupted": int(interrupted), "checkpoint": str(path)}
 
     if results.get("step") != state.global_step:
@@ -739,6 +763,7 @@ def train(cfg: Config) -> dict:
         "ssim": results["val/ssim"],
         "lpips": results["val/lpips"],
         "val": {k: v for k, v in results.items() if k.startswith("val/")},
+        "latent": results.get("latent"),  # rate, active units, prior gap of the held-out images (eval.latent)
         "initial": {k.split("/", 1)[1]: initial[k] for k in ("val/psnr", "val/ssim", "val/lpips")} if initial else None,
         "skipped_images": state.skipped_images,
         "nonfinite_steps": state.nonfinite_steps,
@@ -775,14 +800,19 @@ def train(cfg: Config) -> dict:
         metrics["push_to_hub"] = push_to_hub(cfg, metrics, vae_dir)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_run(accelerator, keep_process_group)
     return metrics
 
 
 def fmt(results: dict) -> str:
     """One-line summary of validation results."""
     keys = ("val/psnr", "val/ssim", "val/lpips", "val/n_images")
-    return ", ".join(f"{k.split('/')[1]}={results[k]:.4f}" if isinstance(results[k], float) else f"{k.split('/')[1]}={results[k]}" for k in keys)
+    line = ", ".join(f"{k.split('/')[1]}={results[k]:.4f}" if isinstance(results[k], float) else f"{k.split('/')[1]}={results[k]}" for k in keys)
+    if "latent" in results:
+        lat = results["latent"]
+        line += (f", rate={lat['rate_bpp']:.4f} bits/px, active channels {lat['active_channels']}/{lat['latent_shape'][0]}"
+                 f", prior FD {lat['prior_fd']:.3g}")  # fmt: skip
+    return line
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,135 @@
+"""The latent report (eval.latent) against closed forms, and on models with known structure."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autoencoder.config import ModelConfig
+from autoencoder.models import build_vae
+from eval.latent import (
+    LatentAccumulator,
+    collapse_warning,
+    discretized_laplace_log_prob,
+    elbo_and_iwae,
+    gaussian_fd_to_standard,
+    kl_elements,
+    log_weights,
+    normal_log_prob,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_kl_rate_and_bits_per_pixel_match_closed_forms():
+    # KL(N(μ, σ²) || N(0, 1)) = ½(μ² + σ² − 1 − log σ²)
+    mean = torch.tensor([1.0, 0.0, -2.0])
+    logvar = torch.tensor([0.0, 1.0, math.log(0.25)])
+    expected = torch.tensor([0.5, 0.5 * (math.e - 2.0), 0.5 * (4 + 0.25 - 1 - math.log(0.25))])
+    assert torch.allclose(kl_elements(mean, logvar), expected)
+    # 3 images of 16x16 px with latents [2, 2, 2], every element N(1, 1): 0.5 nats per element
+    acc = LatentAccumulator()
+    acc.update(torch.ones(3, 2, 2, 2), torch.zeros(3, 2, 2, 2), (16, 16), _gen())
+    report = acc.compute()
+    assert report["kl_per_latent_nats"] == pytest.approx(0.5)
+    assert report["kl_per_image_nats"] == pytest.approx(4.0)  # 8 elements x 0.5
+    assert report["rate_bpp"] == pytest.approx(4.0 / (16 * 16 * math.log(2)))
+    assert report["kl_per_channel_nats"] == pytest.approx([0.5, 0.5])
+    assert report["posterior_std_per_channel"] == pytest.approx([1.0, 1.0])
+
+
+def test_discretised_laplace_is_a_distribution_over_the_256_levels():
+    levels = torch.arange(256, dtype=torch.float64)
+    for loc in (0.3, 100.0, 127.7, 254.9, -20.0, 300.0):
+        for scale in (0.3, 2.0, 40.0):
+            logp = discretized_laplace_log_prob(levels, torch.full_like(levels, loc), scale)
+            assert torch.isfinite(logp).all()
+            assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9), (loc, scale)
+            # interior bins against the CDF difference computed directly
+            cdf = lambda t: torch.where(t < loc, 0.5 * torch.exp((t - loc) / scale), 1 - 0.5 * torch.exp(-(t - loc) / scale))  # noqa: E731
+            direct = cdf(levels[1:-1] + 0.5) - cdf(levels[1:-1] - 0.5)
+            keep = direct > 1e-12
+            assert torch.allclose(logp[1:-1][keep], direct[keep].log(), atol=1e-6)
+
+
+def test_prior_fd_is_zero_for_the_prior_and_grows_with_shift_and_scale():
+    def fd_of(samples: torch.Tensor) -> float:  # samples [N, C] as point-mass posteriors [N, C, 1, 1]
+        acc = LatentAccumulator()
+        acc.update(samples[:, :, None, None], torch.full((*samples.shape, 1, 1), -30.0), (8, 8), _gen())
+        return acc.compute()["prior_fd"]
+
+    z = torch.randn(40000, 4, generator=_gen(1))
+    assert fd_of(z) < 0.01
+    assert fd_of(z + 1.0) == pytest.approx(4.0, abs=0.05)  # ||m||² = 4
+    assert fd_of(2.0 * z) == pytest.approx(4.0, abs=0.1)  # d (s − 1)² = 4
+    assert fd_of(z + 3.0) > fd_of(z + 1.0) > fd_of(z + 0.3) > fd_of(z)
+    # the closed form directly
+    assert gaussian_fd_to_standard(torch.zeros(3), torch.eye(3) * 9.0) == pytest.approx(3 * (3 - 1) ** 2)
+
+
+def _photos(n: int, size: int = 32) -> torch.Tensor:
+    """n crops of real photographs (scikit-image) in [-1, 1], [n, 3, size, size]."""
+    import skimage.data
+
+    images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    rng = np.random.default_rng(0)
+    crops = []
+    for i in range(n):
+        img = images[i % len(images)]
+        y, x = rng.integers(0, img.shape[0] - 4 * size), rng.integers(0, img.shape[1] - 4 * size)
+        crop = Image.fromarray(img[y : y + 4 * size, x : x + 4 * size]).resize((size, size), Image.BICUBIC)
+        crops.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(crops)
+
+
+def _report(vae, x: torch.Tensor) -> dict:
+    acc = LatentAccumulator()
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+    acc.update(posterior.mean, posterior.logvar, tuple(x.shape[-2:]), _gen())
+    return acc.compute()
+
+
+def test_active_units_find_channels_forced_to_collapse_and_spare_a_healthy_model():
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(preset="cpu-small")).eval()
+    x = _photos(24)
+    healthy = _report(vae, x)
+    assert healthy["collapsed_channels"] == [] and healthy["active_channels"] == 4
+    assert collapse_warning(healthy) is None
+    with torch.no_grad():  # the posterior mean of channels 1 and 3 no longer depends on the image
+        for c in (1, 3):
+            vae.quant_conv.weight[c].zero_()
+    collapsed = _report(vae, x)
+    assert collapsed["collapsed_channels"] == [1, 3] and collapsed["active_channels"] == 2
+    assert collapsed["active_fraction_per_channel"][1] == 0.0 and collapsed["active_fraction_per_channel"][0] > 0
+    warning = collapse_warning(collapsed)
+    assert "[1, 3]" in warning and "posterior collapse" in warning
+
+
+def test_importance_weighted_bound_is_above_the_elbo_and_equals_it_at_k1():
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(preset="tiny")).eval()
+    x = _photos(3, size=16)
+    weights = log_weights(vae, x, k=32, scale=8.0, generator=_gen(3))  # [32, 3]
+    elbo, iwae = elbo_and_iwae(weights)
+    assert (iwae >= elbo).all() and (iwae > elbo).any()
+    one = log_weights(vae, x, k=1, scale=8.0, generator=_gen(4))
+    elbo1, iwae1 = elbo_and_iwae(one)
+    assert torch.allclose(elbo1, iwae1)
+    # in expectation the bound tightens with k: IWAE(32) above the mean of many IWAE(1) = ELBO estimates
+    many = log_weights(vae, x, k=256, scale=8.0, generator=_gen(5))
+    assert (iwae > many.mean(0)).all()
+
+
+def test_sampled_kl_term_matches_the_closed_form():
+    g = _gen(7)
+    mean, logvar = torch.tensor([[0.5, -1.0, 2.0]]), torch.tensor([[0.0, -1.0, 0.7]])
+    z = mean + (0.5 * logvar).exp() * torch.randn(200000, 3, generator=g)
+    log_q = normal_log_prob(z, mean.expand_as(z), logvar.expand_as(z))
+    log_p = normal_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+    assert (log_q - log_p).mean().item() == pytest.approx(kl_elements(mean, logvar).sum().item(), rel=0.01)

@@ -1,0 +1,33 @@
+"""``python -m train.sweep``: one run per β, evaluated together, plotted, and resumable."""
+
+import json
+
+import pytest
+
+import train.sweep as sweep
+
+
+@pytest.mark.slow
+def test_sweep_trains_evaluates_plots_and_skips_finished_runs(tmp_path, lpips_dir, monkeypatch, capsys):
+    monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
+    out = tmp_path / "sweep"
+    args = ["--config=tiny", "--kl_weight", "1e-6,1", "--max_train_steps=30", f"--sweep_dir={out}",
+            "--validation_steps=0", "--checkpointing_steps=0", "--iwae_samples=2"]  # fmt: skip
+    assert sweep.main(args) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    rows = {r["kl_weight"]: r for r in result["runs"]}
+    assert set(rows) == {1e-6, 1.0}
+    # the same seed, data and steps: a 10^6 times larger beta buys a much lower rate
+    assert rows[1.0]["rate_bpp"] < 0.5 * rows[1e-6]["rate_bpp"]
+    for r in rows.values():
+        assert r["iwae_nll_bpd"] <= r["neg_elbo_bpd"] and r["units"] == 4 * 16 * 16
+    assert (out / "rate_distortion.png").stat().st_size > 10_000
+    assert "| `kl_weight=1e-06` | 1e-06 | 4 |" in (out / "sweep.md").read_text()
+    assert (out / "eval" / "latent_0.png").is_file() and (out / "eval" / "latent_1.png").is_file()
+
+    capsys.readouterr()
+    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert sweep.main(args) == 0  # resumable: finished runs are skipped, the evaluation is redone
+    err = capsys.readouterr().err
+    assert err.count("finished earlier, skipped") == 2
+    assert json.loads((out / "sweep.json").read_text())["runs"] == result["runs"]  # the same seeded evaluation

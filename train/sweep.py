@@ -1,0 +1,254 @@
+"""A β sweep: one short run per value, every run evaluated on the same held-out images, a rate–distortion picture.
+
+    python -m train.sweep --kl_weight 1e-7,1e-6,1e-5,1e-4 [--latent_channels 4,8] [--sweep_dir DIR] [any train flag]
+
+Every run has the same seed, data and steps (the train flags given); runs are
+``<sweep_dir>/kl_weight=<β>[,latent_channels=<C>]``.  Resumable: a finished run (its export and
+metrics.json at max_train_steps) is skipped, an unfinished one resumes from its latest checkpoint.
+Then ``python -m eval`` scores all runs side by side (reconstruction and latent report) on the
+held-out images of the training validation, and the sweep writes ``sweep.json``, ``sweep.md`` and
+``rate_distortion.png`` (rate in bits per pixel against PSNR and against LPIPS, one labelled point
+per run).  Works under ``accelerate launch`` like ``python -m train``.
+"""
+
+import itertools
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from accelerate.state import AcceleratorState, GradientState, PartialState
+
+from autoencoder.config import Config, parse_config
+from autoencoder.errors import UsageError, run_cli
+from autoencoder.launch import relaunch_cpu, requested_cpu_processes
+from eval.runner import main as eval_main
+
+from .trainer import train
+
+SWEPT = {"kl_weight": float, "latent_channels": int}  # the swept keys and their types
+OWN = ("sweep_dir", "iwae_samples")  # the sweep's own options
+
+
+@dataclass
+class SweepArgs:
+    """The parsed command line: the grid, the sweep's own options and the train flags shared by every run."""
+
+    grid: dict[str, list]
+    sweep_dir: Path
+    iwae_samples: int
+    train_argv: list[str]
+
+
+def _pairs(argv: list[str]) -> list[tuple[str, Optional[str], list[str]]]:
+    """(key, value, original tokens) for each ``--key=value`` / ``--key value`` / ``--flag`` in ``argv``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            out.append((key, value, [arg]))
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append((arg[2:], argv[i + 1], [arg, argv[i + 1]]))
+            i += 1
+        else:
+            out.append((arg.lstrip("-"), None, [arg]))
+        i += 1
+    return out
+
+
+def parse_args(argv: list[str]) -> SweepArgs:
+    """Split the sweep's options from the train flags; refuse what a sweep cannot mean."""
+    grid: dict[str, list] = {}
+    own = {"sweep_dir": "outputs/sweep", "iwae_samples": "8"}
+    train_argv: list[str] = []
+    for key, value, tokens in _pairs(argv):
+        if key in SWEPT:
+            if value is None:
+                raise UsageError(f"--{key} needs a comma-separated list", f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4")
+            try:
+                grid[key] = [SWEPT[key](v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise UsageError(f"--{key} {value!r} is not a list of {SWEPT[key].__name__}s",
+                                 f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4") from None  # fmt: skip
+        elif key in OWN:
+            if value is None:
+                raise UsageError(f"--{key} needs a value", f"write --{key}=VALUE")
+            own[key] = value
+        elif key == "output_dir":
+            raise UsageError("--output_dir is set per run by the sweep", "use --sweep_dir to choose the sweep's folder")
+        elif key == "resume_from_checkpoint":
+            raise UsageError("--resume_from_checkpoint is managed by the sweep (unfinished runs resume)",
+                             "rerun the same sweep command to continue it")  # fmt: skip
+        else:
+            train_argv += tokens
+    if "kl_weight" not in grid:
+        raise UsageError("a sweep needs --kl_weight with the values to try", "e.g. --kl_weight 1e-7,1e-6,1e-5,1e-4")
+    if len(list(itertools.product(*grid.values()))) < 2:
+        raise UsageError("a sweep needs at least two runs", "give two or more values to --kl_weight")
+    if not own["iwae_samples"].isdigit():
+        raise UsageError(f"--iwae_samples {own['iwae_samples']!r} is not a count", "e.g. --iwae_samples=8")
+    return SweepArgs(grid, Path(own["sweep_dir"]), int(own["iwae_samples"]), train_argv)
+
+
+def run_name(point: dict) -> str:
+    """The run folder's name: 'kl_weight=1e-06' or 'kl_weight=1e-06,latent_channels=8'."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+def run_configs(args: SweepArgs) -> list[tuple[dict, Config]]:
+    """(swept values, resolved config) of every run; all are checked before any trains."""
+    runs = []
+    for values in itertools.product(*args.grid.values()):
+        point = dict(zip(args.grid, values))
+        flags = [f"--{k}={v!r}" if isinstance(v, float) else f"--{k}={v}" for k, v in point.items()]
+        cfg = parse_config([*args.train_argv, *flags, f"--output_dir={args.sweep_dir / run_name(point)}"])
+        cfg.train.resume_from_checkpoint = "latest"  # an interrupted sweep continues its unfinished run
+        runs.append((point, cfg))
+    return runs
+
+
+def finished(cfg: Config) -> bool:
+    """Whether a run has its export and reached max_train_steps (then the sweep skips it)."""
+    out = Path(cfg.train.output_dir)
+    if not (out / "vae" / "config.json").is_file() or not (out / "metrics.json").is_file():
+        return False
+    return json.loads((out / "metrics.json").read_text()).get("step") == cfg.train.max_train_steps
+
+
+def fresh_accelerate_state() -> None:
+    """Forget the previous run's Accelerator singletons (as accelerate's own tests do), so the next one starts clean."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def eval_argv(args: SweepArgs, runs: list[tuple[dict, Config]]) -> list[str]:
+    """``python -m eval`` on every run, on the held-out images the training validated on."""
+    cfg = runs[0][1]
+    d = cfg.data
+    argv = [f"--model={Path(c.train.output_dir) / 'vae'}" for _, c in runs]
+    if d.dataset_name:
+        argv.append(f"--dataset_name={d.dataset_name}")
+    if d.train_data_dir:
+        argv.append(f"--train_data_dir={d.train_data_dir}")
+    if d.validation_split:
+        argv.append(f"--split={d.validation_split}")
+    argv += [f"--image_column={d.image_column}", f"--resolution={d.resolution}", f"--num_images={d.num_validation_images}",
+             f"--batch_size={cfg.train.validation_batch_size}", f"--iwae_samples={args.iwae_samples}",
+             f"--seed={cfg.train.seed}", f"--output_dir={args.sweep_dir / 'eval'}", "--no_fid", "--no_tiling_check"]  # fmt: skip
+    if cfg.loss.lpips_weights:
+        argv.append(f"--lpips_weights={cfg.loss.lpips_weights}")
+    return argv
+
+
+def sweep_table(args: SweepArgs, runs: list[tuple[dict, Config]], evaluation: dict) -> list[dict]:
+    """One row per run: its swept values, reconstruction metrics and latent report."""
+    rows = []
+    for point, cfg in runs:
+        m = evaluation["models"][str(Path(cfg.train.output_dir) / "vae")]
+        lat = m["latent"]
+        rows.append({
+            "run": run_name(point), **point, "latent_channels": lat["latent_shape"][0],
+            "psnr": m["psnr"], "ssim": m["ssim"], "lpips": m["lpips"], "rate_bpp": lat["rate_bpp"],
+            "kl_per_latent_nats": lat["kl_per_latent_nats"], "active_units": lat["active_units"], "units": lat["units"],
+            "active_channels": lat["active_channels"], "collapsed_channels": lat["collapsed_channels"],
+            "prior_fd": lat["prior_fd"], "neg_elbo_bpd": lat.get("neg_elbo_bpd"), "iwae_nll_bpd": lat.get("iwae_nll_bpd"),
+        })  # fmt: skip
+    return rows
+
+
+def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
+    """sweep.md: the table and how it was made."""
+    head = ["run", "β", "C", "PSNR ↑", "SSIM ↑", f"LPIPS-{evaluation['lpips_net']} ↓", "rate (bits/px)",
+            "KL/elem (nats)", "active units", "active channels", "prior FD", "−ELBO (bpd)", "IWAE NLL (bpd)"]  # fmt: skip
+    lines = ["# β sweep", "", f"- held-out images: {evaluation['data']}, {evaluation['n_images']} at "
+             f"{evaluation['resolution']} px; same seed, data and steps for every run", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for r in rows:
+        cells = [f"`{r['run']}`", f"{r['kl_weight']:g}", str(r["latent_channels"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
+                 f"{r['lpips']:.4f}", f"{r['rate_bpp']:.4f}", f"{r['kl_per_latent_nats']:.4f}",
+                 f"{r['active_units']}/{r['units']}", f"{r['active_channels']}/{r['latent_channels']}", f"{r['prior_fd']:.3f}",
+                 "–" if r["neg_elbo_bpd"] is None else f"{r['neg_elbo_bpd']:.4f}",
+                 "–" if r["iwae_nll_bpd"] is None else f"{r['iwae_nll_bpd']:.4f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Definitions: `eval/report.md` (rate = KL in bits per input pixel; active units after Burda et al. "
+              "2016; prior FD = Gaussian Fréchet distance of the aggregate posterior to N(0, I)). Picture: "
+              "`rate_distortion.png`; per-run latent pictures: `eval/latent_*.png`.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
+    """rate_distortion.png: rate (bits/px) against PSNR and against LPIPS, one labelled point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    channels = sorted({r["latent_channels"] for r in rows})
+    for ax, (key, label) in zip(axes, [("psnr", "PSNR (dB) ↑"), ("lpips", f"LPIPS-{lpips_net} ↓")]):
+        for c, marker in zip(channels, "osD^v"):
+            pts = sorted((r for r in rows if r["latent_channels"] == c), key=lambda r: r["rate_bpp"])
+            ax.plot([r["rate_bpp"] for r in pts], [r[key] for r in pts], marker=marker, label=f"{c} latent channels")
+            for r in pts:
+                ax.annotate(f"β={r['kl_weight']:g}\nAU {r['active_channels']}/{r['latent_channels']} ch",
+                            (r["rate_bpp"], r[key]), textcoords="offset points", xytext=(5, 4), fontsize=7)  # fmt: skip
+        ax.set_xscale("log" if max(r["rate_bpp"] for r in rows) > 20 * min(r["rate_bpp"] for r in rows) else "linear")
+        ax.margins(x=0.2, y=0.15)  # room for the labels
+        ax.set_xlabel("rate: KL in bits per input pixel")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("β sweep: rate against distortion on the held-out images (AU = active channels)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python -m train.sweep``; exit statuses as ``python -m train``."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    """The body of ``main`` (errors are reported by ``run_cli``)."""
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    args = parse_args(argv)
+    runs = run_configs(args)
+    n = requested_cpu_processes()
+    if n > 1:
+        return relaunch_cpu(n, "train.sweep", argv)
+    say = (lambda text: print(f"sweep: {text}", file=sys.stderr)) if int(os.environ.get("RANK", "0")) == 0 else (lambda text: None)
+    for point, cfg in runs:
+        if finished(cfg):
+            say(f"{run_name(point)} finished earlier, skipped")
+            continue
+        say(f"training {run_name(point)} -> {cfg.train.output_dir}")
+        fresh_accelerate_state()
+        metrics = train(cfg, keep_process_group=True)
+        if metrics.get("interrupted"):
+            return 128 + metrics["interrupted"]
+    fresh_accelerate_state()
+    code = eval_main(eval_argv(args, runs))
+    if code:
+        return code
+    if PartialState().is_main_process:
+        evaluation = json.loads((args.sweep_dir / "eval" / "metrics.json").read_text())
+        rows = sweep_table(args, runs, evaluation)
+        (args.sweep_dir / "sweep.json").write_text(json.dumps({"grid": args.grid, "train_argv": args.train_argv,
+                                                               "eval": str(args.sweep_dir / "eval"), "runs": rows},
+                                                              indent=2))  # fmt: skip
+        (args.sweep_dir / "sweep.md").write_text(render_markdown(rows, evaluation, args))
+        plot_rate_distortion(rows, evaluation["lpips_net"], args.sweep_dir / "rate_distortion.png")
+        print(render_markdown(rows, evaluation, args))
+        print(f"wrote {args.sweep_dir}/sweep.json, sweep.md, rate_distortion.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
