@@ -15,6 +15,7 @@ and prints ``error: <what is wrong>; <how to fix it>`` on stderr, without a trac
 """
 
 import contextlib
+import errno
 import os
 import sys
 import traceback
@@ -106,6 +107,11 @@ def translate(exc: BaseException, flag: Optional[str] = None, value: Any = None)
             f"download it where there is network (`{fetch}`) and pass DIR to "
             f"{'--train_data_dir' if dataset else flag or 'the flag'}",
         )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return UsageError(f"no space left on the device ({exc.filename or _first_line(exc)})",
+                          "free space or choose another output folder")  # fmt: skip
+    if isinstance(exc, PermissionError):
+        return UsageError(f"permission denied: {exc.filename or _first_line(exc)}", "choose a location you can write")
     if isinstance(exc, UnidentifiedImageError):
         return UsageError(f"unreadable image: {_first_line(exc)}", "remove or re-encode the file")
     if isinstance(exc, FileNotFoundError) and flag:

@@ -201,3 +201,28 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
     GradientState._reset_state()
     assert trainer.main([*args, "--resume_from_checkpoint=latest"]) == 0
     assert (out / "vae").is_dir()
+
+
+def test_an_unforeseen_crash_is_one_line_with_status_1_and_a_traceback_only_under_debug(monkeypatch, capsys):
+    def broken(cfg):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer, "train", broken)
+    assert trainer.main(["--config=tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: unexpected RuntimeError: boom; this is a bug: rerun with --debug "
+                           "(or AUTOENCODER_DEBUG=1) for the traceback and report it")  # fmt: skip
+    monkeypatch.setenv("AUTOENCODER_DEBUG", "")
+    assert trainer.main(["--config=tiny", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and 'raise RuntimeError("boom")' in err and err.strip().endswith("report it")
+    monkeypatch.delenv("AUTOENCODER_DEBUG")  # --debug exported it for relaunched ranks
+
+
+def test_interrupt_is_130(monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert trainer.main(["--config=tiny"]) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted")

@@ -6,6 +6,7 @@ runs, on the GPU the process sees.
 """
 
 import json
+import os
 import shutil
 
 import pytest
@@ -131,3 +132,22 @@ def test_bridge_stats_encode_and_publish_dry_run_on_gpu(gpu_model, shared, tmp_p
     assert bridge_main(["publish", "--model", str(model), "--repo_id", "someone/vae", "--allow_missing_eval",
                         "--dry_run", str(tmp_path / "repo")]) == 0  # fmt: skip
     assert AutoencoderKL.from_pretrained(tmp_path / "repo", variant="fp16", torch_dtype=torch.float16) is not None
+
+
+@pytest.mark.cuda
+def test_real_cuda_out_of_memory_is_exit_3_with_the_batch_and_remedies(tmp_path, lpips_dir):
+    """A batch no GPU holds (sd-f8c4, 64 x 1024 px): one line, exit 3, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "LPIPS_WEIGHTS": str(lpips_dir), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "train", "--config=sd-f8c4", "--resolution=1024", "--train_batch_size=64",
+                             "--max_train_steps=2", "--validate_at_start=false", f"--output_dir={tmp_path / 'oom'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(errors) == 1
+    assert errors[0].startswith("error: out of memory at step 1 on cuda") and "--train_batch_size 64" in errors[0]
+    assert "--gradient_checkpointing" in errors[0]

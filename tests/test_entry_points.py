@@ -15,7 +15,7 @@ def _python_m(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("package", ["train", "eval", "diffusion_bridge"])
+@pytest.mark.parametrize("package", ["train", "train.sweep", "eval", "diffusion_bridge"])
 def test_python_m_help(package):
     result = _python_m(package, "--help")
     assert result.returncode == 0, result.stderr

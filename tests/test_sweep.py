@@ -31,3 +31,15 @@ def test_sweep_trains_evaluates_plots_and_skips_finished_runs(tmp_path, lpips_di
     err = capsys.readouterr().err
     assert err.count("finished earlier, skipped") == 2
     assert json.loads((out / "sweep.json").read_text())["runs"] == result["runs"]  # the same seeded evaluation
+
+
+def test_sweep_grid_names_runs_and_refuses_what_it_manages(tmp_path):
+    args = sweep.parse_args(["--config=tiny", "--kl_weight=1e-6,1e-4", "--latent_channels", "4,8",
+                             f"--sweep_dir={tmp_path}", "--max_train_steps=7"])  # fmt: skip
+    runs = sweep.run_configs(args)
+    assert [sweep.run_name(p) for p, _ in runs] == ["kl_weight=1e-06,latent_channels=4", "kl_weight=1e-06,latent_channels=8",
+                                                    "kl_weight=0.0001,latent_channels=4", "kl_weight=0.0001,latent_channels=8"]
+    point, cfg = runs[3]
+    assert cfg.loss.kl_weight == 1e-4 and cfg.model.latent_channels == 8 and cfg.train.max_train_steps == 7
+    assert cfg.train.output_dir == str(tmp_path / "kl_weight=0.0001,latent_channels=8")
+    assert cfg.train.resume_from_checkpoint == "latest" and not sweep.finished(cfg)

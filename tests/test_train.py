@@ -172,3 +172,21 @@ def test_reported_lpips_is_the_alexnet_metric_of_the_exported_model(run, lpips_d
     again = reconstruction_metrics(recon, x, build_lpips("alex", str(lpips_dir)))
     for key in ("psnr", "ssim", "lpips"):
         assert metrics[key] == pytest.approx(again[key].mean().item(), rel=1e-5), key
+
+
+def test_validation_warns_when_a_latent_channel_collapses(run, monkeypatch, caplog):
+    real_build = trainer.build_vae
+
+    def collapsed(cfg):  # channels 1 and 3 of the posterior mean no longer depend on the image
+        vae = real_build(cfg)
+        with torch.no_grad():
+            vae.quant_conv.weight[1].zero_()
+            vae.quant_conv.weight[3].zero_()
+        return vae
+
+    monkeypatch.setattr(trainer, "build_vae", collapsed)
+    with caplog.at_level(logging.WARNING):
+        code, out = run("--max_train_steps=1", "--validation_steps=0", "--checkpointing_steps=0")
+    assert code == 0
+    warnings = [r.getMessage() for r in caplog.records if "posterior collapse" in r.getMessage()]
+    assert warnings and "step 0" in warnings[0] and "channel(s) [1, 3] of 4" in warnings[0]
