@@ -365,8 +365,10 @@ def latent_section(models: dict) -> list[str]:
         "row, column) > 0.01; a channel active at < 1 % of its positions is collapsed",
         "- prior FD: Gaussian Fréchet distance between the aggregate posterior of the C-dim latent vector at a "
         "position (posterior samples pooled over images and positions) and N(0, I); 0 = the prior's moments",
-        f"- likelihood: {first.get('likelihood', 'not computed (--iwae_samples 0)')}; IWAE with k = "
-        f"{first.get('iwae_samples', '–')} posterior samples; bits per dimension over the 3·H·W 8-bit values",
+        "- likelihood: " + ("discretised Laplace decoder over the 256 levels with each model's maximum-likelihood "
+                            "scale (mean |x − x̂| of its mode reconstructions, listed below), prior N(0, I); IWAE with "
+                            f"k = {first['iwae_samples']} posterior samples; bits per dimension over the 3·H·W 8-bit values"
+                            if "iwae_samples" in first else "not computed (--iwae_samples 0)"),
         "",
     ]
     for name, r in models.items():
@@ -375,6 +377,7 @@ def latent_section(models: dict) -> list[str]:
             f"`{name}` per channel: KL (nats/elem) {_per_channel(lat['kl_per_channel_nats'])}; active fraction "
             f"{_per_channel(lat['active_fraction_per_channel'], 2)}; posterior std {_per_channel(lat['posterior_std_per_channel'])}; "
             f"aggregate mean {_per_channel(lat['aggregate_mean_per_channel'])}, std {_per_channel(lat['aggregate_std_per_channel'])}"
+            + (f"; Laplace scale {lat['laplace_scale_levels']:.3g} levels" if "laplace_scale_levels" in lat else "")
             + (f". Pictures: `{lat['figure']}`" if "figure" in lat else ""),
             "",
         ]

@@ -187,22 +187,28 @@ def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     channels = sorted({r["latent_channels"] for r in rows})
+    rates = [r["rate_bpp"] for r in rows]
     for ax, (key, label) in zip(axes, [("psnr", "PSNR (dB) ↑"), ("lpips", f"LPIPS-{lpips_net} ↓")]):
         for c, marker in zip(channels, "osD^v"):
-            pts = sorted((r for r in rows if r["latent_channels"] == c), key=lambda r: r["rate_bpp"])
-            ax.plot([r["rate_bpp"] for r in pts], [r[key] for r in pts], marker=marker, label=f"{c} latent channels")
-            for r in pts:
-                ax.annotate(f"β={r['kl_weight']:g}\nAU {r['active_channels']}/{r['latent_channels']} ch",
-                            (r["rate_bpp"], r[key]), textcoords="offset points", xytext=(5, 4), fontsize=7)  # fmt: skip
-        ax.set_xscale("log" if max(r["rate_bpp"] for r in rows) > 20 * min(r["rate_bpp"] for r in rows) else "linear")
+            pts = sorted((r for r in rows if r["latent_channels"] == c), key=lambda r: r["kl_weight"])
+            # joined in β order: the path the trade-off takes as β grows
+            ax.plot([r["rate_bpp"] for r in pts], [r[key] for r in pts], marker=marker, linestyle=":",
+                    label=f"{c} latent channels (β increasing along the dotted line)")  # fmt: skip
+            for i, r in enumerate(pts):
+                collapsed = f", {len(r['collapsed_channels'])} collapsed" if r["collapsed_channels"] else ""
+                ax.annotate(f"β={r['kl_weight']:g} ({r['active_channels']}/{r['latent_channels']} ch{collapsed})",
+                            (r["rate_bpp"], r[key]), textcoords="offset points", fontsize=6.5,
+                            xytext=(4, 6 if i % 2 else -10))  # alternate above/below: neighbours do not overlap
+        if max(rates) > 5 * min(rates):
+            ax.set_xscale("log")
         ax.margins(x=0.2, y=0.15)  # room for the labels
         ax.set_xlabel("rate: KL in bits per input pixel")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("β sweep: rate against distortion on the held-out images (AU = active channels)", fontsize=10)
+    fig.suptitle("β sweep: rate against distortion on the held-out images (ch = active latent channels)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
