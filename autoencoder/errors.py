@@ -203,7 +203,12 @@ def agree(error: Optional[BaseException]) -> None:
     if not failed:
         return
     rank, (message, code) = failed[0]
-    if error is not None and rank == dist.get_rank():
+    # Leave together: a rank exiting while its peers still hold gloo/NCCL connections to it can make
+    # them abort (SIGABRT) instead of exiting with our status.
+    me = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    if error is not None and rank == me:
         raise error  # the first failing rank reports its own error (with its traceback under --debug)
     raise AgreedError(message, code, rank)
 

@@ -79,8 +79,9 @@ def relaunch_cpu(num_processes: int, module: str, argv: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", module, *argv)
     except ChildFailedError as exc:
-        code = exc.get_first_failure()[1].exitcode
-        return code if code >= 0 else 128 - code  # killed by signal N: 128+N as a shell reports it
+        codes = [f.exitcode for f in exc.failures.values()]
+        ours = [c for c in codes if c > 0]  # a rank's own status outranks peers stopped by the launcher
+        return min(ours) if ours else 128 - min(codes)  # killed by signal N: 128+N as a shell reports it
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0
