@@ -60,6 +60,20 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch's CPU allocator
 
 
+class CatchOutOfMemory:
+    """Context manager: suppresses an out-of-memory error raised in its block and keeps its first line."""
+
+    def __enter__(self) -> "CatchOutOfMemory":
+        self.message: Optional[str] = None
+        return self
+
+    def __exit__(self, tp: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        if exc is None or not is_oom(exc):
+            return False
+        self.message = _first_line(exc)
+        return True
+
+
 def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message (library messages run to many lines)."""
     text = str(exc).strip().splitlines()

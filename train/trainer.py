@@ -49,7 +49,7 @@ from autoencoder.data import (
     train_transform,
 )
 from autoencoder.losses import VAELoss, build_discriminator, disc_factor_at
-from autoencoder.errors import OutOfMemory, UsageError, agree, check_output_writable, is_oom, run_cli
+from autoencoder.errors import CatchOutOfMemory, OutOfMemory, UsageError, agree, check_output_writable, run_cli
 from autoencoder.lpips_weights import build_lpips
 from autoencoder.models import (
     VAEForTraining,
@@ -611,132 +611,126 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     interrupted: Optional[int] = None
     micro_in_window = 0  # micro-batches of the current accumulation window entered so far
     in_update = False  # inside an optimizer step: parameters may be half-updated
-    oom: Optional[str] = None
     model.train()
-    try:
-        with StopRequest() as stop:
-            for epoch in itertools.count(state.epoch):
-                if state.global_step >= t.max_train_steps or interrupted:
-                    break
-                state.epoch = epoch
-                (train_ds if streaming else train_dl).set_epoch(epoch)  # data order and augmentation of this epoch
-                if streaming:  # a stream cannot seek: re-read and drop the batches already trained on
-                    loader = itertools.islice(train_dl, state.batches_in_epoch, None)
-                elif state.batches_in_epoch:
-                    loader = skip_first_batches(train_dl, state.batches_in_epoch)
-                else:
-                    loader = train_dl
-                yielded = 0
-                for batch in loader:
-                    yielded += 1
-                    state.batches_in_epoch += 1
-                    micro_in_window += 1
-                    x = batch["pixel_values"].to(accelerator.device)
-                    step = state.global_step
-                    use_disc = disc is not None and disc_factor_at(step, cfg.loss) > 0
-                    # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
-                    grad_scale = accelerator.scaler.get_scale() if use_disc and accelerator.scaler is not None else 1.0
-                    with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
-                        recon, posterior = model(x)
-                        loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
-                                             last_layer=last_layer, grad_scale=grad_scale)  # fmt: skip
-                        # One tiny all-reduce so every rank takes the same branch (no DDP hang).
-                        flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum is not None)],
-                                             device=accelerator.device)  # fmt: skip
-                        flags = accelerator.reduce(flags, "sum") if accelerator.num_processes > 1 else flags
-                        bad_loss, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
-                        window_bad |= bad_loss
-                        if not bad_loss:
-                            accelerator.backward(loss)
-                        if accelerator.sync_gradients and not window_bad:
-                            # Decided before clipping: under fp16, clipping unscales the gradients, and an
-                            # unscale_ must be followed by the scaler's step/update, never by a skip.
-                            window_bad |= not clip_vae_gradients(accelerator, model, loss_fn, cfg, logs)
-                            if not window_bad:
-                                in_update = True
-                                optimizer.step()  # fp16: the GradScaler may still skip it (overflow)
-                                scheduler.step()  # does not advance when the scaler skipped the step
-                                in_update = False
-                        optimizer.zero_grad(set_to_none=True)
-                        if use_disc:  # after the VAE step, so the D step runs on the same (updated) scaler scale
-                            if not bad_loss:
-                                d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, step)
-                                accelerator.backward(d_loss)
-                                logs.update(d_logs)
-                            if accelerator.sync_gradients and not window_bad:  # no D update when the VAE's was skipped
-                                if t.max_grad_norm > 0:
-                                    accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
-                                in_update = True
-                                disc_optimizer.step()
-                                disc_scheduler.step()
-                                in_update = False
-                            disc_optimizer.zero_grad(set_to_none=True)
-                    state.skipped_images += int(batch["num_skipped"])
-                    if not accelerator.sync_gradients:
-                        continue
-                    micro_in_window = 0
-                    state.global_step += 1
-                    interval_steps += 1
-                    progress.update(1)
-                    if window_bad:
-                        state.nonfinite_steps += 1
-                        state.consecutive_nonfinite += 1
-                        logger.warning(f"step {state.global_step}: non-finite loss or gradient, update skipped "
-                                       f"({state.consecutive_nonfinite} in a row, {state.nonfinite_steps} in total)")  # fmt: skip
-                        if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-                            last = checkpoints.latest_checkpoint(out / "checkpoints")
-                            end_run(accelerator, keep_process_group)
-                            raise UsageError(
-                                f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up "
-                                f"to step {state.global_step}); stopping. Last good checkpoint: {last or 'none'}",
-                                f"resume from it with --resume_from_checkpoint {last or 'PATH'} and e.g. a lower "
-                                "--learning_rate or --mixed_precision=bf16/no",
-                            )
-                    else:
-                        state.consecutive_nonfinite = 0
-                        if ema is not None:
+    with StopRequest() as stop, CatchOutOfMemory() as oom:
+        for epoch in itertools.count(state.epoch):
+            if state.global_step >= t.max_train_steps or interrupted:
+                break
+            state.epoch = epoch
+            (train_ds if streaming else train_dl).set_epoch(epoch)  # data order and augmentation of this epoch
+            if streaming:  # a stream cannot seek: re-read and drop the batches already trained on
+                loader = itertools.islice(train_dl, state.batches_in_epoch, None)
+            elif state.batches_in_epoch:
+                loader = skip_first_batches(train_dl, state.batches_in_epoch)
+            else:
+                loader = train_dl
+            yielded = 0
+            for batch in loader:
+                yielded += 1
+                state.batches_in_epoch += 1
+                micro_in_window += 1
+                x = batch["pixel_values"].to(accelerator.device)
+                step = state.global_step
+                use_disc = disc is not None and disc_factor_at(step, cfg.loss) > 0
+                # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
+                grad_scale = accelerator.scaler.get_scale() if use_disc and accelerator.scaler is not None else 1.0
+                with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
+                    recon, posterior = model(x)
+                    loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
+                                         last_layer=last_layer, grad_scale=grad_scale)  # fmt: skip
+                    # One tiny all-reduce so every rank takes the same branch (no DDP hang).
+                    flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum is not None)],
+                                         device=accelerator.device)  # fmt: skip
+                    flags = accelerator.reduce(flags, "sum") if accelerator.num_processes > 1 else flags
+                    bad_loss, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
+                    window_bad |= bad_loss
+                    if not bad_loss:
+                        accelerator.backward(loss)
+                    if accelerator.sync_gradients and not window_bad:
+                        # Decided before clipping: under fp16, clipping unscales the gradients, and an
+                        # unscale_ must be followed by the scaler's step/update, never by a skip.
+                        window_bad |= not clip_vae_gradients(accelerator, model, loss_fn, cfg, logs)
+                        if not window_bad:
                             in_update = True
-                            ema.step(vae_params)
+                            optimizer.step()  # fp16: the GradScaler may still skip it (overflow)
+                            scheduler.step()  # does not advance when the scaler skipped the step
                             in_update = False
-                    window_bad = False
-                    if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
-                        elapsed = time.perf_counter() - interval_start
-                        logs = {k: float(v) for k, v in logs.items()}
-                        logs["train/lr"] = scheduler.get_last_lr()[0]
-                        logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
-                        logs["train/skipped_images"] = state.skipped_images
-                        logs["train/nonfinite_steps"] = state.nonfinite_steps
-                        if ema is not None:
-                            logs["train/ema_decay"] = ema.cur_decay_value or 0.0
-                        accelerator.log(logs, step=state.global_step)
-                        progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
-                        interval_start, interval_steps = time.perf_counter(), 0
-                    if stop_now:
-                        interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
-                        break
-                    if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, model, cfg, state.global_step)
-                    if t.validation_steps and state.global_step % t.validation_steps == 0:
-                        with ema_weights(ema, vae_params):
-                            results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
-                        results["step"] = state.global_step
-                        logger.info(f"step {state.global_step}: {fmt(results)}")
-                    if state.global_step >= t.max_train_steps:
-                        break
-                else:  # the epoch ran to its end
-                    if not yielded and not state.batches_in_epoch:
-                        raise UsageError(f"the training data yielded no batch of {t.train_batch_size} images",
-                                         "add images or lower --train_batch_size")  # fmt: skip
-                    state.batches_in_epoch = 0
-    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
-        if not is_oom(exc):
-            raise
-        oom = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if oom is not None:  # outside the except block, so the failed step's tensors can be freed
+                    optimizer.zero_grad(set_to_none=True)
+                    if use_disc:  # after the VAE step, so the D step runs on the same (updated) scaler scale
+                        if not bad_loss:
+                            d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, step)
+                            accelerator.backward(d_loss)
+                            logs.update(d_logs)
+                        if accelerator.sync_gradients and not window_bad:  # no D update when the VAE's was skipped
+                            if t.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
+                            in_update = True
+                            disc_optimizer.step()
+                            disc_scheduler.step()
+                            in_update = False
+                        disc_optimizer.zero_grad(set_to_none=True)
+                state.skipped_images += int(batch["num_skipped"])
+                if not accelerator.sync_gradients:
+                    continue
+                micro_in_window = 0
+                state.global_step += 1
+                interval_steps += 1
+                progress.update(1)
+                if window_bad:
+                    state.nonfinite_steps += 1
+                    state.consecutive_nonfinite += 1
+                    logger.warning(f"step {state.global_step}: non-finite loss or gradient, update skipped "
+                                   f"({state.consecutive_nonfinite} in a row, {state.nonfinite_steps} in total)")  # fmt: skip
+                    if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+                        last = checkpoints.latest_checkpoint(out / "checkpoints")
+                        end_run(accelerator, keep_process_group)
+                        raise UsageError(
+                            f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up "
+                            f"to step {state.global_step}); stopping. Last good checkpoint: {last or 'none'}",
+                            f"resume from it with --resume_from_checkpoint {last or 'PATH'} and e.g. a lower "
+                            "--learning_rate or --mixed_precision=bf16/no",
+                        )
+                else:
+                    state.consecutive_nonfinite = 0
+                    if ema is not None:
+                        in_update = True
+                        ema.step(vae_params)
+                        in_update = False
+                window_bad = False
+                if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    logs = {k: float(v) for k, v in logs.items()}
+                    logs["train/lr"] = scheduler.get_last_lr()[0]
+                    logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
+                    logs["train/skipped_images"] = state.skipped_images
+                    logs["train/nonfinite_steps"] = state.nonfinite_steps
+                    if ema is not None:
+                        logs["train/ema_decay"] = ema.cur_decay_value or 0.0
+                    accelerator.log(logs, step=state.global_step)
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if stop_now:
+                    interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
+                    break
+                if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, model, cfg, state.global_step)
+                if t.validation_steps and state.global_step % t.validation_steps == 0:
+                    with ema_weights(ema, vae_params):
+                        results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
+                    results["step"] = state.global_step
+                    logger.info(f"step {state.global_step}: {fmt(results)}")
+                if state.global_step >= t.max_train_steps:
+                    break
+            else:  # the epoch ran to its end
+                if not yielded and not state.batches_in_epoch:
+                    raise UsageError(f"the training data yielded no batch of {t.train_batch_size} images",
+                                     "add images or lower --train_batch_size")  # fmt: skip
+                state.batches_in_epoch = 0
+    if oom.message is not None:  # the failed step's tensors are released with the exception
         x = recon = posterior = loss = logs = batch = None  # noqa: F841
         progress.close()
         optimizers = [o for o in (optimizer, disc_optimizer) if o is not None]
-        stop_after_oom(accelerator, model, optimizers, cfg, state, oom, micro_in_window, in_update)
+        stop_after_oom(accelerator, model, optimizers, cfg, state, oom.message, micro_in_window, in_update)
     progress.close()
     train_time = time.perf_counter() - train_start
 
