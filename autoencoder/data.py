@@ -276,9 +276,7 @@ def embedded_splits(cfg: DataConfig) -> ImageSplits:
 
 def load_local_dataset(path_text: str, cache_dir: Optional[str], streaming: bool = False):
     """``--train_data_dir``: an image folder, a folder of parquet files, or parquet file(s)."""
-    path = Path(path_text).expanduser()
-    if not path.exists():
-        raise UsageError(f"--train_data_dir {path_text!r} does not exist", "check the path")
+    path = require_local("--train_data_dir", path_text)
     with about("--train_data_dir", path_text):
         if path.is_file():
             builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
@@ -293,18 +291,27 @@ def load_local_dataset(path_text: str, cache_dir: Optional[str], streaming: bool
 
 def load_hub_dataset(name: str, config_name: Optional[str] = None, **kwargs):
     """``--dataset_name``: a Hub dataset (or its local cache); errors name the flag and the offline remedy."""
-    if looks_like_path(name) and not Path(name).expanduser().exists():
-        raise UsageError(f"--dataset_name {name!r} does not exist", "check the path, or give a Hub id USER/NAME")
+    if looks_like_path(name):
+        require_local("--dataset_name", name)
     with about("--dataset_name", name):
         return datasets.load_dataset(name, config_name, **kwargs)
 
 
+def require_local(flag: str, value: str) -> Path:
+    """The local path ``value`` given to ``flag``; a UsageError if it does not exist."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise UsageError(f"{flag} {value!r} does not exist", "check the path" + (", or give a Hub id USER/NAME"
+                                                                                  if flag == "--dataset_name" else ""))
+    return path
+
+
 def check_data_source(cfg: DataConfig) -> None:
     """The seconds-cheap part of the data checks: a local path that does not exist."""
-    if cfg.train_data_dir and not Path(cfg.train_data_dir).expanduser().exists():
-        raise UsageError(f"--train_data_dir {cfg.train_data_dir!r} does not exist", "check the path")
-    if cfg.dataset_name and looks_like_path(cfg.dataset_name) and not Path(cfg.dataset_name).expanduser().exists():
-        raise UsageError(f"--dataset_name {cfg.dataset_name!r} does not exist", "check the path, or give a Hub id USER/NAME")
+    if cfg.train_data_dir:
+        require_local("--train_data_dir", cfg.train_data_dir)
+    if cfg.dataset_name and looks_like_path(cfg.dataset_name):
+        require_local("--dataset_name", cfg.dataset_name)
 
 
 def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
@@ -407,9 +414,9 @@ def load_image_source(
     return ds, image_column, source
 
 
-def data_flag(cfg: DataConfig) -> str:
+def data_flag(dataset_name: Optional[str], train_data_dir: Optional[str]) -> str:
     """The flag that chose the data, for error messages."""
-    return "--dataset_name" if cfg.dataset_name else "--train_data_dir" if cfg.train_data_dir else "the embedded data"
+    return "--dataset_name" if dataset_name else "--train_data_dir" if train_data_dir else "the embedded data"
 
 
 def count_readable(ds: ImageDataset, limit: int = PROBE_IMAGES) -> tuple[int, int, Optional[str]]:

@@ -17,7 +17,15 @@ from diffusers import AutoencoderKL
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.config import DataConfig
-from autoencoder.data import ImageDataset, check_enough_images, collate, eval_transform, load_image_source, train_transform
+from autoencoder.data import (
+    ImageDataset,
+    check_enough_images,
+    collate,
+    data_flag,
+    eval_transform,
+    load_image_source,
+    train_transform,
+)
 from autoencoder.errors import UsageError, agree, check_output_writable, run_cli
 from autoencoder.models import count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
@@ -72,7 +80,7 @@ def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     else:  # training's random-crop transform (resize shorter side, antialiased bicubic, random crop), without flips
         config = DataConfig(resolution=args.resolution, train_crop="random", random_flip=False)
         dataset = ImageDataset(ds, column, train_transform(config, embedded=False), seed=args.seed)
-    flag = "--dataset_name" if args.dataset_name else "--train_data_dir" if args.train_data_dir else "the embedded data"
+    flag = data_flag(args.dataset_name, args.train_data_dir)
     check_enough_images(dataset, 1, "input", flag, need="{n} image", fix="point the data flags at readable images")
     return dataset, source
 

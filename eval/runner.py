@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL
 from torchvision.utils import make_grid, save_image
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
-from autoencoder.data import ImageDataset, check_enough_images, collate, eval_transform, load_image_source
+from autoencoder.data import ImageDataset, check_enough_images, collate, data_flag, eval_transform, load_image_source
 from autoencoder.errors import OutOfMemory, UsageError, agree, check_output_writable, is_oom, run_cli
 from autoencoder.lpips_weights import backbone_features, build_lpips
 from autoencoder.models import (
@@ -86,7 +86,7 @@ def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
         args.dataset_name, args.train_data_dir, args.image_column, args.split, args.resolution, args.num_images
     )
     dataset = ImageDataset(ds, column, eval_transform(args.resolution))
-    flag = "--dataset_name" if args.dataset_name else "--train_data_dir" if args.train_data_dir else "the embedded data"
+    flag = data_flag(args.dataset_name, args.train_data_dir)
     check_enough_images(dataset, 2, "evaluation", flag, need="the 2 that the latent report's active units (a variance "
                         "over images) need", fix="add images or raise --num_images")
     return dataset, source

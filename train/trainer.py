@@ -456,9 +456,9 @@ def preflight(cfg: Config, accelerator: Accelerator) -> RunInputs:
                                          accelerator.num_processes, cfg.data.shuffle_buffer)  # fmt: skip
     else:
         train_ds = ImageDataset(splits.train, splits.image_column, transform, seed=t.seed)
-        check_enough_images(train_ds, global_batch, "training", data_flag(cfg.data))
+        check_enough_images(train_ds, global_batch, "training", data_flag(cfg.data.dataset_name, cfg.data.train_data_dir))
     val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
-    check_enough_images(val_ds, 1, "validation", data_flag(cfg.data), need="{n} image",
+    check_enough_images(val_ds, 1, "validation", data_flag(cfg.data.dataset_name, cfg.data.train_data_dir), need="{n} image",
                         fix="add images or choose another --validation_split")
     return RunInputs(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming)
 
