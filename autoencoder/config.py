@@ -350,10 +350,15 @@ def apply_overrides(cfg: Config, pairs: list[tuple[str, Optional[str]]]) -> None
         setattr(getattr(cfg, section), name, value)
 
 
+def check_one_source(dataset_name: Optional[str], train_data_dir: Optional[str]) -> None:
+    """Refuse both data flags at once (train, eval and the bridge)."""
+    if dataset_name and train_data_dir:
+        raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that single-key type checks cannot catch."""
-    if cfg.data.dataset_name and cfg.data.train_data_dir:
-        raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
+    check_one_source(cfg.data.dataset_name, cfg.data.train_data_dir)
     positive = {
         "max_train_steps": cfg.train.max_train_steps,
         "train_batch_size": cfg.train.train_batch_size,

@@ -116,6 +116,13 @@ def load_vae_config(model: str, subfolder: Optional[str] = None, flag: str = "--
     return config
 
 
+def check_resolution(resolution: int, factor: int, whose: str = "the VAE's") -> None:
+    """Refuse a --resolution the encoder cannot downsample by ``factor`` exactly, suggesting the nearest one below."""
+    if resolution % factor:
+        raise UsageError(f"--resolution {resolution} is not a multiple of {whose} downsampling {factor}",
+                         f"use e.g. --resolution {max(factor, resolution // factor * factor)}")  # fmt: skip
+
+
 def freeze_encoder(vae: AutoencoderKL) -> None:
     """Freeze the encoder side (encoder + quant_conv) for decoder-only fine-tuning."""
     vae.encoder.requires_grad_(False)

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
-from autoencoder.config import DataConfig
+from autoencoder.config import DataConfig, check_one_source
 from autoencoder.data import (
     ImageDataset,
     check_enough_images,
@@ -27,7 +27,7 @@ from autoencoder.data import (
     train_transform,
 )
 from autoencoder.errors import UsageError, agree, check_output_writable, run_cli
-from autoencoder.models import count_parameters, downsampling_factor, is_training_checkpoint, load_vae
+from autoencoder.models import check_resolution, count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
 from .cache import encode_dataset
 from .publish import prepare_folder, upload
@@ -67,8 +67,7 @@ def add_data_args(p: argparse.ArgumentParser, resolution: int = 256) -> None:
 
 def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     """The images under the chosen crop policy (probed: some must decode), and their description."""
-    if args.dataset_name and args.train_data_dir:
-        raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
+    check_one_source(args.dataset_name, args.train_data_dir)
     for name in ("resolution", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
@@ -89,9 +88,7 @@ def load_checked(args: argparse.Namespace) -> tuple[AutoencoderKL, ImageDataset,
     """The VAE (resolution checked against its downsampling) and the images; no collective inside."""
     vae = load_vae(args.model, args.subfolder).eval()
     factor = downsampling_factor(vae)
-    if args.resolution % factor:
-        raise UsageError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling {factor}",
-                         f"use e.g. --resolution {max(factor, args.resolution // factor * factor)}")  # fmt: skip
+    check_resolution(args.resolution, factor)
     dataset, source = image_dataset(args)
     return vae, dataset, source
 

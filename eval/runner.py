@@ -25,7 +25,9 @@ from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_ba
 from autoencoder.data import ImageDataset, check_enough_images, collate, data_flag, eval_transform, load_image_source
 from autoencoder.errors import OutOfMemory, UsageError, agree, check_output_writable, is_oom, run_cli
 from autoencoder.lpips_weights import backbone_features, build_lpips
+from autoencoder.config import check_one_source
 from autoencoder.models import (
+    check_resolution,
     downsampling_factor,
     half_check_latents,
     half_precision_decode_check,
@@ -80,8 +82,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     """The evaluation images under the evaluation transform (probed: some must decode), and their description."""
-    if args.dataset_name and args.train_data_dir:
-        raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
+    check_one_source(args.dataset_name, args.train_data_dir)
     ds, column, source = load_image_source(
         args.dataset_name, args.train_data_dir, args.image_column, args.split, args.resolution, args.num_images
     )
@@ -103,9 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
     for model_id in args.model:
         config = load_vae_config(model_id, args.subfolder)
         factor = 2 ** (len(config["block_out_channels"]) - 1)
-        if args.resolution % factor:
-            raise UsageError(f"--resolution {args.resolution} is not a multiple of {model_id}'s downsampling {factor}",
-                             f"use e.g. --resolution {max(factor, args.resolution // factor * factor)}")  # fmt: skip
+        check_resolution(args.resolution, factor, f"{model_id}'s")
 
 
 def dataset_facts(args: argparse.Namespace, dataset: ImageDataset) -> dict:

@@ -54,6 +54,7 @@ from autoencoder.lpips_weights import build_lpips
 from autoencoder.models import (
     VAEForTraining,
     build_vae,
+    check_resolution,
     count_parameters,
     downsampling_factor,
     half_check_latents,
@@ -440,10 +441,7 @@ def preflight(cfg: Config, accelerator: Accelerator) -> RunInputs:
     val_lpips = loss_fn.lpips if reuse else build_lpips(t.val_lpips_net, cfg.loss.lpips_weights)
     vae = build_vae(cfg.model)
     factor = downsampling_factor(vae)
-    if cfg.data.resolution % factor:
-        lower = cfg.data.resolution // factor * factor
-        raise UsageError(f"--resolution {cfg.data.resolution} is not a multiple of the VAE's downsampling {factor}",
-                         f"use e.g. --resolution {max(lower, factor)}")  # fmt: skip
+    check_resolution(cfg.data.resolution, factor)
     disc = build_discriminator(cfg.loss)
     if accelerator.is_main_process:
         check_disk_space(out, count_parameters(vae) + (count_parameters(disc) if disc is not None else 0), cfg)
