@@ -30,9 +30,12 @@ def use_cpu_backend() -> bool:
     """Distributed ranks on a machine without accelerator must ask accelerate for the CPU (gloo) backend.
 
     Without this, ``accelerate launch --multi_gpu`` or ``torchrun`` on a CPU-only machine would start
-    N independent single-process runs instead of one N-process job.
+    N independent single-process runs instead of one N-process job; and ``accelerate launch --cpu``
+    ranks on a GPU machine must stay on the CPU.
     """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return _flag("ACCELERATE_USE_CPU") or not has_accelerator()
 
 
 def requested_cpu_processes() -> int:
@@ -71,6 +74,9 @@ def relaunch_cpu(num_processes: int, module: str, argv: list[str]) -> int:
           f"{num_processes} CPU ranks with torch.distributed", file=sys.stderr)  # fmt: skip
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # ranks report their own errors
     os.environ["ACCELERATE_USE_CPU"] = "true"
+    # --cpu ranks on a GPU machine: hide the GPUs, or libraries that bind rank r to cuda:r (r >= 1) fail
+    # with "invalid device ordinal" on a one-GPU machine
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
     endpoint = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=num_processes, run_id=str(uuid.uuid4()),

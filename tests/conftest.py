@@ -1,6 +1,7 @@
 """Shared fixtures: the verified assets in ../shared (LPIPS backbones, real images)."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
+
+
+def free_port() -> str:
+    """A TCP port free right now, so concurrent multi-process tests (pytest-xdist) don't share 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

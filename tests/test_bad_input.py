@@ -21,7 +21,7 @@ import train.trainer as trainer
 from autoencoder.config import ModelConfig
 from autoencoder.errors import EXIT_OOM, EXIT_USAGE
 from autoencoder.models import build_vae
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, free_port
 
 CIFAR = SHARED / "data" / "cifar10" / "train.parquet"
 TRAIN = ("train", "--config=tiny", "--max_train_steps=2")
@@ -156,7 +156,7 @@ def test_debug_flag_shows_the_traceback(places, lpips_dir):
 def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
     """Under ``accelerate launch`` with 2 processes a data mistake ends both ranks, with one line from our code."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cmd = [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "train", "--config=tiny",
+    cmd = [accelerate, "launch", "--num_processes", "2", "--main_process_port", free_port(), "--cpu", "-m", "train", "--config=tiny",
            f"--train_data_dir={places['CORRUPT']}", f"--output_dir={tmp_path / 'out'}"]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -191,7 +191,9 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
     GradientState._reset_state()
     assert trainer.main(args) == EXIT_OOM
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert line.startswith("error: out of memory at step 6 on cpu with --train_batch_size 4")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the in-process run trains where the GPU is
+    assert line.startswith(f"error: out of memory at step 6 on {device}"), line
+    assert "with --train_batch_size 4" in line
     assert "--gradient_checkpointing" in line and "--mixed_precision=bf16" in line
     assert f"saved {out / 'checkpoints' / 'checkpoint-5'} at step 5" in line
     assert not (out / "vae").exists()

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from autoencoder.config import ModelConfig
 from autoencoder.data import ImageDataset, eval_transform, load_image_source
 from autoencoder.models import build_vae
-from conftest import REPO
+from conftest import REPO, free_port
 from diffusion_bridge.cli import main as bridge_main
 from diffusion_bridge.stats import LatentScaling, LatentStatsAccumulator, Moments
 
@@ -123,7 +123,7 @@ def test_two_process_stats_equal_single_process(tiny_model, shared, tmp_path):
     GradientState._reset_state()
     assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "one.json", "--mode")) == 0
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "diffusion_bridge",
+    cmd = [accelerate, "launch", "--num_processes", "2", "--main_process_port", free_port(), "--cpu", "-m", "diffusion_bridge",
            *_stats_args(tiny_model, shared, tmp_path / "two.json", "--mode")]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

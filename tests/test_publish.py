@@ -20,6 +20,11 @@ from diffusion_bridge.stats import LatentStatsAccumulator, write_stats
 REPO_ID = "someone/tiny-vae"
 
 
+def _device_name() -> str:
+    """What the in-process training run reports as its hardware: the GPU where there is one."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
 def _reset():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -186,7 +191,7 @@ def test_training_push_to_hub_uploads_the_export_with_its_held_out_metrics(tmp_p
     card = ModelCard.load(out / "hub-upload" / "README.md")
     got = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert got == {k: pytest.approx(metrics[k], abs=1e-4) for k in ("psnr", "ssim", "lpips")}
-    assert "4 steps" in card.text and "1 x CPU" in card.text
+    assert "4 steps" in card.text and f"1 x {_device_name()}" in card.text
 
     api.fail = ConnectionError("offline")  # a failed upload: training's export stays, exit status 1
     _reset()
