@@ -101,7 +101,10 @@ class DataConfig:
     multiscale_min: float = opt(2.0, "multiscale: smallest shorter side, as a multiple of the resolution")
     multiscale_max: float = opt(6.0, "multiscale: largest shorter side, as a multiple of the resolution")
     random_flip: bool = opt(True, "random horizontal flips during training")
-    dataloader_num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)")
+    dataloader_num_workers: Union[int, Literal["auto"]] = opt(
+        "auto", "DataLoader worker processes; auto = 0 on CPU (the main process's cores are the compute), on a "
+        "GPU min(8, CPU cores per process - 1) so decoding never starves it; 0 = load in the main process"
+    )
     cache_dir: Optional[str] = opt(None, "datasets cache directory")
     streaming: bool = opt(False, "stream the dataset (datasets IterableDataset, sharded per rank) instead of downloading it")
     shuffle_buffer: int = opt(1000, "streaming: shuffle buffer size (examples)")
@@ -127,6 +130,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     disc_learning_rate: Optional[float] = opt(None, "discriminator learning rate (default: learning_rate)")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; master weights stay fp32")
+    allow_tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (off: exact fp32)")
+    compile: bool = opt(False, "torch.compile the VAE (and the LPIPS network): minutes of compilation at start, "
+                        "then faster steps on GPUs; see README 'Speed'")
     checkpointing_steps: int = opt(500, "save a resumable checkpoint every N steps (0 disables)")
     checkpoints_total_limit: Optional[int] = opt(3, "keep at most this many checkpoints (None keeps all)")
     resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder to resume from")
@@ -374,6 +380,10 @@ def validate(cfg: Config) -> None:
                 "disc_factor"):
         if getattr(getattr(cfg, index[key][0]), key) < 0:
             raise UsageError(f"config key '{key}' must be >= 0", f"set --{key} to 0 or more")
+    workers = cfg.data.dataloader_num_workers
+    if workers != "auto" and workers < 0:
+        raise UsageError(f"config key 'dataloader_num_workers' must be >= 0 or auto, got {workers}",
+                         "set --dataloader_num_workers=auto (or 0 to load in the main process)")
     if cfg.train.push_to_hub and not cfg.train.hub_model_id:
         raise UsageError("push_to_hub needs a repository id", "add --hub_model_id=USER/NAME")
     if cfg.train.hub_model_id:

@@ -7,6 +7,7 @@ converted to 8-bit RGB the same way.
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -214,6 +215,16 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
             x = seeded_transform(self.transform, img, (self.seed, self.epoch, self.rank, i))
             yield {"pixel_values": x, "num_skipped": skipped, "index": i}
             skipped = 0
+
+
+def loader_workers(setting: int | str, device: torch.device, processes_per_node: int) -> int:
+    """DataLoader workers for ``dataloader_num_workers``: the number given, or for 'auto' 0 on a CPU (its
+    cores are the compute) and min(8, CPU cores per process - 1) on an accelerator, so decoding never starves it."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, processes_per_node) - 1))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

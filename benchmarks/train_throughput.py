@@ -1,15 +1,20 @@
 """Training throughput: raw AutoencoderKL vs. a full training step vs. the whole training loop.
 
     python benchmarks/train_throughput.py --config cpu-small --resolution 64 --batch_size 8
+    python benchmarks/train_throughput.py --config sd-f8c4 --resolution 256 --batch_size 8 \
+        --mixed_precision bf16 --train_data_dir PHOTOS [--compile]
 
 (a) raw ``AutoencoderKL`` forward + backward with an L1 loss only (no optimizer);
-(b) one full training step: forward through ``VAEForTraining``, every configured loss (LPIPS,
-    KL, GAN if enabled), backward, clipping, AdamW step;
-(c) the training loop end to end (``train.trainer.train``: data loading, augmentation,
-    logging), validation and checkpoints off.
-Each phase runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on
-CUDA) is its own.  GFLOP/s come from ``torch.utils.flop_counter`` on one step, against a
-measured fp32 matmul peak of the same machine.
+(b) one full training step as the loop runs it: forward through ``VAEForTraining``, every configured
+    loss (LPIPS under autocast, KL, GAN if enabled), backward, clipping, fused AdamW step;
+(c) the training loop end to end (``train.trainer.train``: data loading and augmentation in the
+    configured loader workers, logging), validation and checkpoints off.
+Each phase runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA)
+is its own.  (a) and (b) time ``--steps`` steps after ``--warmup`` untimed ones; (c) times the
+steps between its first logging step (after ``--warmup`` steps, compilation included) and its
+last, both host-synchronised.  FLOPs come from ``torch.utils.flop_counter`` on one step of (a)
+and (b) ((c) does (b)'s work); MFU is against the measured matmul peak of the precision in use
+(bf16/fp16 under mixed precision, TF32 or fp32 otherwise) on the same device.
 """
 
 import argparse
@@ -35,8 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="override the config's precision (bf16 autocast is slow on CPUs without bf16 units)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per phase")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--train_data_dir", default=None, help="(c) trains on this folder/parquet (default: the config's data)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the VAE in every phase")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--phase", choices=["a", "b", "c", "peak"], default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -45,7 +53,9 @@ def _cfg(args):
     from autoencoder.config import parse_config
 
     overrides = [f"--mixed_precision={args.mixed_precision}"] if args.mixed_precision else []
-    return parse_config([f"--config={args.config}", f"--resolution={args.resolution}",
+    if args.train_data_dir:
+        overrides.append(f"--train_data_dir={args.train_data_dir}")
+    return parse_config([f"--config={args.config}", f"--resolution={args.resolution}", f"--compile={args.compile}",
                          f"--train_batch_size={args.batch_size}", "--report_to=none", *overrides])  # fmt: skip
 
 
@@ -64,6 +74,12 @@ def _autocast(cfg, device):
     """The configured mixed precision as an autocast context (what accelerate applies in (c))."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _setup(cfg, device) -> None:
+    """TF32 as the training loop sets it."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
 
 
 def _time_steps(step, args, device) -> tuple[float, float]:
@@ -86,13 +102,15 @@ def phase_a(args, device) -> dict:
     from autoencoder.models import build_vae
 
     cfg = _cfg(args)
+    _setup(cfg, device)
     vae = build_vae(cfg.model).to(device).train()
+    forward = torch.compile(vae) if args.compile else vae
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
 
     def step():
         vae.zero_grad(set_to_none=True)
         with _autocast(cfg, device):
-            recon = vae(x).sample
+            recon = forward(x).sample
         (recon.float() - x).abs().mean().backward()
 
     seconds, flops = _time_steps(step, args, device)
@@ -104,26 +122,28 @@ def phase_b(args, device) -> dict:
     from autoencoder.models import VAEForTraining, build_vae
 
     cfg = _cfg(args)
+    _setup(cfg, device)
     model = VAEForTraining(build_vae(cfg.model)).to(device).train()
+    forward = torch.compile(model) if args.compile else model
     loss_fn = VAELoss(cfg.loss).to(device)
     disc = build_discriminator(cfg.loss)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=1e-4) if disc is not None else None
     disc = disc.to(device) if disc is not None else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=1e-4, fused=True) if disc is not None else None
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
     step_index = max(cfg.loss.disc_start, 0)  # measure the step with every configured loss active
 
     def step():
         with _autocast(cfg, device):
-            recon, posterior = model(x)
-        recon = recon.float()
-        loss, _ = loss_fn(x, recon, posterior, step_index, discriminator=disc, last_layer=model.last_layer())
+            recon, posterior = forward(x)
+            loss, _ = loss_fn(x, recon, posterior, step_index, discriminator=disc, last_layer=model.last_layer())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if disc is not None:
-            d_loss, _ = loss_fn.discriminator_loss(x, recon, disc)
+            with _autocast(cfg, device):
+                d_loss, _ = loss_fn.discriminator_loss(x, recon, disc, step_index)
             d_loss.backward()
             disc_opt.step()
             disc_opt.zero_grad(set_to_none=True)
@@ -140,65 +160,90 @@ def phase_c(args, device) -> dict:
         cfg.train.output_dir = out
         cfg.train.max_train_steps = args.warmup + args.steps
         cfg.train.validation_steps = cfg.train.checkpointing_steps = 0
-        cfg.train.validate_at_start = False
-        cfg.train.log_every = 1
+        cfg.train.validate_at_start = cfg.train.latent_stats = False
+        cfg.train.log_every = args.warmup  # the first logging step ends the warm-up
         cfg.loss.disc_start = 0  # every configured loss active, as in (b)
         cfg.data.num_validation_images = 2  # the final validation is outside the timed loop: keep it short
         metrics = train(cfg)
-    # train_seconds_this_run covers the loop only (warm-up steps included, so this is conservative)
-    return {"seconds_per_step": metrics["train_seconds_this_run"] / cfg.train.max_train_steps, "flops_per_step": None}
+    (first_step, first_t), (last_step, last_t) = metrics["log_marks"][0], metrics["log_marks"][-1]
+    assert first_step == args.warmup and last_step == cfg.train.max_train_steps, metrics["log_marks"]
+    return {"seconds_per_step": (last_t - first_t) / (last_step - first_step), "flops_per_step": None,
+            "data": metrics["data"]}  # fmt: skip
 
 
-def matmul_peak(device, n: int = 2048, reps: int = 10) -> float:
-    """Measured fp32 matmul GFLOP/s of this machine (the practical peak)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
+def matmul_peak(device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
+    """Measured matmul TFLOP/s of this device in ``dtype`` (the practical peak MFU is quoted against)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
     _sync(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
     _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def precision_peak(args, device) -> dict:
+    """The matmul peak of the precision the run computes in, and its name."""
+    cfg = _cfg(args)
+    _setup(cfg, device)
+    mp = cfg.train.mixed_precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+    name = {"bf16": "bf16", "fp16": "fp16"}.get(mp, "tf32" if device.type == "cuda" and cfg.train.allow_tf32 else "fp32")
+    n = 8192 if device.type == "cuda" else 1024
+    return {"tflops": matmul_peak(device, dtype, n), "precision": name}
 
 
 def run_phase(args, phase: str) -> dict:
     """Run one phase in a fresh interpreter and parse its JSON line."""
     cmd = [sys.executable, __file__, f"--phase={phase}", f"--config={args.config}", f"--resolution={args.resolution}",
            f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--warmup={args.warmup}"]  # fmt: skip
-    if args.mixed_precision:
-        cmd.append(f"--mixed_precision={args.mixed_precision}")
+    for flag in ("mixed_precision", "train_data_dir"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag}={getattr(args, flag)}")
+    if args.compile:
+        cmd.append("--compile")
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if out.returncode != 0:
         raise SystemExit(f"phase {phase} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def table(args, peak: dict, rows: dict, where: str) -> str:
+    """The markdown table and ratio line of one benchmark run."""
+    names = {"a": "(a) raw AutoencoderKL fwd+bwd, L1", "b": "(b) full training step, all losses",
+             "c": "(c) training loop end to end"}  # fmt: skip
+    lines = [f"config={args.config} resolution={args.resolution} batch={args.batch_size} steps={args.steps} "
+             f"warmup={args.warmup} mixed_precision={_cfg(args).train.mixed_precision} compile={args.compile} "
+             f"device={where}; measured {peak['precision']} matmul peak {peak['tflops']:.2f} TFLOP/s; "
+             f"(c) data: {rows['c']['data']}",  # fmt: skip
+             "| phase | img/s | s/step | peak memory (MB) | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for p, r in rows.items():
+        flops = r["flops_per_step"] or rows["b"]["flops_per_step"]  # (c) does (b)'s work per step
+        tflops = flops / r["seconds_per_step"] / 1e12
+        lines.append(f"| {names[p]} | {args.batch_size / r['seconds_per_step']:.2f} | {r['seconds_per_step']:.4f} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {tflops:.2f} | {100 * tflops / peak['tflops']:.1f}% |")  # fmt: skip
+    a, b, c = (args.batch_size / rows[p]["seconds_per_step"] for p in "abc")
+    lines.append(f"\nratios (img/s): b/a = {b / a:.2f}, c/b = {c / b:.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.phase:
-        result = {"a": phase_a, "b": phase_b, "c": phase_c}[args.phase](args, device) if args.phase != "peak" else {}
-        if args.phase == "peak":
-            result["gflops"] = matmul_peak(device)
+        phases = {"a": phase_a, "b": phase_b, "c": phase_c, "peak": precision_peak}
+        result = phases[args.phase](args, device)
         result["peak_bytes"] = _peak_bytes(device)
         print(json.dumps(result))
         return 0
-    peak = run_phase(args, "peak")["gflops"]
+    peak = run_phase(args, "peak")
     rows = {p: run_phase(args, p) for p in ("a", "b", "c")}
-    names = {"a": "(a) raw AutoencoderKL fwd+bwd, L1", "b": "(b) full training step, all losses",
-             "c": "(c) training loop end to end"}  # fmt: skip
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"config={args.config} resolution={args.resolution} batch={args.batch_size} steps={args.steps} "
-          f"mixed_precision={_cfg(args).train.mixed_precision} "
-          f"device={where}; measured fp32 matmul peak {peak:.1f} GFLOP/s")  # fmt: skip
-    print("| phase | img/s | s/step | peak memory (MB) | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|")
-    for p, r in rows.items():
-        ips = args.batch_size / r["seconds_per_step"]
-        gflops = r["flops_per_step"] / r["seconds_per_step"] / 1e9 if r["flops_per_step"] else None
-        g = f"{gflops:.1f} | {100 * gflops / peak:.0f}%" if gflops else "– | –"
-        print(f"| {names[p]} | {ips:.2f} | {r['seconds_per_step']:.3f} | {r['peak_bytes'] / 2**20:.0f} | {g} |")
-    a, b, c = (args.batch_size / rows[p]["seconds_per_step"] for p in "abc")
-    print(f"\nratios (img/s): b/a = {b / a:.2f}, c/b = {c / b:.2f}")
+    print(table(args, peak, rows, where))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "peak": peak, "rows": rows}, indent=2))
     return 0
 
 

@@ -22,7 +22,15 @@ from diffusers import AutoencoderKL
 from torchvision.utils import make_grid, save_image
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
-from autoencoder.data import ImageDataset, check_enough_images, collate, data_flag, eval_transform, load_image_source
+from autoencoder.data import (
+    ImageDataset,
+    check_enough_images,
+    collate,
+    data_flag,
+    eval_transform,
+    load_image_source,
+    loader_workers,
+)
 from autoencoder.errors import OutOfMemory, UsageError, agree, check_output_writable, is_oom, run_cli
 from autoencoder.lpips_weights import backbone_features, build_lpips
 from autoencoder.config import check_one_source
@@ -62,7 +70,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--split", default=None, help="split to evaluate (default: validation/test if present, else train)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--num_images", type=int, default=None, help="evaluate the first N images (default: all)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=batch_size_arg, default="auto",
+                   help="images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU")
     p.add_argument("--lpips_net", choices=["alex", "vgg"], default="alex", help="AlexNet as in the LPIPS paper")
     p.add_argument("--lpips_weights", default=None, help="local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
     p.add_argument("--fid_weights", default=None, help="FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
@@ -91,6 +100,23 @@ def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     check_enough_images(dataset, 2, "evaluation", flag, need="the 2 that the latent report's active units (a variance "
                         "over images) need", fix="add images or raise --num_images")
     return dataset, source
+
+
+def batch_size_arg(text: str) -> int | str:
+    """``--batch_size``: an integer, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def resolve_batch_size(value: int | str, device: torch.device) -> int:
+    """'auto': 32 images per batch on an accelerator, 8 on a CPU (where larger batches gain nothing)."""
+    if value != "auto":
+        return int(value)
+    return 8 if device.type == "cpu" else 32
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -397,6 +423,7 @@ def _main(argv: list[str]) -> int:
     if n > 1:
         return relaunch_cpu(n, "eval", argv)
     accelerator = Accelerator(cpu=use_cpu_backend())
+    args.batch_size = resolve_batch_size(args.batch_size, accelerator.device)
     error = None
     try:  # no collective in here: every rank reaches the agreement below
         check_args(args)
@@ -409,7 +436,9 @@ def _main(argv: list[str]) -> int:
     extractors = {name: ex.to(accelerator.device) for name, ex in extractors.items()}
     # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
-    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate))
+    workers = loader_workers("auto", accelerator.device, accelerator.num_processes)  # decoding off the main process
+    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate,
+                                                             num_workers=workers, pin_memory=workers > 0))  # fmt: skip
     feature_accs, originals = real_pass(accelerator, loader, extractors, args.grid_images)
     results, rows, pictures = {}, [originals], {}
     for model_id in args.model:

@@ -32,6 +32,34 @@ def test_reproduces_published_distances(net, shared, lpips_dir):
     assert round(d1, 3) == PUBLISHED[net][1], d1
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("net", ["vgg", "alex"])
+def test_bf16_autocast_stays_within_0_005_of_fp32_and_keeps_its_gradient(net, device, shared, lpips_dir, monkeypatch):
+    """The training loss runs LPIPS under the run's autocast.
+
+    Measured on the CPU: |bf16 - fp32| <= 0.0017 on the reference distances; the bf16 input gradient's cosine
+    with the fp32 one is 0.93 (vgg) and 0.94 (alex): bf16 rounding noise per pixel, same direction overall.
+    """
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the fp32 reference in true fp32 on a GPU
+    model = build_lpips(net, str(lpips_dir)).to(device)
+    ref, p0, p1 = (_load(shared, n).to(device) for n in ("ref", "p0", "p1"))
+    fp32 = [model(ref, p).item() for p in (p0, p1)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        bf16 = [model(ref, p).float().item() for p in (p0, p1)]
+    assert [round(d, 3) for d in fp32] == list(PUBLISHED[net])  # fp32 on this device: the published figures
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.005, (fp32, bf16)
+    grads = []
+    for autocast in (False, True):
+        x = p0.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            model(ref, x).float().sum().backward()
+        grads.append(x.grad.flatten())
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.9
+
+
 def test_frozen_but_differentiable(lpips_dir):
     model = build_lpips("vgg", str(lpips_dir / "vgg16_features_imagenet.pth"))
     assert not model.training

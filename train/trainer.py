@@ -45,6 +45,7 @@ from autoencoder.data import (
     collate,
     data_flag,
     eval_transform,
+    loader_workers,
     load_splits,
     train_transform,
 )
@@ -97,8 +98,18 @@ class TrainingState:
             self.loss_fn.logvar.copy_(state["logvar"])
 
 
-def build_optimizers(cfg: Config, model: torch.nn.Module, loss_fn: VAELoss, disc: Optional[torch.nn.Module], world: int):
-    """AdamW for the VAE (+ learned logvar) and, if enabled, for the discriminator."""
+def fused_adamw_available(device: torch.device) -> bool:
+    """Whether torch's fused AdamW runs on ``device`` (it can skip a step on the device: see ``guarded_step``)."""
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, device=device))], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def build_optimizers(cfg: Config, model: torch.nn.Module, loss_fn: VAELoss, disc: Optional[torch.nn.Module], world: int,
+                     fused: bool = False):  # fmt: skip
+    """AdamW for the VAE (+ learned logvar) and, if enabled, for the discriminator (fused where available)."""
     t = cfg.train
     lr = t.learning_rate
     if t.scale_lr:
@@ -107,15 +118,75 @@ def build_optimizers(cfg: Config, model: torch.nn.Module, loss_fn: VAELoss, disc
     groups = [{"params": params}]
     if cfg.loss.learn_logvar:
         groups.append({"params": [loss_fn.logvar]})
-    betas = (t.adam_beta1, t.adam_beta2)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    disc_opt = None
-    if disc is not None:
-        disc_opt = torch.optim.AdamW(
-            disc.parameters(), lr=t.disc_learning_rate or lr, betas=betas,
-            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
-        )  # fmt: skip
+    kw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon, fused=fused)
+    opt = torch.optim.AdamW(groups, lr=lr, **kw)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=t.disc_learning_rate or lr, **kw) if disc is not None else None
     return opt, disc_opt
+
+
+def guarded_step(optimizer, bad: torch.Tensor) -> None:
+    """``optimizer.step()`` that changes nothing where the 0-dim device flag ``bad`` is set, with no host sync.
+
+    Fused AdamW skips its update, and its step count, where ``found_inf`` is 1: the mechanism
+    torch's GradScaler uses.  Under fp16 accelerate's GradScaler finds non-finite gradients itself.
+    """
+    inner = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps the torch optimizer
+    if optimizer.scaler is not None:
+        optimizer.step()
+    elif inner.defaults.get("fused"):
+        inner.found_inf = bad.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(bad):  # an unfused optimizer cannot skip on the device: one host sync
+        optimizer.step()
+
+
+def ema_step(ema: EMAModel, params: list[torch.nn.Parameter], bad: torch.Tensor) -> None:
+    """``EMAModel.step`` in foreach kernels that leaves the EMA unchanged where ``bad`` is set (no host sync).
+
+    shadow += (1 - decay) * (param - shadow) for trainable parameters; frozen ones never move, so
+    their shadows stay equal to them.
+    """
+    ema.optimization_step += 1
+    decay = ema.get_decay(ema.optimization_step)
+    ema.cur_decay_value = decay
+    pairs = [(s, p.detach()) for s, p in zip(ema.shadow_params, params) if p.requires_grad]
+    shadow = [s for s, _ in pairs]
+    delta = torch._foreach_sub([p for _, p in pairs], shadow)
+    torch._foreach_mul_(delta, (~bad).to(shadow[0].dtype) * (1.0 - decay))
+    torch._foreach_add_(shadow, delta)
+
+
+class LaggedFlags:
+    """Small per-step device tensors read on the host one step later, so it never waits for the step just queued.
+
+    On CUDA each push starts a non-blocking copy into pinned memory and records an event; ``ready``
+    waits only for steps the GPU has (nearly) finished.  On the CPU the values are ready at once.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[int, torch.Tensor, Optional[torch.cuda.Event]]] = []
+
+    def push(self, step: int, values: torch.Tensor) -> None:
+        """Queue ``values`` (a 1-D device tensor) of optimizer step ``step``."""
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.queue.append((step, host, event))
+        else:
+            self.queue.append((step, values.clone(), None))
+
+    def ready(self, keep: int) -> Iterator[tuple[int, list[float]]]:
+        """(step, values) of every queued step except the newest ``keep``, oldest first."""
+        while len(self.queue) > keep:
+            step, host, event = self.queue.pop(0)
+            if event is not None:
+                event.synchronize()
+            yield step, host.tolist()
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, world: int):
@@ -145,7 +216,7 @@ def log_grid(accelerator: Accelerator, inputs: torch.Tensor, recons: torch.Tenso
 @torch.no_grad()
 def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Config) -> dict:
     """Held-out PSNR/SSIM/LPIPS and loss terms, gathered over processes; saves the grid on main."""
-    vae_model = accelerator.unwrap_model(model)
+    vae_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # eager: no recompiles for eval shapes
     # Invariant: autocast computes in bf16/fp16, but the master weights never leave fp32.
     assert all(p.dtype == torch.float32 for p in vae_model.parameters()), "master weights must stay fp32"
     was_training = vae_model.training
@@ -351,10 +422,11 @@ def check_disk_space(path: Path, n_params: int, cfg: Config) -> None:
         )
 
 
-def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: Config, logs: dict) -> bool:
-    """Average the learned logvar's gradient, clip the VAE's; False if the norm is non-finite (not under fp16).
+def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: Config, logs: dict) -> torch.Tensor:
+    """Average the learned logvar's gradient, clip the VAE's; the pre-clipping norm as a device tensor.
 
-    Under fp16 the GradScaler owns overflow handling: it skips the step and lowers its scale.
+    No host sync: a non-finite norm makes every gradient non-finite, and ``guarded_step`` skips
+    the update on the device.  Under fp16 the GradScaler unscales first and owns overflow handling.
     """
     if cfg.loss.learn_logvar and accelerator.num_processes > 1 and loss_fn.logvar.grad is not None:
         # logvar lives outside the DDP-wrapped model: average its gradient by hand.
@@ -362,7 +434,7 @@ def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: C
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
     logs["train/grad_norm"] = grad_norm
-    return cfg.train.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
+    return grad_norm
 
 
 @contextlib.contextmanager
@@ -506,6 +578,26 @@ def end_run(accelerator: Accelerator, keep_process_group: bool) -> None:
         accelerator.end_training()
 
 
+def note_step_flags(accelerator: Accelerator, cfg: Config, state: TrainingState, step: int, values: list[float],
+                    keep_process_group: bool) -> None:  # fmt: skip
+    """Take step ``step``'s device counters onto the host: warn about a skipped step, stop after too many in a row."""
+    bad, total, consecutive, skipped = (int(v) for v in values)
+    state.nonfinite_steps, state.consecutive_nonfinite, state.skipped_images = total, consecutive, skipped
+    if not bad:
+        return
+    logger.warning(f"step {step}: non-finite loss or gradient, update skipped "
+                   f"({consecutive} in a row, {total} in total)")  # fmt: skip
+    if consecutive >= cfg.train.max_consecutive_nonfinite:
+        last = checkpoints.latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
+        end_run(accelerator, keep_process_group)
+        raise UsageError(
+            f"{consecutive} consecutive steps with a non-finite loss or gradient (up to step {step}); stopping. "
+            f"Last good checkpoint: {last or 'none'}",
+            f"resume from it with --resume_from_checkpoint {last or 'PATH'} and e.g. a lower --learning_rate or "
+            "--mixed_precision=bf16/no",
+        )
+
+
 def train(cfg: Config, keep_process_group: bool = False) -> dict:
     """Run training as configured; returns the metrics written to metrics.json.
 
@@ -520,8 +612,10 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
         mixed_precision=t.mixed_precision,
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / t.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed, non_blocking=True),
     )
+    if accelerator.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convolutions left by autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger(__name__).setLevel(logging.INFO)
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # we log one line per checkpoint
@@ -544,17 +638,22 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     initial_checksum = param_checksum(vae)
     # Own generators: creating a DataLoader iterator draws a base seed, which must not come from
     # the global RNG (it drives posterior sampling and must replay exactly after a resume).
-    loader_kw = dict(collate_fn=collate, num_workers=cfg.data.dataloader_num_workers,
-                     generator=torch.Generator().manual_seed(t.seed))  # fmt: skip
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # ranks sharing this machine's CPUs
+    workers = loader_workers(cfg.data.dataloader_num_workers, accelerator.device, per_node)
+    loader_kw = dict(collate_fn=collate, num_workers=workers, generator=torch.Generator().manual_seed(t.seed),
+                     pin_memory=accelerator.device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=t.train_batch_size, shuffle=not streaming,
                                            drop_last=True, **loader_kw)  # fmt: skip
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=t.validation_batch_size, shuffle=False, **loader_kw)
 
-    optimizer, disc_optimizer = build_optimizers(cfg, model, loss_fn, disc, accelerator.num_processes)
+    fused = fused_adamw_available(accelerator.device)  # a non-finite step is then skipped without a host sync
+    optimizer, disc_optimizer = build_optimizers(cfg, model, loss_fn, disc, accelerator.num_processes, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, accelerator.num_processes)
     model, optimizer, scheduler, val_dl = accelerator.prepare(model, optimizer, scheduler, val_dl)
     if not streaming:
         train_dl = accelerator.prepare(train_dl)
+    if t.compile:  # after prepare: the DDP-wrapped model compiles with DDPOptimizer; checkpoints keep plain keys
+        model = torch.compile(model)
     disc_scheduler = None
     if disc is not None:  # the discriminator's LR follows the VAE's schedule
         disc_scheduler = build_scheduler(cfg, disc_optimizer, accelerator.num_processes)
@@ -577,7 +676,8 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
         f"model: {cfg.model.pretrained_model_name_or_path or cfg.model.preset}, "
         f"{count_parameters(vae) / 1e6:.2f}M parameters ({count_parameters(vae, True) / 1e6:.2f}M trainable), "
         f"f={factor}, latent channels {vae.config.latent_channels}; processes: {accelerator.num_processes}, "
-        f"device: {accelerator.device}, mixed precision: {t.mixed_precision}, EMA: {t.use_ema}"
+        f"device: {accelerator.device}, mixed precision: {t.mixed_precision}, EMA: {t.use_ema}; loader workers: "
+        f"{workers}; {'fused' if fused else 'foreach'} AdamW; compile: {t.compile}"
     )
 
     resume = resolve_resume(cfg)
@@ -605,10 +705,17 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     images_per_step = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     interval_start, interval_steps = time.perf_counter(), 0
     train_start = time.perf_counter()
-    window_bad = False  # a micro-batch of the current accumulation window had a non-finite loss
+    log_marks: list[tuple[int, float]] = []  # (step, seconds into the loop) at logging steps, after their host sync
+    device = accelerator.device
+    # [non-finite steps, consecutive non-finite steps, skipped images], kept on the device and read one
+    # step late (LaggedFlags), or at once at logging/checkpoint/validation steps: no host sync per step
+    counters = torch.tensor([state.nonfinite_steps, state.consecutive_nonfinite, state.skipped_images], device=device)
+    window_bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this accumulation window
+    lagged = LaggedFlags()
     interrupted: Optional[int] = None
     micro_in_window = 0  # micro-batches of the current accumulation window entered so far
     in_update = False  # inside an optimizer step: parameters may be half-updated
+    no_clip = float("inf")
     model.train()
     with StopRequest() as stop, CatchOutOfMemory() as oom:
         for epoch in itertools.count(state.epoch):
@@ -627,77 +734,72 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
                 yielded += 1
                 state.batches_in_epoch += 1
                 micro_in_window += 1
-                x = batch["pixel_values"].to(accelerator.device)
+                x = batch["pixel_values"].to(device, non_blocking=True)  # prepared loaders already moved it
+                counters[2].add_(batch["num_skipped"].to(device, non_blocking=True))
                 step = state.global_step
                 use_disc = disc is not None and disc_factor_at(step, cfg.loss) > 0
                 # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
                 grad_scale = accelerator.scaler.get_scale() if use_disc and accelerator.scaler is not None else 1.0
                 with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
                     recon, posterior = model(x)
-                    loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
-                                         last_layer=last_layer, grad_scale=grad_scale)  # fmt: skip
-                    # One tiny all-reduce so every rank takes the same branch (no DDP hang).
-                    flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum is not None)],
-                                         device=accelerator.device)  # fmt: skip
-                    flags = accelerator.reduce(flags, "sum") if accelerator.num_processes > 1 else flags
-                    bad_loss, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
-                    window_bad |= bad_loss
-                    if not bad_loss:
-                        accelerator.backward(loss)
-                    if accelerator.sync_gradients and not window_bad:
-                        # Decided before clipping: under fp16, clipping unscales the gradients, and an
-                        # unscale_ must be followed by the scaler's step/update, never by a skip.
-                        window_bad |= not clip_vae_gradients(accelerator, model, loss_fn, cfg, logs)
-                        if not window_bad:
-                            in_update = True
-                            optimizer.step()  # fp16: the GradScaler may still skip it (overflow)
-                            scheduler.step()  # does not advance when the scaler skipped the step
-                            in_update = False
+                    with accelerator.autocast():  # LPIPS in the run's precision (its accuracy: tests/test_lpips.py)
+                        loss, logs = loss_fn(x, recon, posterior, step, discriminator=raw_disc if use_disc else None,
+                                             last_layer=last_layer, grad_scale=grad_scale)  # fmt: skip
+                    window_bad |= ~torch.isfinite(loss)
+                    accelerator.backward(loss)  # a non-finite loss gives non-finite gradients: skipped below
+                    if accelerator.sync_gradients:
+                        # every rank must take the same decision: the loss flags are summed over ranks (a
+                        # device collective), the gradient norm is already global after DDP's all-reduce
+                        loss_bad = window_bad if accelerator.num_processes == 1 else (
+                            accelerator.reduce(window_bad.float(), "sum") > 0)  # fmt: skip
+                        grad_norm = clip_vae_gradients(accelerator, model, loss_fn, cfg, logs)
+                        # fp16: an overflow is the GradScaler's business (it skips and lowers its scale)
+                        bad = loss_bad if accelerator.scaler is not None else loss_bad | ~torch.isfinite(grad_norm)
+                        in_update = True
+                        guarded_step(optimizer, bad)
+                        scheduler.step()  # a skipped step still advances the LR schedule, as it does global_step
+                        in_update = False
                     optimizer.zero_grad(set_to_none=True)
                     if use_disc:  # after the VAE step, so the D step runs on the same (updated) scaler scale
-                        if not bad_loss:
-                            d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, step)
-                            accelerator.backward(d_loss)
-                            logs.update(d_logs)
-                        if accelerator.sync_gradients and not window_bad:  # no D update when the VAE's was skipped
-                            if t.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm)
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, step)
+                        accelerator.backward(d_loss)
+                        logs.update(d_logs)
+                        if accelerator.sync_gradients:  # no D update where the VAE's was skipped
+                            d_norm = accelerator.clip_grad_norm_(disc.parameters(), t.max_grad_norm or no_clip)
                             in_update = True
-                            disc_optimizer.step()
+                            guarded_step(disc_optimizer, bad | ~torch.isfinite(d_norm))
                             disc_scheduler.step()
                             in_update = False
                         disc_optimizer.zero_grad(set_to_none=True)
-                state.skipped_images += int(batch["num_skipped"])
                 if not accelerator.sync_gradients:
                     continue
                 micro_in_window = 0
                 state.global_step += 1
                 interval_steps += 1
                 progress.update(1)
-                if window_bad:
-                    state.nonfinite_steps += 1
-                    state.consecutive_nonfinite += 1
-                    logger.warning(f"step {state.global_step}: non-finite loss or gradient, update skipped "
-                                   f"({state.consecutive_nonfinite} in a row, {state.nonfinite_steps} in total)")  # fmt: skip
-                    if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-                        last = checkpoints.latest_checkpoint(out / "checkpoints")
-                        end_run(accelerator, keep_process_group)
-                        raise UsageError(
-                            f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up "
-                            f"to step {state.global_step}); stopping. Last good checkpoint: {last or 'none'}",
-                            f"resume from it with --resume_from_checkpoint {last or 'PATH'} and e.g. a lower "
-                            "--learning_rate or --mixed_precision=bf16/no",
-                        )
-                else:
-                    state.consecutive_nonfinite = 0
-                    if ema is not None:
-                        in_update = True
-                        ema.step(vae_params)
-                        in_update = False
-                window_bad = False
-                if state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps:
+                counters[0].add_(bad)
+                counters[1].add_(1).mul_(bad)  # consecutive: +1 if bad, else back to 0
+                if ema is not None:
+                    in_update = True
+                    ema_step(ema, vae_params, bad)
+                    in_update = False
+                window_bad = torch.zeros((), dtype=torch.bool, device=device)
+                lagged.push(state.global_step, torch.cat([bad.long().view(1), counters]))
+                is_log = state.global_step % t.log_every == 0 or state.global_step == t.max_train_steps
+                is_ckpt = bool(t.checkpointing_steps) and state.global_step % t.checkpointing_steps == 0
+                is_val = bool(t.validation_steps) and state.global_step % t.validation_steps == 0
+                exact = is_log or is_ckpt or is_val or (accelerator.num_processes == 1 and stop.signum is not None)
+                for flagged_step, values in lagged.ready(keep=0 if exact else 1):
+                    note_step_flags(accelerator, cfg, state, flagged_step, values, keep_process_group)
+                if accelerator.num_processes == 1:
+                    stop_now = stop.signum is not None
+                else:  # ranks agree at steps every rank syncs at anyway (SIGTERM is seen within log_every steps)
+                    stop_now = exact and bool(accelerator.reduce(
+                        torch.tensor(float(stop.signum is not None), device=device), "sum") > 0)  # fmt: skip
+                if is_log:
                     elapsed = time.perf_counter() - interval_start
-                    logs = {k: float(v) for k, v in logs.items()}
+                    logs = {k: float(v) for k, v in logs.items()}  # the host sync of a logging step
+                    log_marks.append((state.global_step, time.perf_counter() - train_start))
                     logs["train/lr"] = scheduler.get_last_lr()[0]
                     logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
                     logs["train/skipped_images"] = state.skipped_images
@@ -710,9 +812,9 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
                 if stop_now:
                     interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
                     break
-                if t.checkpointing_steps and state.global_step % t.checkpointing_steps == 0:
+                if is_ckpt:
                     save_checkpoint(accelerator, model, cfg, state.global_step)
-                if t.validation_steps and state.global_step % t.validation_steps == 0:
+                if is_val:
                     with ema_weights(ema, vae_params):
                         results = validate(accelerator, model, loss_fn, val_lpips, val_dl, state.global_step, cfg)
                     results["step"] = state.global_step
@@ -724,8 +826,13 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
                     raise UsageError(f"the training data yielded no batch of {t.train_batch_size} images",
                                      "add images or lower --train_batch_size")  # fmt: skip
                 state.batches_in_epoch = 0
+        if oom.message is None:
+            for flagged_step, values in lagged.ready(keep=0):
+                note_step_flags(accelerator, cfg, state, flagged_step, values, keep_process_group)
     if oom.message is not None:  # the failed step's tensors are released with the exception
         x = recon = posterior = loss = logs = batch = None  # noqa: F841
+        for flagged_step, values in lagged.ready(keep=0):  # the completed steps' counters, for the checkpoint
+            note_step_flags(accelerator, cfg, state, flagged_step, values, keep_process_group)
         progress.close()
         optimizers = [o for o in (optimizer, disc_optimizer) if o is not None]
         stop_after_oom(accelerator, model, optimizers, cfg, state, oom.message, micro_in_window, in_update)
@@ -760,6 +867,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
         "skipped_images": state.skipped_images,
         "nonfinite_steps": state.nonfinite_steps,
         "train_seconds_this_run": train_time,
+        "log_marks": log_marks,  # (step, seconds into the loop) at each logging step: benchmarks/train_throughput.py
         "num_processes": accelerator.num_processes,
         "mixed_precision": t.mixed_precision,
         "hardware": hardware(accelerator),
