@@ -108,3 +108,12 @@ def test_readme_documents_every_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key in key_index() if f"`--{key}`" not in readme]
     assert not missing, f"README config reference lacks {missing}; regenerate with autoencoder.config.reference_markdown()"
+
+
+def test_loader_workers_take_a_count_or_auto():
+    assert parse_config(["--dataloader_num_workers=auto"]).data.dataloader_num_workers == "auto"
+    assert parse_config(["--dataloader_num_workers=3"]).data.dataloader_num_workers == 3
+    with pytest.raises(ValueError, match="dataloader_num_workers"):
+        parse_config(["--dataloader_num_workers=-1"])
+    with pytest.raises(ValueError, match="dataloader_num_workers"):
+        parse_config(["--dataloader_num_workers=many"])

@@ -15,6 +15,7 @@ from autoencoder.data import (
     decode_image,
     eval_transform,
     load_splits,
+    loader_workers,
     to_rgb,
     train_transform,
 )
@@ -144,3 +145,29 @@ def test_streaming_shards_are_disjoint_and_cover_the_stream(shared):
     assert len(pixels[0]) + len(pixels[1]) == 40  # every streamed training image on exactly one rank
     flat = [p.sum().item() for shard in pixels for p in shard]
     assert len(set(flat)) == 40
+
+
+def test_decoded_sources_are_cached_once_per_process_and_change_no_sample(monkeypatch):
+    import autoencoder.data as data
+
+    cfg = DataConfig(resolution=32)
+    splits = load_splits(cfg, seed=0)  # the embedded photographs, cropped many times per epoch
+    transform = train_transform(cfg, splits.embedded)
+    cached = ImageDataset(splits.train, splits.image_column, transform, seed=0, cache_decoded=True)
+    real, calls = data.decode_image, []
+    monkeypatch.setattr(data, "decode_image", lambda value: calls.append(value) or real(value))
+    samples = [cached[i]["pixel_values"] for i in range(40)]
+    assert len(calls) == len(cached.decoded) == len(EMBEDDED_TRAIN)  # 40 crops of 11 photographs: 11 decodes
+    monkeypatch.undo()
+    plain = ImageDataset(splits.train, splits.image_column, transform, seed=0)
+    assert all(torch.equal(s, plain[i]["pixel_values"]) for i, s in enumerate(samples))
+
+
+def test_loader_workers_auto_is_zero_on_cpu_and_leaves_a_core_per_gpu_process():
+    import os
+
+    cores = os.cpu_count()
+    assert loader_workers("auto", torch.device("cpu"), 1) == 0
+    assert loader_workers(3, torch.device("cpu"), 1) == 3
+    assert loader_workers("auto", torch.device("cuda"), 1) == max(0, min(8, cores - 1))
+    assert loader_workers("auto", torch.device("cuda"), cores) == 0

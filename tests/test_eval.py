@@ -150,3 +150,11 @@ def test_runner_on_two_tiny_models_writes_metrics_report_and_grid(monkeypatch, t
         assert lat["figure"] == f"latent_{i}.png" and Image.open(out / lat["figure"]).size[0] > 300
     assert a["latent"]["rate_bpp"] != b["latent"]["rate_bpp"]
     assert "## Latent space" in report and "IWAE with k = 8" in report
+
+
+def test_batch_size_auto_fills_a_gpu_and_stays_small_on_a_cpu():
+    from eval.runner import batch_size_arg, resolve_batch_size
+
+    assert resolve_batch_size(batch_size_arg("auto"), torch.device("cpu")) == 8
+    assert resolve_batch_size(batch_size_arg("auto"), torch.device("cuda")) == 32
+    assert resolve_batch_size(batch_size_arg("4"), torch.device("cuda")) == 4
