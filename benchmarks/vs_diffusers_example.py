@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     p.add_argument("--workers", type=int, default=None, help="loader workers for both (default: our 'auto')")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile (the example has no such option)")
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated subset of example,ours,ours_compile (default: all that apply)")
     p.add_argument("--lpips_weights", default=os.environ.get("LPIPS_WEIGHTS"), help="folder/file of LPIPS backbones")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--child", choices=["example", "ours"], default=None, help=argparse.SUPPRESS)
@@ -186,11 +188,13 @@ def main(argv=None) -> int:
         names = {"example": "diffusers train_autoencoderkl.py", "ours": "python -m train",
                  "ours_compile": "python -m train --compile"}  # fmt: skip
         results: dict = {}
-        for which in ("example", "ours", "ours_compile") if args.compile else ("example", "ours"):
+        default = ("example", "ours", "ours_compile") if args.compile else ("example", "ours")
+        for which in args.contenders.split(",") if args.contenders else default:
             r = results[which] = run_child(args, which, spec)  # each row as soon as it is measured
             note = f" (then crashed: {r['crashed_after_the_timed_steps']})" if r.get("crashed_after_the_timed_steps") else ""
+            ratio = f"{r['img_per_s'] / results['example']['img_per_s']:.2f}" if "example" in results else "–"
             print(f"| {names[which]}{note} | {r['img_per_s']:.1f} | {r['seconds_per_step']:.4f} | "
-                  f"{r['peak_memory_mb']:.0f} | {r['img_per_s'] / results['example']['img_per_s']:.2f} |", flush=True)
+                  f"{r['peak_memory_mb']:.0f} | {ratio} |", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "results": results}, indent=2))
     return 0
