@@ -579,9 +579,16 @@ def end_run(accelerator: Accelerator, keep_process_group: bool) -> None:
         accelerator.end_training()
 
 
-def note_step_flags(accelerator: Accelerator, cfg: Config, state: TrainingState, step: int, values: list[float],
+def note_step_flags(accelerator: Accelerator, cfg: Config, state: TrainingState, lagged: LaggedFlags, keep: int,
                     keep_process_group: bool) -> None:  # fmt: skip
-    """Take step ``step``'s device counters onto the host: warn about a skipped step, stop after too many in a row."""
+    """Take the queued steps' device counters (all but the newest ``keep``) onto the host."""
+    for step, values in lagged.ready(keep):
+        note_one_step(accelerator, cfg, state, step, values, keep_process_group)
+
+
+def note_one_step(accelerator: Accelerator, cfg: Config, state: TrainingState, step: int, values: list[float],
+                  keep_process_group: bool) -> None:  # fmt: skip
+    """One step's counters: update the state, warn about a skipped step, stop after too many in a row."""
     bad, total, consecutive, skipped = (int(v) for v in values)
     state.nonfinite_steps, state.consecutive_nonfinite, state.skipped_images = total, consecutive, skipped
     if not bad:
@@ -790,8 +797,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
                 is_ckpt = bool(t.checkpointing_steps) and state.global_step % t.checkpointing_steps == 0
                 is_val = bool(t.validation_steps) and state.global_step % t.validation_steps == 0
                 exact = is_log or is_ckpt or is_val or (accelerator.num_processes == 1 and stop.signum is not None)
-                for flagged_step, values in lagged.ready(keep=0 if exact else 1):
-                    note_step_flags(accelerator, cfg, state, flagged_step, values, keep_process_group)
+                note_step_flags(accelerator, cfg, state, lagged, 0 if exact else 1, keep_process_group)
                 if accelerator.num_processes == 1:
                     stop_now = stop.signum is not None
                 else:  # ranks agree at steps every rank syncs at anyway (SIGTERM is seen within log_every steps)
@@ -828,12 +834,10 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
                                      "add images or lower --train_batch_size")  # fmt: skip
                 state.batches_in_epoch = 0
         if oom.message is None:
-            for flagged_step, values in lagged.ready(keep=0):
-                note_step_flags(accelerator, cfg, state, flagged_step, values, keep_process_group)
+            note_step_flags(accelerator, cfg, state, lagged, 0, keep_process_group)
     if oom.message is not None:  # the failed step's tensors are released with the exception
         x = recon = posterior = loss = logs = batch = None  # noqa: F841
-        for flagged_step, values in lagged.ready(keep=0):  # the completed steps' counters, for the checkpoint
-            note_step_flags(accelerator, cfg, state, flagged_step, values, keep_process_group)
+        note_step_flags(accelerator, cfg, state, lagged, 0, keep_process_group)  # the completed steps, for the checkpoint
         progress.close()
         optimizers = [o for o in (optimizer, disc_optimizer) if o is not None]
         stop_after_oom(accelerator, model, optimizers, cfg, state, oom.message, micro_in_window, in_update)
