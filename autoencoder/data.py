@@ -132,8 +132,11 @@ def eval_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
 
 def seeded_transform(transform: Callable, img: Image.Image, key: tuple) -> torch.Tensor:
     """Apply a torchvision transform with its random draws seeded by ``key`` (global RNG untouched)."""
+    # Only the CPU generator, which torchvision's PIL transforms draw from: torch.manual_seed would
+    # also reseed the CUDA generator (posterior sampling) in a process that uses the GPU, which
+    # fork_rng(devices=[]) does not restore, and costs 0.5 ms per image queueing lazy device seeds.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # hash of an int tuple is stable across runs
+        torch.default_generator.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # int-tuple hashes are stable
         return transform(img)
 
 

@@ -151,3 +151,18 @@ def test_real_cuda_out_of_memory_is_exit_3_with_the_batch_and_remedies(tmp_path,
     assert "Traceback" not in result.stderr and len(errors) == 1
     assert errors[0].startswith("error: out of memory at step 1 on cuda") and "--train_batch_size 64" in errors[0]
     assert "--gradient_checkpointing" in errors[0]
+
+
+def test_seeded_augmentation_leaves_the_cuda_generator_alone():
+    """Loading in the training process (0 workers) must not reseed the generator posterior noise comes from."""
+    from autoencoder.config import DataConfig
+    from autoencoder.data import ImageDataset, load_splits, train_transform
+
+    cfg = DataConfig(resolution=32)
+    splits = load_splits(cfg, seed=0)
+    ds = ImageDataset(splits.train, splits.image_column, train_transform(cfg, splits.embedded), seed=0)
+    torch.cuda.manual_seed(1234)
+    torch.randn(4, device="cuda")  # advance it: a reseed would show as a different state
+    before = torch.cuda.get_rng_state()
+    ds[0], ds[1]
+    assert torch.equal(torch.cuda.get_rng_state(), before)

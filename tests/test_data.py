@@ -171,3 +171,20 @@ def test_loader_workers_auto_is_zero_on_cpu_and_leaves_a_core_per_gpu_process():
     assert loader_workers(3, torch.device("cpu"), 1) == 3
     assert loader_workers("auto", torch.device("cuda"), 1) == max(0, min(8, cores - 1))
     assert loader_workers("auto", torch.device("cuda"), cores) == 0
+
+
+def test_seeded_augmentation_touches_only_the_cpu_generator(monkeypatch):
+    """A seeded crop reseeds no device generator (on a GPU that one drives posterior sampling)."""
+
+    def refuse(*args):
+        raise AssertionError("a device generator was reseeded by the data pipeline")
+
+    for module, name in ((torch.cuda, "manual_seed_all"), (torch.xpu, "manual_seed_all"), (torch.mps, "manual_seed")):
+        monkeypatch.setattr(module, name, refuse)
+    cfg = DataConfig(resolution=32)
+    splits = load_splits(cfg, seed=0)
+    ds = ImageDataset(splits.train, splits.image_column, train_transform(cfg, splits.embedded), seed=0)
+    before = torch.get_rng_state()
+    first = ds[3]["pixel_values"]
+    assert torch.equal(torch.get_rng_state(), before)  # the global CPU generator is restored too
+    assert torch.equal(first, ds[3]["pixel_values"]) and not torch.equal(first, ds[4]["pixel_values"])
