@@ -10,7 +10,10 @@
 (c) the training loop end to end (``train.trainer.train``: data loading and augmentation in the
     configured loader workers, logging), validation and checkpoints off.
 Each phase runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA)
-is its own.  (a) and (b) time ``--steps`` steps after ``--warmup`` untimed ones; (c) times the
+is its own.  ``--profile DIR`` runs (b) and (c) under ``torch.profiler`` instead and writes their
+operator tables to DIR: device (kernel) time per step in (c) against (b) tells extra GPU work in
+the loop (which kernels) from idle gaps (the host or the data not keeping up); its timings are
+inflated by the profiler and are not the benchmark's.  (a) and (b) time ``--steps`` steps after ``--warmup`` untimed ones; (c) times the
 steps between its first logging step (after ``--warmup`` steps, compilation included) and its
 last, both host-synchronised.  FLOPs come from ``torch.utils.flop_counter`` on one step of (a)
 and (b) ((c) does (b)'s work); MFU is against the measured matmul peak of the precision in use
@@ -18,6 +21,7 @@ and (b) ((c) does (b)'s work); MFU is against the measured matmul peak of the pr
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
@@ -46,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--phases", default="abc", help="which phases to run, e.g. 'c' (compiled phases take minutes each)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile (b) and (c) with torch.profiler, write their operator tables to DIR (timings inflated)")
     p.add_argument("--phase", choices=["a", "b", "c", "peak"], default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -83,8 +90,34 @@ def _setup(cfg, device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
 
 
-def _time_steps(step, args, device) -> tuple[float, float]:
-    """Seconds per step after warm-up, and FLOPs of one step."""
+@contextlib.contextmanager
+def _profiled(args, phase: Optional[str], steps: int, device) -> Iterator[dict]:
+    """Under ``--profile`` (and a ``phase`` name): record the block with torch.profiler, write its tables."""
+    result: dict = {}
+    if not args.profile or phase is None:
+        yield result
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield result
+        _sync(device)
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)  # kernels (and memcpys) only
+    result["device_ms_per_step"] = device_us / 1e3 / steps
+    folder = Path(args.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    by_device = events.table(sort_by="self_device_time_total", row_limit=40) if device.type == "cuda" else ""
+    (folder / f"profile_{phase}.txt").write_text(
+        f"phase {phase}: {steps} steps profiled; device time {device_us / 1e3:.1f} ms in all\n\n"
+        f"by self device time:\n{by_device}\n\nby self CPU time:\n"
+        f"{events.table(sort_by='self_cpu_time_total', row_limit=40)}\n"
+    )
+
+
+def _time_steps(step, args, device, phase: Optional[str] = None) -> tuple[float, float, dict]:
+    """Seconds per step after warm-up, FLOPs of one step, and the profile's figures (``--profile``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     for _ in range(args.warmup):
@@ -92,11 +125,13 @@ def _time_steps(step, args, device) -> tuple[float, float]:
     with FlopCounterMode(display=False) as counter:
         step()
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / args.steps, counter.get_total_flops()
+    with _profiled(args, phase, args.steps, device) as profiled:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        seconds = (time.perf_counter() - start) / args.steps
+    return seconds, counter.get_total_flops(), profiled
 
 
 def phase_a(args, device) -> dict:
@@ -114,7 +149,7 @@ def phase_a(args, device) -> dict:
             recon = forward(x).sample
         (recon.float() - x).abs().mean().backward()
 
-    seconds, flops = _time_steps(step, args, device)
+    seconds, flops, _ = _time_steps(step, args, device)
     return {"seconds_per_step": seconds, "flops_per_step": flops}
 
 
@@ -149,8 +184,8 @@ def phase_b(args, device) -> dict:
             disc_opt.step()
             disc_opt.zero_grad(set_to_none=True)
 
-    seconds, flops = _time_steps(step, args, device)
-    return {"seconds_per_step": seconds, "flops_per_step": flops}
+    seconds, flops, profiled = _time_steps(step, args, device, "b")
+    return {"seconds_per_step": seconds, "flops_per_step": flops, **profiled}
 
 
 def phase_c(args, device) -> dict:
@@ -165,11 +200,13 @@ def phase_c(args, device) -> dict:
         cfg.train.log_every = args.warmup  # the first logging step ends the warm-up
         cfg.loss.disc_start = 0  # every configured loss active, as in (b)
         cfg.data.num_validation_images = 2  # the final validation is outside the timed loop: keep it short
-        metrics = train(cfg)
+        # profiled whole, start-up and the short final validation included: its device ms/step is an upper bound
+        with _profiled(args, "c", cfg.train.max_train_steps, device) as profiled:
+            metrics = train(cfg)
     (first_step, first_t), (last_step, last_t) = metrics["log_marks"][0], metrics["log_marks"][-1]
     assert first_step == args.warmup and last_step == cfg.train.max_train_steps, metrics["log_marks"]
     return {"seconds_per_step": (last_t - first_t) / (last_step - first_step), "flops_per_step": None,
-            "data": metrics["data"]}  # fmt: skip
+            "data": metrics["data"], **profiled}  # fmt: skip
 
 
 def matmul_peak(device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
@@ -200,7 +237,7 @@ def run_phase(args, phase: str) -> dict:
     """Run one phase in a fresh interpreter and parse its JSON line."""
     cmd = [sys.executable, __file__, f"--phase={phase}", f"--config={args.config}", f"--resolution={args.resolution}",
            f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--warmup={args.warmup}"]  # fmt: skip
-    for flag in ("mixed_precision", "train_data_dir"):
+    for flag in ("mixed_precision", "train_data_dir", "profile"):
         if getattr(args, flag):
             cmd.append(f"--{flag}={getattr(args, flag)}")
     if args.compile:
@@ -231,6 +268,11 @@ def table(args, peak: dict, rows: dict, where: str) -> str:
     ips = {p: args.batch_size / r["seconds_per_step"] for p, r in rows.items()}
     ratios = [f"{x}/{y} = {ips[x] / ips[y]:.2f}" for x, y in (("b", "a"), ("c", "b")) if x in ips and y in ips]
     lines.append("\nratios (img/s): " + (", ".join(ratios) or "–"))
+    if args.profile:  # wall ms/step against kernel ms/step: the difference is the device idle
+        busy = [f"({p}) wall {1e3 * r['seconds_per_step']:.1f} ms/step, device {r['device_ms_per_step']:.1f} ms/step"
+                for p, r in rows.items() if "device_ms_per_step" in r]  # fmt: skip
+        lines.append(f"profiled (torch.profiler; (b) and (c) timings above are inflated by it; tables in "
+                     f"{args.profile}): " + "; ".join(busy))
     return "\n".join(lines)
 
 
