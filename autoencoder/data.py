@@ -140,6 +140,15 @@ def seeded_transform(transform: Callable, img: Image.Image, key: tuple) -> torch
         return transform(img)
 
 
+def shared_epoch() -> torch.Tensor:
+    """A 0-d epoch counter in shared memory: persistent DataLoader workers see ``set_epoch`` (as datasets does).
+
+    Each worker holds its own copy of the dataset from when it started; a plain attribute set in
+    the main process would never reach it, and every epoch would repeat epoch 0's augmentations.
+    """
+    return torch.zeros((), dtype=torch.int64).share_memory_()
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Map-style dataset over a ``datasets.Dataset`` image column that skips unreadable images.
 
@@ -160,7 +169,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.column = image_column
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self._epoch = shared_epoch()
         self.decoded: Optional[dict[str, Image.Image]] = {} if cache_decoded else None
 
     def _decode(self, value: Any) -> Image.Image:
@@ -172,9 +181,14 @@ class ImageDataset(torch.utils.data.Dataset):
             self.decoded[key] = decode_image(value)
         return self.decoded[key]
 
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations are drawn (shared with the loader's workers)."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """Called by accelerate's DataLoaderShard.set_epoch: selects the epoch's augmentations."""
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def _apply_transform(self, img: Image.Image, index: int) -> torch.Tensor:
         """The transform, under a per-(seed, epoch, index) RNG when seeded."""
@@ -213,15 +227,20 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
 
         self.ds = split_dataset_by_node(hf_iterable.shuffle(seed=seed, buffer_size=shuffle_buffer), rank, world_size)
         self.column, self.transform, self.seed, self.rank = image_column, transform, seed, rank
-        self.epoch = 0
+        self._epoch = shared_epoch()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentations are drawn (shared with the loader's workers)."""
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for ``epoch`` (datasets reseeds its shuffle buffer with seed + epoch)."""
-        self.epoch = epoch
+        """Reshuffle for ``epoch`` (datasets reseeds its shuffle buffer with seed + epoch) and re-augment."""
+        self._epoch.fill_(epoch)
         self.ds.set_epoch(epoch)
 
     def __iter__(self):
-        skipped = 0
+        skipped, epoch = 0, self.epoch
         for i, row in enumerate(self.ds):
             try:
                 img = decode_image(row[self.column])
@@ -229,7 +248,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 logger.warning("skipping unreadable streamed image: %s: %s", type(exc).__name__, exc)
                 skipped += 1
                 continue
-            x = seeded_transform(self.transform, img, (self.seed, self.epoch, self.rank, i))
+            x = seeded_transform(self.transform, img, (self.seed, epoch, self.rank, i))
             yield {"pixel_values": x, "num_skipped": skipped, "index": i}
             skipped = 0
 

@@ -188,3 +188,40 @@ def test_seeded_augmentation_touches_only_the_cpu_generator(monkeypatch):
     first = ds[3]["pixel_values"]
     assert torch.equal(torch.get_rng_state(), before)  # the global CPU generator is restored too
     assert torch.equal(first, ds[3]["pixel_values"]) and not torch.equal(first, ds[4]["pixel_values"])
+
+
+def _two_epochs(dataset, workers: int) -> list[list[float]]:
+    """Per-batch pixel sums of two epochs through a DataLoader whose workers persist between them.
+
+    ``dataset.set_epoch`` is what accelerate's DataLoaderShard.set_epoch calls (and the trainer, streaming).
+    """
+    dl = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate, num_workers=workers,
+                                     persistent_workers=workers > 0)  # fmt: skip
+    sums = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        sums.append([round(b["pixel_values"].sum().item(), 3) for b in dl])
+    return sums
+
+
+def test_persistent_workers_draw_each_epochs_augmentations():
+    """set_epoch in the main process reaches persistent workers: epoch 1 is re-augmented, as with no workers."""
+    cfg = DataConfig(resolution=32)
+    splits = load_splits(cfg, seed=0)
+    ds = ImageDataset(splits.train.select(range(8)), splits.image_column, train_transform(cfg, splits.embedded), seed=0)
+    inline, workers = _two_epochs(ds, 0), _two_epochs(ds, 2)
+    assert inline[0] != inline[1]  # new crops in epoch 1
+    assert workers == inline
+
+
+def test_streamed_persistent_worker_draws_each_epochs_augmentations(shared):
+    from autoencoder.data import StreamingImageDataset
+
+    cfg = DataConfig(train_data_dir=str(shared / "data" / "cifar10" / "test.parquet"), streaming=True,
+                     num_validation_images=4, max_train_samples=8, resolution=16, train_crop="multiscale",
+                     multiscale_min=1.0, multiscale_max=2.0)  # fmt: skip
+    splits = load_splits(cfg)
+    ds = StreamingImageDataset(splits.train, "image", train_transform(cfg, False), seed=0, shuffle_buffer=1)
+    inline, worker = _two_epochs(ds, 0), _two_epochs(ds, 1)
+    assert inline[0] != inline[1]
+    assert worker == inline
