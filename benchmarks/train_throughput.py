@@ -10,14 +10,16 @@
 (c) the training loop end to end (``train.trainer.train``: data loading and augmentation in the
     configured loader workers, logging), validation and checkpoints off.
 Each phase runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA)
-is its own.  ``--profile DIR`` runs (b) and (c) under ``torch.profiler`` instead and writes their
-operator tables to DIR: device (kernel) time per step in (c) against (b) tells extra GPU work in
-the loop (which kernels) from idle gaps (the host or the data not keeping up); its timings are
-inflated by the profiler and are not the benchmark's.  (a) and (b) time ``--steps`` steps after ``--warmup`` untimed ones; (c) times the
+is its own.  (a) and (b) time ``--steps`` steps after ``--warmup`` untimed ones; (c) times the
 steps between its first logging step (after ``--warmup`` steps, compilation included) and its
 last, both host-synchronised.  FLOPs come from ``torch.utils.flop_counter`` on one step of (a)
 and (b) ((c) does (b)'s work); MFU is against the measured matmul peak of the precision in use
 (bf16/fp16 under mixed precision, TF32 or fp32 otherwise) on the same device.
+
+``--profile DIR`` times (b) and (c) under ``torch.profiler`` and writes their operator
+tables to DIR: device (kernel) time per step in (c) against (b) tells extra GPU work in the loop
+(which kernels) from idle gaps (the host or the data not keeping up); its timings are inflated by
+the profiler and are not the benchmark's.
 """
 
 import argparse
@@ -97,6 +99,7 @@ def _profiled(args, phase: Optional[str], steps: int, device) -> Iterator[dict]:
     if not args.profile or phase is None:
         yield result
         return
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -104,7 +107,9 @@ def _profiled(args, phase: Optional[str], steps: int, device) -> Iterator[dict]:
         yield result
         _sync(device)
     events = prof.key_averages()
-    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)  # kernels (and memcpys) only
+    # the device-side rows (kernels, memcpys) only: the CPU ops that launched them carry the same time
+    device_us = sum(e.self_device_time_total for e in events
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation)  # fmt: skip
     result["device_ms_per_step"] = device_us / 1e3 / steps
     folder = Path(args.profile)
     folder.mkdir(parents=True, exist_ok=True)
