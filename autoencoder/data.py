@@ -140,16 +140,28 @@ def seeded_transform(transform: Callable, img: Image.Image, key: tuple) -> torch
         return transform(img)
 
 
-def shared_epoch() -> torch.Tensor:
-    """A 0-d epoch counter in shared memory: persistent DataLoader workers see ``set_epoch`` (as datasets does).
+class SharedEpoch:
+    """The epoch whose augmentations a dataset draws, in shared memory (as datasets keeps its own).
 
-    Each worker holds its own copy of the dataset from when it started; a plain attribute set in
-    the main process would never reach it, and every epoch would repeat epoch 0's augmentations.
+    Each persistent DataLoader worker holds its own copy of the dataset from when it started; a
+    plain attribute set in the main process would never reach it, and every epoch would repeat
+    epoch 0's augmentations.  Subclasses call ``__init__`` before any worker starts.
     """
-    return torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __init__(self) -> None:
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch, as every worker sees it."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoaderShard.set_epoch: selects the epoch's augmentations."""
+        self._epoch.fill_(epoch)
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(SharedEpoch, torch.utils.data.Dataset):
     """Map-style dataset over a ``datasets.Dataset`` image column that skips unreadable images.
 
     An unreadable image is replaced by the next readable one and counted in the sample's
@@ -165,11 +177,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, hf_dataset: datasets.Dataset, image_column: str, transform: Callable, seed: Optional[int] = None,
                  cache_decoded: bool = False):  # fmt: skip
+        super().__init__()
         self.ds = hf_dataset
         self.column = image_column
         self.transform = transform
         self.seed = seed
-        self._epoch = shared_epoch()
         self.decoded: Optional[dict[str, Image.Image]] = {} if cache_decoded else None
 
     def _decode(self, value: Any) -> Image.Image:
@@ -180,15 +192,6 @@ class ImageDataset(torch.utils.data.Dataset):
         if key not in self.decoded:
             self.decoded[key] = decode_image(value)
         return self.decoded[key]
-
-    @property
-    def epoch(self) -> int:
-        """The epoch whose augmentations are drawn (shared with the loader's workers)."""
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by accelerate's DataLoaderShard.set_epoch: selects the epoch's augmentations."""
-        self._epoch.fill_(epoch)
 
     def _apply_transform(self, img: Image.Image, index: int) -> torch.Tensor:
         """The transform, under a per-(seed, epoch, index) RNG when seeded."""
@@ -214,7 +217,7 @@ class ImageDataset(torch.utils.data.Dataset):
         )
 
 
-class StreamingImageDataset(torch.utils.data.IterableDataset):
+class StreamingImageDataset(SharedEpoch, torch.utils.data.IterableDataset):
     """A streamed ``datasets.IterableDataset``, shuffled with a buffer and sharded for this rank.
 
     Each rank reads only its shard (``split_dataset_by_node``); DataLoader workers split it further
@@ -225,18 +228,13 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000):  # fmt: skip
         from datasets.distributed import split_dataset_by_node
 
+        super().__init__()
         self.ds = split_dataset_by_node(hf_iterable.shuffle(seed=seed, buffer_size=shuffle_buffer), rank, world_size)
         self.column, self.transform, self.seed, self.rank = image_column, transform, seed, rank
-        self._epoch = shared_epoch()
-
-    @property
-    def epoch(self) -> int:
-        """The epoch whose augmentations are drawn (shared with the loader's workers)."""
-        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (datasets reseeds its shuffle buffer with seed + epoch) and re-augment."""
-        self._epoch.fill_(epoch)
+        super().set_epoch(epoch)
         self.ds.set_epoch(epoch)
 
     def __iter__(self):
