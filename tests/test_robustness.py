@@ -157,7 +157,8 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, lpips_dir, monkeypat
 
 @pytest.mark.slow
 def test_compiled_run_updates_like_eager_and_resumes_eager(tmp_path, lpips_dir, monkeypatch):
-    """--compile: eager's updates up to float reordering, plain checkpoint keys, and an eager run resumes from them.
+    """--compile: eager's updates up to float reordering, no recompilation at a checkpoint, plain checkpoint
+    keys, and an eager run resumes from them.
 
     Inductor draws random numbers its own way; ``fallback_random`` makes it draw eager's posterior noise.
     """
@@ -165,6 +166,9 @@ def test_compiled_run_updates_like_eager_and_resumes_eager(tmp_path, lpips_dir, 
     import torch._inductor.config
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # one compilation per run: a recompile costs minutes for an SD-size VAE on a GPU (a checkpoint's
+    # save_config once changed the VAE's config dict, which the compiled forward guards on)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     args = ["--max_train_steps=4", "--checkpointing_steps=2", "--checkpoints_total_limit=5"]
     eager, compiled, resumed = tmp_path / "eager", tmp_path / "compiled", tmp_path / "resumed"
     assert _run_inprocess(eager, lpips_dir, monkeypatch, *args) == 0

@@ -661,6 +661,9 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     if not streaming:
         train_dl = accelerator.prepare(train_dl)
     if t.compile:  # after prepare: the DDP-wrapped model compiles with DDPOptimizer; checkpoints keep plain keys
+        # diffusers' save_config adds _class_name/_diffusers_version to the live config dict, which the
+        # compiled forward guards on: serialise it once now, or the first checkpoint costs a recompile
+        vae.to_json_string()
         model = torch.compile(model)
     disc_scheduler = None
     if disc is not None:  # the discriminator's LR follows the VAE's schedule
