@@ -12,9 +12,12 @@
 Each phase runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA)
 is its own.  (a) and (b) time ``--steps`` steps after ``--warmup`` untimed ones; (c) times the
 steps between its first logging step (after ``--warmup`` steps, compilation included) and its
-last, both host-synchronised.  FLOPs come from ``torch.utils.flop_counter`` on one step of (a)
-and (b) ((c) does (b)'s work); MFU is against the measured matmul peak of the precision in use
-(bf16/fp16 under mixed precision, TF32 or fp32 otherwise) on the same device.
+last, both host-synchronised.  "s to step W" is what comes before the timed steps: the ``--warmup``
+steps (compilation happens in the first) and, for (c), the loop's start-up (data, workers,
+prepare); with and without ``--compile`` it gives compilation's cost.  FLOPs come from
+``torch.utils.flop_counter`` on one step of (a) and (b) ((c) does (b)'s work); MFU is against the
+measured matmul peak of the precision in use (bf16/fp16 under mixed precision, TF32 or fp32
+otherwise) on the same device.
 
 ``--profile DIR`` times (b) and (c) under ``torch.profiler`` and writes their operator
 tables to DIR: device (kernel) time per step in (c) against (b) tells extra GPU work in the loop
@@ -122,11 +125,14 @@ def _profiled(args, phase: Optional[str], steps: int, device) -> Iterator[dict]:
 
 
 def _time_steps(step, args, device, phase: Optional[str] = None) -> tuple[float, float, dict]:
-    """Seconds per step after warm-up, FLOPs of one step, and the profile's figures (``--profile``)."""
+    """Seconds per step after warm-up, FLOPs of one step, and the warm-up's seconds and profile (``--profile``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    start = time.perf_counter()
     for _ in range(args.warmup):
         step()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - start  # compilation happens here
     with FlopCounterMode(display=False) as counter:
         step()
     _sync(device)
@@ -136,7 +142,7 @@ def _time_steps(step, args, device, phase: Optional[str] = None) -> tuple[float,
             step()
         _sync(device)
         seconds = (time.perf_counter() - start) / args.steps
-    return seconds, counter.get_total_flops(), profiled
+    return seconds, counter.get_total_flops(), {"warmup_seconds": warmup_seconds, **profiled}
 
 
 def phase_a(args, device) -> dict:
@@ -154,8 +160,8 @@ def phase_a(args, device) -> dict:
             recon = forward(x).sample
         (recon.float() - x).abs().mean().backward()
 
-    seconds, flops, _ = _time_steps(step, args, device)
-    return {"seconds_per_step": seconds, "flops_per_step": flops}
+    seconds, flops, extra = _time_steps(step, args, device)
+    return {"seconds_per_step": seconds, "flops_per_step": flops, **extra}
 
 
 def phase_b(args, device) -> dict:
@@ -189,8 +195,8 @@ def phase_b(args, device) -> dict:
             disc_opt.step()
             disc_opt.zero_grad(set_to_none=True)
 
-    seconds, flops, profiled = _time_steps(step, args, device, "b")
-    return {"seconds_per_step": seconds, "flops_per_step": flops, **profiled}
+    seconds, flops, extra = _time_steps(step, args, device, "b")
+    return {"seconds_per_step": seconds, "flops_per_step": flops, **extra}
 
 
 def phase_c(args, device) -> dict:
@@ -210,8 +216,10 @@ def phase_c(args, device) -> dict:
             metrics = train(cfg)
     (first_step, first_t), (last_step, last_t) = metrics["log_marks"][0], metrics["log_marks"][-1]
     assert first_step == args.warmup and last_step == cfg.train.max_train_steps, metrics["log_marks"]
+    # start-up (checks, data, loader workers, prepare) and the warm-up steps (compilation included)
+    warmup_seconds = metrics["startup_seconds"] + first_t
     return {"seconds_per_step": (last_t - first_t) / (last_step - first_step), "flops_per_step": None,
-            "data": metrics["data"], **profiled}  # fmt: skip
+            "warmup_seconds": warmup_seconds, "data": metrics["data"], **profiled}  # fmt: skip
 
 
 def matmul_peak(device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
@@ -261,7 +269,8 @@ def table(args, peak: dict, rows: dict, where: str) -> str:
     lines = [f"config={args.config} resolution={args.resolution} batch={args.batch_size} steps={args.steps} "
              f"warmup={args.warmup} mixed_precision={_cfg(args).train.mixed_precision} compile={args.compile} "
              f"device={where}; measured {peak['precision']} matmul peak {peak['tflops']:.2f} TFLOP/s{data}",
-             "| phase | img/s | s/step | peak memory (MB) | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+             f"| phase | img/s | s/step | peak memory (MB) | TFLOP/s | MFU | s to step {args.warmup} |",
+             "|---|---|---|---|---|---|---|"]
     for p, r in rows.items():
         flops = r["flops_per_step"] or rows.get("b", {}).get("flops_per_step")  # (c) does (b)'s work per step
         ips = args.batch_size / r["seconds_per_step"]
@@ -269,7 +278,8 @@ def table(args, peak: dict, rows: dict, where: str) -> str:
         if flops:
             tflops = flops / r["seconds_per_step"] / 1e12
             util = f"{tflops:.2f} | {100 * tflops / peak['tflops']:.1f}%"
-        lines.append(f"| {names[p]} | {ips:.2f} | {r['seconds_per_step']:.4f} | {r['peak_bytes'] / 2**20:.0f} | {util} |")
+        lines.append(f"| {names[p]} | {ips:.2f} | {r['seconds_per_step']:.4f} | {r['peak_bytes'] / 2**20:.0f} | {util} "
+                     f"| {r['warmup_seconds']:.1f} |")
     ips = {p: args.batch_size / r["seconds_per_step"] for p, r in rows.items()}
     ratios = [f"{x}/{y} = {ips[x] / ips[y]:.2f}" for x, y in (("b", "a"), ("c", "b")) if x in ips and y in ips]
     lines.append("\nratios (img/s): " + (", ".join(ratios) or "–"))

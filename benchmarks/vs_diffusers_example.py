@@ -15,7 +15,9 @@ resolution, precision, learning rate, loss weights (L1 + LPIPS + KL; the discrim
 loader workers and number of steps.  Each is timed by the same clock: its training progress bar
 (``tqdm.auto``) is wrapped so that the step counter reaching ``--warmup`` and ``--warmup + --steps``
 synchronises the GPU and reads the time; img/s = batch x steps / that interval, so start-up,
-compilation, validation and export are outside it.
+compilation, validation and export are outside it.  "s to step W" is the time from the
+contender's start (after the interpreter's imports of this script) to its first timed step:
+start-up and the warm-up steps, compilation included.
 
 Offline, the example's LPIPS (``lpips.LPIPS(net="vgg")``) cannot download torchvision's VGG-16; with
 ``--lpips_weights`` (or ``$LPIPS_WEIGHTS``) its ``torchvision.models.vgg16`` is given the verified
@@ -98,6 +100,7 @@ def child(args) -> int:
     """Run one contender in this process with the timed progress bar; print its JSON line."""
     import tqdm.auto
 
+    started = time.perf_counter()
     spec = json.loads(args.child_args)
     marks: dict = {}
     crashed = None
@@ -125,7 +128,8 @@ def child(args) -> int:
     steps = spec["last"] - spec["first"]
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
     print(json.dumps({"img_per_s": args.batch_size * steps / seconds, "seconds_per_step": seconds / steps,
-                      "peak_memory_mb": peak, "crashed_after_the_timed_steps": crashed}))  # fmt: skip
+                      "peak_memory_mb": peak, "seconds_to_first_timed_step": marks[spec["first"]] - started,
+                      "crashed_after_the_timed_steps": crashed}))  # fmt: skip
     return 0
 
 
@@ -184,7 +188,8 @@ def main(argv=None) -> int:
         where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"{args.config} at {args.resolution} px, batch {args.batch_size}, {args.mixed_precision}, {args.steps} "
               f"timed steps after {args.warmup}, {workers} loader workers each, data {args.train_data_dir}, on {where}")
-        print("| loop | img/s | s/step | peak memory (MB) | x example |\n|---|---|---|---|---|", flush=True)
+        print(f"| loop | img/s | s/step | peak memory (MB) | x example | s to step {args.warmup} |\n"
+              "|---|---|---|---|---|---|", flush=True)
         names = {"example": "diffusers train_autoencoderkl.py", "ours": "python -m train",
                  "ours_compile": "python -m train --compile"}  # fmt: skip
         results: dict = {}
@@ -194,7 +199,7 @@ def main(argv=None) -> int:
             note = f" (then crashed: {r['crashed_after_the_timed_steps']})" if r.get("crashed_after_the_timed_steps") else ""
             ratio = f"{r['img_per_s'] / results['example']['img_per_s']:.2f}" if "example" in results else "–"
             print(f"| {names[which]}{note} | {r['img_per_s']:.1f} | {r['seconds_per_step']:.4f} | "
-                  f"{r['peak_memory_mb']:.0f} | {ratio} |", flush=True)
+                  f"{r['peak_memory_mb']:.0f} | {ratio} | {r['seconds_to_first_timed_step']:.0f} |", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "results": results}, indent=2))
     return 0

@@ -614,6 +614,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     """
     t = cfg.train
     out = Path(t.output_dir)
+    called = time.perf_counter()
     accelerator = Accelerator(
         cpu=use_cpu_backend(),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -874,6 +875,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
         "initial": {k.split("/", 1)[1]: initial[k] for k in ("val/psnr", "val/ssim", "val/lpips")} if initial else None,
         "skipped_images": state.skipped_images,
         "nonfinite_steps": state.nonfinite_steps,
+        "startup_seconds": train_start - called,  # checks, data, model, prepare, resume, first validation
         "train_seconds_this_run": train_time,
         "log_marks": log_marks,  # (step, seconds into the loop) at each logging step: benchmarks/train_throughput.py
         "num_processes": accelerator.num_processes,
