@@ -131,8 +131,9 @@ class TrainConfig:
     disc_learning_rate: Optional[float] = opt(None, "discriminator learning rate (default: learning_rate)")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; master weights stay fp32")
     allow_tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (off: exact fp32)")
-    compile: bool = opt(False, "torch.compile the prepared VAE (not LPIPS): it compiles during the first steps; "
-                        "its gain on GPUs is not measured yet (README 'Speed')")
+    compile: bool = opt(False, "torch.compile the VAE block by block (not LPIPS; the decoder's last layer stays eager "
+                        "for the GAN weight): it compiles during the first steps; its gain on GPUs is not measured "
+                        "yet (README 'Speed')")
     checkpointing_steps: int = opt(500, "save a resumable checkpoint every N steps (0 disables)")
     checkpoints_total_limit: Optional[int] = opt(3, "keep at most this many checkpoints (None keeps all)")
     resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder to resume from")

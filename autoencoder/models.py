@@ -170,6 +170,22 @@ class VAEForTraining(nn.Module):
         return self.vae.decoder.conv_out.weight
 
 
+def compile_regions(vae: AutoencoderKL, **compile_kwargs) -> None:
+    """``torch.compile`` the VAE in place, block by block, leaving the decoder's output conv eager.
+
+    Why not one graph: the adaptive GAN weight differentiates the loss w.r.t. ``decoder.conv_out``'s
+    weight with ``retain_graph`` (latent-diffusion).  Through a whole-model graph that reaches
+    AOTAutograd's single backward node, which refuses ``retain_graph`` (it donates its buffers) and
+    would otherwise rerun the whole VAE backward twice per step; with ``conv_out`` eager that gradient
+    needs only conv_out's own backward.  In place (``nn.Module.compile``): parameter names,
+    checkpoints and the export are unchanged.
+    """
+    for region in (vae.encoder, vae.decoder.mid_block, *vae.decoder.up_blocks):
+        # static shapes: the up blocks share their code but not their shapes; without this the second
+        # one would recompile the first's graph with symbolic sizes for all of them
+        region.compile(**{"dynamic": False, **compile_kwargs})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print each preset's parameter count, downsampling and latent channels."""
     del argv  # no options

@@ -7,6 +7,8 @@
 (a) raw ``AutoencoderKL`` forward + backward with an L1 loss only (no optimizer);
 (b) one full training step as the loop runs it: forward through ``VAEForTraining``, every configured
     loss (LPIPS under autocast, KL, GAN if enabled), backward, clipping, fused AdamW step;
+    ``--compile`` compiles (a) as one graph (``torch.compile(vae)``, the raw reference) and (b), (c)
+    block by block as the loop does (``autoencoder.models.compile_regions``);
 (c) the training loop end to end (``train.trainer.train``: data loading and augmentation in the
     configured loader workers, logging), validation and checkpoints off.
 Each phase runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA)
@@ -166,12 +168,13 @@ def phase_a(args, device) -> dict:
 
 def phase_b(args, device) -> dict:
     from autoencoder.losses import VAELoss, build_discriminator
-    from autoencoder.models import VAEForTraining, build_vae
+    from autoencoder.models import VAEForTraining, build_vae, compile_regions
 
     cfg = _cfg(args)
     _setup(cfg, device)
     model = VAEForTraining(build_vae(cfg.model)).to(device).train()
-    forward = torch.compile(model) if args.compile else model
+    if args.compile:  # as the loop compiles: block by block, the decoder's last layer eager (the GAN's weight)
+        compile_regions(model.vae)
     loss_fn = VAELoss(cfg.loss).to(device)
     disc = build_discriminator(cfg.loss)
     disc = disc.to(device) if disc is not None else None
@@ -182,7 +185,7 @@ def phase_b(args, device) -> dict:
 
     def step():
         with _autocast(cfg, device):
-            recon, posterior = forward(x)
+            recon, posterior = model(x)
             loss, _ = loss_fn(x, recon, posterior, step_index, discriminator=disc, last_layer=model.last_layer())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

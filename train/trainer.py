@@ -56,6 +56,7 @@ from autoencoder.models import (
     VAEForTraining,
     build_vae,
     check_resolution,
+    compile_regions,
     count_parameters,
     downsampling_factor,
     half_check_latents,
@@ -214,9 +215,10 @@ def log_grid(accelerator: Accelerator, inputs: torch.Tensor, recons: torch.Tenso
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # --compile's regions run eager here: no recompiles for eval shapes
 def validate(accelerator, model, loss_fn, val_lpips, val_dl, step: int, cfg: Config) -> dict:
     """Held-out PSNR/SSIM/LPIPS and loss terms, gathered over processes; saves the grid on main."""
-    vae_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # eager: no recompiles for eval shapes
+    vae_model = accelerator.unwrap_model(model)
     # Invariant: autocast computes in bf16/fp16, but the master weights never leave fp32.
     assert all(p.dtype == torch.float32 for p in vae_model.parameters()), "master weights must stay fp32"
     was_training = vae_model.training
@@ -658,14 +660,11 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     fused = fused_adamw_available(accelerator.device)  # a non-finite step is then skipped without a host sync
     optimizer, disc_optimizer = build_optimizers(cfg, model, loss_fn, disc, accelerator.num_processes, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, accelerator.num_processes)
+    if t.compile:  # in place, block by block (see compile_regions): DDP sees plain modules, checkpoints plain keys
+        compile_regions(vae)
     model, optimizer, scheduler, val_dl = accelerator.prepare(model, optimizer, scheduler, val_dl)
     if not streaming:
         train_dl = accelerator.prepare(train_dl)
-    if t.compile:  # after prepare: the DDP-wrapped model compiles with DDPOptimizer; checkpoints keep plain keys
-        # diffusers' save_config adds _class_name/_diffusers_version to the live config dict, which the
-        # compiled forward guards on: serialise it once now, or the first checkpoint costs a recompile
-        vae.to_json_string()
-        model = torch.compile(model)
     disc_scheduler = None
     if disc is not None:  # the discriminator's LR follows the VAE's schedule
         disc_scheduler = build_scheduler(cfg, disc_optimizer, accelerator.num_processes)
@@ -887,7 +886,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     }
     if t.checkpointing_steps and state.global_step % t.checkpointing_steps:
         save_checkpoint(accelerator, model, cfg, state.global_step)  # the end is always resumable/extendable
-    with ema_weights(ema, vae_params):
+    with ema_weights(ema, vae_params), torch.compiler.set_stance("force_eager"):  # no compiles for these shapes
         if accelerator.is_main_process:  # force_upcast from a measured fp16 decode of held-out latents
             raw_vae = accelerator.unwrap_model(model).vae
             x = torch.stack([val_ds[i]["pixel_values"] for i in range(min(4, len(val_ds)))]).to(accelerator.device)
