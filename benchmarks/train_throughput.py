@@ -10,7 +10,10 @@
     ``--compile`` compiles (a) as one graph (``torch.compile(vae)``, the raw reference) and (b), (c)
     block by block as the loop does (``autoencoder.models.compile_regions``);
 (c) the training loop end to end (``train.trainer.train``: data loading and augmentation in the
-    configured loader workers, logging), validation and checkpoints off.
+    configured loader workers, logging), validation and checkpoints off; it also prints how long
+    per step the loop's host thread waited for a batch and for the device (on a GPU the loop
+    waits for the step before last once per step): a loop that keeps the GPU busy waits on the
+    device, one starved by its data waits on the loader.
 Each phase runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA)
 is its own.  (a) and (b) time ``--steps`` steps after ``--warmup`` untimed ones; (c) times the
 steps between its first logging step (after ``--warmup`` steps, compilation included) and its
@@ -217,12 +220,15 @@ def phase_c(args, device) -> dict:
         # profiled whole, start-up and the short final validation included: its device ms/step is an upper bound
         with _profiled(args, "c", cfg.train.max_train_steps, device) as profiled:
             metrics = train(cfg)
-    (first_step, first_t), (last_step, last_t) = metrics["log_marks"][0], metrics["log_marks"][-1]
-    assert first_step == args.warmup and last_step == cfg.train.max_train_steps, metrics["log_marks"]
+    first, last = metrics["log_marks"][0], metrics["log_marks"][-1]  # (step, seconds, data wait, device wait)
+    assert first[0] == args.warmup and last[0] == cfg.train.max_train_steps, metrics["log_marks"]
+    steps = last[0] - first[0]
     # start-up (checks, data, loader workers, prepare) and the warm-up steps (compilation included)
-    warmup_seconds = metrics["startup_seconds"] + first_t
-    return {"seconds_per_step": (last_t - first_t) / (last_step - first_step), "flops_per_step": None,
-            "warmup_seconds": warmup_seconds, "data": metrics["data"], **profiled}  # fmt: skip
+    warmup_seconds = metrics["startup_seconds"] + first[1]
+    return {"seconds_per_step": (last[1] - first[1]) / steps, "flops_per_step": None,
+            "warmup_seconds": warmup_seconds, "data": metrics["data"],
+            "data_wait_per_step": (last[2] - first[2]) / steps, "device_wait_per_step": (last[3] - first[3]) / steps,
+            **profiled}  # fmt: skip
 
 
 def matmul_peak(device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
@@ -286,6 +292,10 @@ def table(args, peak: dict, rows: dict, where: str) -> str:
     ips = {p: args.batch_size / r["seconds_per_step"] for p, r in rows.items()}
     ratios = [f"{x}/{y} = {ips[x] / ips[y]:.2f}" for x, y in (("b", "a"), ("c", "b")) if x in ips and y in ips]
     lines.append("\nratios (img/s): " + (", ".join(ratios) or "–"))
+    if "c" in rows:  # the loop's host thread, per timed step: the rest of its time is its own work (launches)
+        c = rows["c"]
+        lines.append(f"(c) per step, the loop waited {1e3 * c['data_wait_per_step']:.1f} ms for data and "
+                     f"{1e3 * c['device_wait_per_step']:.1f} ms for the device, of {1e3 * c['seconds_per_step']:.1f} ms")
     if args.profile:  # wall ms/step against kernel ms/step: the difference is the device idle
         busy = [f"({p}) wall {1e3 * r['seconds_per_step']:.1f} ms/step, device {r['device_ms_per_step']:.1f} ms/step"
                 for p, r in rows.items() if "device_ms_per_step" in r]  # fmt: skip

@@ -156,6 +156,34 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, lpips_dir, monkeypat
 
 
 @pytest.mark.slow
+def test_time_blocked_on_the_loader_is_counted(tmp_path, lpips_dir, monkeypatch):
+    """Images made 30 ms slower add at least 3 steps x 4 images x 30 ms to the loop's data wait.
+
+    Loading in the main process (0 workers), so every image's delay blocks the loop; accelerate's
+    prepared loader fetches one batch ahead, so the wait can exceed the closed form, never fall
+    short of it.  On a CPU nothing is waited for on a device.
+    """
+    from autoencoder.data import ImageDataset
+
+    args = ["--max_train_steps=3", "--checkpointing_steps=0", "--dataloader_num_workers=0", "--latent_stats=false"]
+    assert _run_inprocess(tmp_path / "plain", lpips_dir, monkeypatch, *args) == 0
+    plain = _metrics(tmp_path / "plain")
+    original = ImageDataset.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.03)
+        return original(self, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", slow)
+    assert _run_inprocess(tmp_path / "slow", lpips_dir, monkeypatch, *args) == 0
+    slowed = _metrics(tmp_path / "slow")
+    assert slowed["data_wait_seconds"] - plain["data_wait_seconds"] >= 3 * 4 * 0.03
+    assert slowed["data_wait_seconds"] < slowed["train_seconds_this_run"]
+    if not torch.cuda.is_available():
+        assert plain["device_wait_seconds"] == slowed["device_wait_seconds"] == 0.0
+
+
+@pytest.mark.slow
 def test_compiled_run_updates_like_eager_and_resumes_eager(tmp_path, lpips_dir, monkeypatch):
     """--compile with the GAN's adaptive weight on: eager's updates up to float reordering, each region
     compiled once (no recompile at a checkpoint, a validation or the end), plain checkpoint keys, and

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import datasets
 import numpy as np
@@ -160,15 +160,45 @@ def ema_step(ema: EMAModel, params: list[torch.nn.Parameter], bad: torch.Tensor)
     torch._foreach_add_(shadow, delta)
 
 
+@dataclass
+class WaitClock:
+    """Seconds the loop's host thread spent blocked, cumulative: on the loader for a batch, on the device.
+
+    On a GPU the loop waits on the device once per step (``LaggedFlags``): a loop that keeps the GPU
+    busy spends its spare host time there, and one starved by its data waits on the loader instead.
+    """
+
+    data: float = 0.0
+    device: float = 0.0
+
+
+_END = object()
+
+
+def timed_batches(batches: Iterable, clock: WaitClock) -> Iterator:
+    """``batches``' items, adding the time spent waiting for each (iterator start included) to ``clock.data``."""
+    start = time.perf_counter()
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, _END)
+        clock.data += time.perf_counter() - start
+        if batch is _END:
+            return
+        yield batch
+        start = time.perf_counter()
+
+
 class LaggedFlags:
     """Small per-step device tensors read on the host one step later, so it never waits for the step just queued.
 
     On CUDA each push starts a non-blocking copy into pinned memory and records an event; ``ready``
-    waits only for steps the GPU has (nearly) finished.  On the CPU the values are ready at once.
+    waits only for steps the GPU has (nearly) finished, and adds that wait to ``clock.device``.  On
+    the CPU the values are ready at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: WaitClock) -> None:
         self.queue: list[tuple[int, torch.Tensor, Optional[torch.cuda.Event]]] = []
+        self.clock = clock
 
     def push(self, step: int, values: torch.Tensor) -> None:
         """Queue ``values`` (a 1-D device tensor) of optimizer step ``step``."""
@@ -186,7 +216,9 @@ class LaggedFlags:
         while len(self.queue) > keep:
             step, host, event = self.queue.pop(0)
             if event is not None:
+                start = time.perf_counter()
                 event.synchronize()
+                self.clock.device += time.perf_counter() - start
             yield step, host.tolist()
 
 
@@ -716,13 +748,16 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     images_per_step = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     interval_start, interval_steps = time.perf_counter(), 0
     train_start = time.perf_counter()
-    log_marks: list[tuple[int, float]] = []  # (step, seconds into the loop) at logging steps, after their host sync
+    # (step, seconds into the loop, seconds waited on data, on the device) at logging steps, after their host sync
+    log_marks: list[tuple[int, float, float, float]] = []
+    waits = WaitClock()
+    interval_waits = WaitClock()  # ``waits`` at the start of the logging interval
     device = accelerator.device
     # [non-finite steps, consecutive non-finite steps, skipped images], kept on the device and read one
     # step late (LaggedFlags), or at once at logging/checkpoint/validation steps: no host sync per step
     counters = torch.tensor([state.nonfinite_steps, state.consecutive_nonfinite, state.skipped_images], device=device)
     window_bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this accumulation window
-    lagged = LaggedFlags()
+    lagged = LaggedFlags(waits)
     interrupted: Optional[int] = None
     micro_in_window = 0  # micro-batches of the current accumulation window entered so far
     in_update = False  # inside an optimizer step: parameters may be half-updated
@@ -741,7 +776,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
             else:
                 loader = train_dl
             yielded = 0
-            for batch in loader:
+            for batch in timed_batches(loader, waits):
                 yielded += 1
                 state.batches_in_epoch += 1
                 micro_in_window += 1
@@ -809,7 +844,10 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
                 if is_log:
                     elapsed = time.perf_counter() - interval_start
                     logs = {k: float(v) for k, v in logs.items()}  # the host sync of a logging step
-                    log_marks.append((state.global_step, time.perf_counter() - train_start))
+                    log_marks.append((state.global_step, time.perf_counter() - train_start, waits.data, waits.device))
+                    # where the host's time went: waiting for a batch (the data too slow) or for the device
+                    logs["train/data_wait_frac"] = (waits.data - interval_waits.data) / max(elapsed, 1e-9)
+                    logs["train/device_wait_frac"] = (waits.device - interval_waits.device) / max(elapsed, 1e-9)
                     logs["train/lr"] = scheduler.get_last_lr()[0]
                     logs["train/images_per_sec"] = interval_steps * images_per_step / max(elapsed, 1e-9)
                     logs["train/skipped_images"] = state.skipped_images
@@ -819,6 +857,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
                     accelerator.log(logs, step=state.global_step)
                     progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
                     interval_start, interval_steps = time.perf_counter(), 0
+                    interval_waits = WaitClock(waits.data, waits.device)
                 if stop_now:
                     interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
                     break
@@ -876,7 +915,10 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
         "nonfinite_steps": state.nonfinite_steps,
         "startup_seconds": train_start - called,  # checks, data, model, prepare, resume, first validation
         "train_seconds_this_run": train_time,
-        "log_marks": log_marks,  # (step, seconds into the loop) at each logging step: benchmarks/train_throughput.py
+        "data_wait_seconds": waits.data,  # of train_seconds_this_run, blocked on the loader
+        "device_wait_seconds": waits.device,  # blocked on the device (GPU)
+        # (step, seconds into the loop, data wait, device wait) at each logging step: benchmarks/train_throughput.py
+        "log_marks": log_marks,
         "num_processes": accelerator.num_processes,
         "mixed_precision": t.mixed_precision,
         "hardware": hardware(accelerator),
