@@ -6,6 +6,7 @@ rather than ever run with a random backbone, we build the network with ``pnet_ra
 load the backbone ourselves with a strict key check, or stop with a message naming the remedies.
 """
 
+import inspect
 import os
 from pathlib import Path
 from typing import Optional
@@ -81,9 +82,19 @@ def backbone_features(net: str, weights: Optional[str] = None) -> dict[str, torc
     return {k: v for k, v in state.items() if k.startswith("features.")}
 
 
+def head_weights(net: str) -> dict[str, torch.Tensor]:
+    """LPIPS's learned linear heads (v0.1), from the file inside the ``lpips`` package, keyed ``lin{k}.…``."""
+    path = Path(inspect.getfile(lpips.LPIPS)).parent / "weights" / "v0.1" / f"{net}.pth"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def build_lpips(net: str = "vgg", weights: Optional[str] = None) -> lpips.LPIPS:
     """A frozen (eval, no grad to its weights) LPIPS that is still differentiable w.r.t. its inputs."""
-    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    # Built on the meta device, then every tensor assigned from a file with a strict key check:
+    # torchvision would otherwise random-initialise the whole network first, the classifier LPIPS
+    # never uses included (1.5 s for VGG-16 on a CPU, in every run's start-up).
+    with torch.device("meta"):
+        model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
     features = backbone_features(net, weights)
     # lpips splits torchvision's `features` Sequential into slices keeping the original indices:
     # slice{k}.{i}.weight <- features.{i}.weight.
@@ -100,6 +111,11 @@ def build_lpips(net: str = "vgg", weights: Optional[str] = None) -> lpips.LPIPS:
     unused = set(features) - {f"features.{n.split('.', 1)[1]}" for n in mapped}
     if unused:
         raise LPIPSWeightsError(f"LPIPS {net} backbone file has unexpected keys {sorted(unused)[:4]}. " + _remedies(net))
-    model.net.load_state_dict(mapped, strict=True)
+    heads = head_weights(net)
+    state = {**{f"scaling_layer.{k}": v for k, v in lpips.ScalingLayer().state_dict().items()},
+             **{f"net.{k}": v for k, v in mapped.items()}, **heads,
+             **{f"lins.{k[3:]}": v for k, v in heads.items()}}  # ``lins`` lists the same lin0..lin4  # fmt: skip
+    model.load_state_dict(state, strict=True, assign=True)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     model.eval().requires_grad_(False)
     return model
