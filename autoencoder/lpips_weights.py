@@ -2,8 +2,9 @@
 
 ``lpips.LPIPS(pretrained=True)`` takes its learned linear heads from files inside the ``lpips``
 wheel, but its VGG/AlexNet backbone from torchvision's download.  Offline that download fails;
-rather than ever run with a random backbone, we build the network with ``pnet_rand=True`` and
-load the backbone ourselves with a strict key check, or stop with a message naming the remedies.
+rather than ever run with a random backbone, we build the network empty (meta device) and load
+the backbone ourselves, with the heads from lpips' package file, under one strict key check, or
+stop with a message naming the remedies.
 """
 
 import inspect
