@@ -227,6 +227,18 @@ def agree(error: Optional[BaseException]) -> None:
     raise AgreedError(message, code, rank)
 
 
+@contextlib.contextmanager
+def agreement() -> Iterator[None]:
+    """Collective: run the block (which must hold no collective) on every rank; if it raised on any rank,
+    raise on every rank (see ``agree``).  The block's checks and loads are what bad input can break."""
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
+        error = exc
+    agree(error)
+
+
 def report(exc: BaseException, debug: bool) -> int:
     """Print the one-line message of ``exc`` on stderr (once across ranks); return its exit status."""
     rank, world = _rank()

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL
 from huggingface_hub import ModelCard, ModelCardData
 
 import diffusion_bridge.publish as publish
+import train.run
 import train.trainer as trainer
 from autoencoder.config import ModelConfig
 from autoencoder.models import build_vae
@@ -172,14 +173,14 @@ def test_training_push_to_hub_uploads_the_export_with_its_held_out_metrics(tmp_p
     out = tmp_path / "run"
     args = ["--config=tiny", f"--output_dir={out}", "--max_train_steps=4", "--checkpointing_steps=0",
             "--validation_steps=0", "--push_to_hub", "--hub_model_id=me/tiny", "--hub_private"]  # fmt: skip
-    monkeypatch.setattr(trainer, "get_token", lambda: None)
+    monkeypatch.setattr(train.run, "get_token", lambda: None)
     _reset()
     assert trainer.main(args) == 2
     assert "push_to_hub needs a Hugging Face token" in capsys.readouterr().err
     assert not (out / "vae").exists()  # refused before training
 
     api = FakeApi()
-    monkeypatch.setattr(trainer, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(train.run, "get_token", lambda: "hf_x")
     monkeypatch.setattr(publish, "get_token", lambda: "hf_x")
     monkeypatch.setattr(publish, "HfApi", lambda token: api)
     _reset()

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import train.step
 import train.trainer as trainer
 from autoencoder.losses import VAELoss
 from autoencoder.models import VAEForTraining
@@ -150,7 +151,7 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, lpips_dir, monkeypat
     loop did before) makes the count grow by exactly the three steps.
     """
     assert _host_reads(tmp_path / "a", lpips_dir, monkeypatch, 3) == _host_reads(tmp_path / "a", lpips_dir, monkeypatch, 6)
-    monkeypatch.setattr(trainer, "guarded_step", lambda optimizer, bad: bool(bad) or optimizer.step())
+    monkeypatch.setattr(train.step, "guarded_step", lambda optimizer, bad: bool(bad) or optimizer.step())
     on_host = [_host_reads(tmp_path / "b", lpips_dir, monkeypatch, n) for n in (3, 6)]
     assert on_host[1] - on_host[0] == 3
 
@@ -338,3 +339,88 @@ def test_consecutive_nan_steps_stop_the_run(tmp_path, lpips_dir, monkeypatch, ca
     assert code == 2
     assert "3 consecutive steps with a non-finite loss" in message and "up to step 5" in message
     assert f"Last good checkpoint: {out / 'checkpoints' / 'checkpoint-4'}" in message
+
+
+# The loop's three stand-ins for APIs that do not exist (train.step, train.loop): each test fails if
+# the internal it relies on changes.
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """An Accelerator on the CPU, made after forgetting earlier ones (accelerate keeps process-wide state)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def make(**kwargs) -> Accelerator:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return Accelerator(cpu=True, **kwargs)
+
+    yield make
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_fused_adamw_skips_its_update_and_step_count_where_found_inf_is_set(fresh_accelerator):
+    """``guarded_step``: fused AdamW honours ``found_inf`` (no host sync); unset, it is a plain AdamW step."""
+    from train.step import guarded_step
+
+    acc = fresh_accelerator()
+
+    def stepped(bad: bool, fused: bool) -> tuple[torch.Tensor, float]:
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8))
+        opt = acc.prepare(torch.optim.AdamW([w], lr=0.1, fused=fused))
+        (w**2).sum().backward()
+        guarded_step(opt, torch.tensor(bad))
+        return w.detach().clone(), float(opt.optimizer.state[w].get("step", 0.0))
+
+    torch.manual_seed(0)
+    start = torch.randn(8)
+    w_bad, step_bad = stepped(True, fused=True)
+    assert torch.equal(w_bad, start) and step_bad == 0.0  # nothing moved, the step not counted
+    w_ok, step_ok = stepped(False, fused=True)
+    w_plain, _ = stepped(False, fused=False)
+    assert not torch.equal(w_ok, start) and step_ok == 1.0
+    assert torch.allclose(w_ok, w_plain, atol=1e-6)  # the fused update is AdamW's
+
+
+def test_ema_step_equals_diffusers_ema_step_and_skips_where_bad():
+    """``ema_step`` advances EMAModel's public fields exactly as ``EMAModel.step``, and leaves the shadow where bad."""
+    from diffusers.training_utils import EMAModel
+
+    from train.step import ema_step
+
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))]
+    ours, theirs = (EMAModel(params, decay=0.9, use_ema_warmup=True, power=0.75) for _ in range(2))
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema_step(ours, params, torch.tensor(False))
+        theirs.step(params)
+    assert ours.optimization_step == theirs.optimization_step == 3
+    assert ours.cur_decay_value == theirs.cur_decay_value
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours.shadow_params, theirs.shadow_params))
+    before = [s.clone() for s in ours.shadow_params]
+    with torch.no_grad():
+        params[0].add_(1.0)
+    ema_step(ours, params, torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(ours.shadow_params, before))
+
+
+def test_accumulate_counts_micro_batches_in_accelerator_step_and_save_state_keeps_it(tmp_path, fresh_accelerator):
+    """``rewind_accumulation``: ``Accelerator.step`` is accumulate's micro-batch counter, saved and loaded with the state."""
+    acc = fresh_accelerator(gradient_accumulation_steps=2)
+    model = acc.prepare(torch.nn.Linear(2, 1))
+    syncs = []
+    for _ in range(3):
+        with acc.accumulate(model):
+            syncs.append(acc.sync_gradients)
+    assert acc.step == 3 and syncs == [False, True, False]
+    acc.save_state(str(tmp_path / "state"))
+    acc.step -= 1  # what rewind_accumulation does
+    with acc.accumulate(model):
+        assert not acc.sync_gradients  # the rewound micro-batch counts as the 3rd again (no sync), not the 4th
+    acc.load_state(str(tmp_path / "state"))
+    assert acc.step == 3

@@ -11,6 +11,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+import train.run
 import train.trainer as trainer
 from autoencoder.data import ImageDataset, eval_transform, load_splits
 from autoencoder.config import DataConfig
@@ -109,8 +110,8 @@ def test_offline_without_lpips_weights_stops_before_training(run, monkeypatch, t
     def unreachable(*args, **kwargs):
         raise AssertionError("training work started before the LPIPS check")
 
-    monkeypatch.setattr(trainer, "load_splits", unreachable)
-    monkeypatch.setattr(trainer, "build_vae", unreachable)
+    monkeypatch.setattr(train.run, "load_splits", unreachable)
+    monkeypatch.setattr(train.run, "build_vae", unreachable)
     _offline(monkeypatch, tmp_path)
     code, _ = run("--max_train_steps=1")
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -178,7 +179,7 @@ def test_reported_lpips_is_the_alexnet_metric_of_the_exported_model(run, lpips_d
 
 
 def test_validation_warns_when_a_latent_channel_collapses(run, monkeypatch, caplog):
-    real_build = trainer.build_vae
+    real_build = train.run.build_vae
 
     def collapsed(cfg):  # channels 1 and 3 of the posterior mean no longer depend on the image
         vae = real_build(cfg)
@@ -187,7 +188,7 @@ def test_validation_warns_when_a_latent_channel_collapses(run, monkeypatch, capl
             vae.quant_conv.weight[3].zero_()
         return vae
 
-    monkeypatch.setattr(trainer, "build_vae", collapsed)
+    monkeypatch.setattr(train.run, "build_vae", collapsed)
     with caplog.at_level(logging.WARNING):
         code, out = run("--max_train_steps=1", "--validation_steps=0", "--checkpointing_steps=0")
     assert code == 0

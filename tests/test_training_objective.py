@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train.step
 import train.trainer as trainer
 from autoencoder.config import LossConfig, ModelConfig
 from autoencoder.losses import VAELoss
@@ -53,14 +54,14 @@ def test_gan_from_step_zero_with_ema_trains_checkpoints_and_resumes_exactly(tmp_
 def _grad_norms(monkeypatch) -> list[float]:
     """Record the VAE's pre-clipping gradient norm at every optimizer step."""
     seen: list[float] = []
-    original = trainer.clip_vae_gradients
+    original = train.step.clip_vae_gradients
 
     def spy(accelerator, model, loss_fn, cfg, logs):
         ok = original(accelerator, model, loss_fn, cfg, logs)
         seen.append(float(logs["train/grad_norm"]))
         return ok
 
-    monkeypatch.setattr(trainer, "clip_vae_gradients", spy)
+    monkeypatch.setattr(train.step, "clip_vae_gradients", spy)
     return seen
 
 
@@ -109,28 +110,3 @@ def test_gradient_checkpointing_changes_memory_not_gradients():
     ckpt_bytes, ckpt = _saved_bytes_and_grads(True)
     assert ckpt_bytes < 0.8 * plain_bytes, (ckpt_bytes, plain_bytes)  # fewer activations kept for backward
     assert plain.keys() == ckpt.keys() and all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
-
-
-@pytest.mark.slow
-def test_checkpoint_from_before_the_beta_change_resumes_and_says_how(tmp_path, lpips_dir, monkeypatch, caplog):
-    """An old GAN checkpoint (no disc_factor in its config, no discriminator LR schedule) still resumes."""
-    import yaml
-
-    args = ["--disc_enabled", "--disc_start=0", "--disc_channels=8", "--disc_num_layers=2", "--checkpointing_steps=2"]
-    out = tmp_path / "old"
-    assert _run_inprocess(out, lpips_dir, monkeypatch, *args, "--max_train_steps=2") == 0
-    ckpt = out / "checkpoints" / "checkpoint-2"
-    (ckpt / "scheduler_1.bin").unlink()  # as written before the discriminator had a schedule
-    saved = yaml.safe_load((ckpt / "training_config.yaml").read_text())
-    del saved["loss"]["disc_factor"]
-    (ckpt / "training_config.yaml").write_text(yaml.safe_dump(saved))
-    before = sorted(p.name for p in ckpt.iterdir())
-    caplog.set_level("WARNING")
-    assert _run_inprocess(out, lpips_dir, monkeypatch, *args, "--max_train_steps=3",
-                          "--resume_from_checkpoint=latest") == 0  # fmt: skip
-    assert _metrics(out)["step"] == 3
-    messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "predates the discriminator's LR schedule" in messages
-    # tiny preset, 32 px: the old kl_weight 1e-6 was beta = 1e-6 / (3 * 32 * 32) of latent-diffusion's
-    assert "pass --kl_weight=3.25521e-10 to continue the checkpoint's objective unchanged" in messages
-    assert sorted(p.name for p in ckpt.iterdir()) == before and not list(ckpt.parent.glob(".resume-*"))

@@ -10,6 +10,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from autoencoder.config import Config, save_config
+
+logger = get_logger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -75,3 +82,24 @@ def clean_incomplete(root: Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
+
+
+def save(accelerator: Accelerator, model, cfg: Config, step: int) -> Path:
+    """``save_state`` into a temporary folder, then publish it atomically and apply the total limit."""
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    tmp = tmp_path(root, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    final = final_path(root, step)
+    if accelerator.is_main_process:
+        save_config(cfg, tmp / "training_config.yaml")
+        accelerator.unwrap_model(model).vae.save_config(tmp)  # config.json: the folder loads with load_vae
+        final = publish(root, step)
+        removed = prune(root, cfg.train.checkpoints_total_limit)
+        logger.info(f"saved {final}" + (f"; removed {[p.name for p in removed]}" if removed else ""))
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,343 @@
+"""The training loop: epochs of ``train_step``, then logging, checkpoints and validation at their steps.
+
+The host reads the device's per-step flags one step late (``LaggedFlags``), except at logging,
+checkpoint and validation steps, which sync anyway ("exact" steps): no host sync per step.
+"""
+
+import itertools
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
+
+import torch
+from accelerate import skip_first_batches
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from autoencoder.errors import CatchOutOfMemory, OutOfMemory, UsageError
+
+from . import checkpoints
+from .run import Run, end_run
+from .step import DeviceCounters, Window, ema_step, train_step
+from .validation import ema_weights, summary, validate
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class WaitClock:
+    """Seconds the loop's host thread spent blocked, cumulative: on the loader for a batch, on the device.
+
+    On a GPU the loop waits on the device once per step (``LaggedFlags``): a loop that keeps the GPU
+    busy spends its spare host time there, and one starved by its data waits on the loader instead.
+    """
+
+    data: float = 0.0
+    device: float = 0.0
+
+
+_END = object()
+
+
+def timed_batches(batches: Iterable, clock: WaitClock) -> Iterator:
+    """``batches``' items, adding the time spent waiting for each (iterator start included) to ``clock.data``."""
+    start = time.perf_counter()
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, _END)
+        clock.data += time.perf_counter() - start
+        if batch is _END:
+            return
+        yield batch
+        start = time.perf_counter()
+
+
+class StepFlags(NamedTuple):
+    """One optimizer step's device counters, as read on the host (``DeviceCounters.snapshot``)."""
+
+    step: int
+    bad: int  # 1: its update was skipped (non-finite loss or gradient)
+    nonfinite_steps: int
+    consecutive_nonfinite: int
+    skipped_images: int
+
+
+class LaggedFlags:
+    """Small per-step device tensors read on the host one step later, so it never waits for the step just queued.
+
+    On CUDA each push starts a non-blocking copy into pinned memory and records an event; ``ready``
+    waits only for steps the GPU has (nearly) finished, and adds that wait to ``clock.device``.  On
+    the CPU the values are ready at once.
+    """
+
+    def __init__(self, clock: WaitClock) -> None:
+        self.queue: list[tuple[int, torch.Tensor, Optional[torch.cuda.Event]]] = []
+        self.clock = clock
+
+    def push(self, step: int, values: torch.Tensor) -> None:
+        """Queue ``values`` (a 1-D device tensor in ``StepFlags``' order) of optimizer step ``step``."""
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.queue.append((step, host, event))
+        else:
+            self.queue.append((step, values.clone(), None))
+
+    def ready(self, keep: int) -> Iterator[StepFlags]:
+        """The flags of every queued step except the newest ``keep``, oldest first."""
+        while len(self.queue) > keep:
+            step, host, event = self.queue.pop(0)
+            if event is not None:
+                start = time.perf_counter()
+                event.synchronize()
+                self.clock.device += time.perf_counter() - start
+            yield StepFlags(step, *(int(v) for v in host.tolist()))
+
+
+class StopRequest:
+    """Records SIGINT/SIGTERM so the loop can checkpoint and exit at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class StepPlan:
+    """What follows optimizer step ``step``; on an ``exact`` step the host reads that step's flags at once."""
+
+    step: int
+    log: bool
+    checkpoint: bool
+    validate: bool
+    exact: bool  # a step that syncs anyway (or a single process asked to stop)
+
+    @classmethod
+    def after(cls, run: Run, stop: StopRequest) -> "StepPlan":
+        """The plan after the run's current ``global_step``."""
+        t, step = run.cfg.train, run.state.global_step
+        log = step % t.log_every == 0 or step == t.max_train_steps
+        ckpt = bool(t.checkpointing_steps) and step % t.checkpointing_steps == 0
+        val = bool(t.validation_steps) and step % t.validation_steps == 0
+        alone_stopping = run.accelerator.num_processes == 1 and stop.signum is not None
+        return cls(step, log, ckpt, val, log or ckpt or val or alone_stopping)
+
+
+@dataclass
+class Loop:
+    """The loop's own state: its device counters, host clocks, progress bar and the last validation."""
+
+    counters: DeviceCounters
+    waits: WaitClock
+    flags: LaggedFlags
+    progress: tqdm
+    window: Window = field(default_factory=Window)
+    started: float = field(default_factory=time.perf_counter)
+    interval_start: float = field(default_factory=time.perf_counter)
+    interval_steps: int = 0
+    interval_waits: WaitClock = field(default_factory=WaitClock)  # ``waits`` at the start of the logging interval
+    # (step, seconds into the loop, seconds waited on data, on the device) at logging steps, after their host sync
+    log_marks: list[tuple[int, float, float, float]] = field(default_factory=list)
+    results: dict = field(default_factory=dict)  # the last validation's
+    interrupted: Optional[int] = None  # the signal that stopped the run
+    seconds: float = 0.0  # the loop's wall time, when it is over
+
+    @classmethod
+    def start(cls, run: Run) -> "Loop":
+        """A loop continuing from the run's (resumed) state."""
+        s, waits = run.state, WaitClock()
+        counters = DeviceCounters.start(s.nonfinite_steps, s.consecutive_nonfinite, s.skipped_images, run.accelerator.device)
+        progress = tqdm(total=run.cfg.train.max_train_steps, initial=s.global_step, desc="train", dynamic_ncols=True,
+                        disable=not run.accelerator.is_local_main_process)  # fmt: skip
+        return cls(counters, waits, LaggedFlags(waits), progress)
+
+
+def train_loop(run: Run) -> Loop:
+    """Train until ``max_train_steps`` or a stop request; out of memory checkpoints and raises ``OutOfMemory``."""
+    loop = Loop.start(run)
+    run.model.train()
+    with StopRequest() as stop, CatchOutOfMemory() as oom:
+        while run.state.global_step < run.cfg.train.max_train_steps and not loop.interrupted:
+            if run_epoch(run, loop, stop):  # the epoch ran to its end
+                run.state.batches_in_epoch = 0
+                run.state.epoch += 1
+    # the failed step's tensors were released with the exception
+    note_flags(run, loop, keep=0)  # the completed steps, for the checkpoint
+    loop.progress.close()
+    if oom.message is not None:
+        stop_after_oom(run, loop.window, oom.message)
+    loop.seconds = time.perf_counter() - loop.started
+    return loop
+
+
+def epoch_batches(run: Run, epoch: int) -> Iterable:
+    """The batches of ``epoch`` not yet trained on (after a resume, the rest of the epoch)."""
+    run.train_set_epoch(epoch)  # data order and augmentation of this epoch
+    skip = run.state.batches_in_epoch
+    if run.streaming:  # a stream cannot seek: re-read and drop the batches already trained on
+        return itertools.islice(run.train_dl, skip, None)
+    return skip_first_batches(run.train_dl, skip) if skip else run.train_dl
+
+
+def run_epoch(run: Run, loop: Loop, stop: StopRequest) -> bool:
+    """Train on the rest of the run's current epoch; False if it stopped early (max steps or a stop request)."""
+    yielded = 0
+    for batch in timed_batches(epoch_batches(run, run.state.epoch), loop.waits):
+        yielded += 1
+        stepped = train_step(run, loop.counters, loop.window, batch)
+        if stepped is None:  # inside an accumulation window
+            continue
+        if after_step(run, loop, stop, *stepped):
+            return False
+    if not yielded and not run.state.batches_in_epoch:
+        t = run.cfg.train
+        raise UsageError(f"the training data yielded no batch of {t.train_batch_size} images",
+                         "add images or lower --train_batch_size")  # fmt: skip
+    return True
+
+
+def after_step(run: Run, loop: Loop, stop: StopRequest, logs: dict, bad: torch.Tensor) -> bool:
+    """Count the step, update the EMA, then log, checkpoint and validate where due; True to stop the epoch."""
+    loop.window.micro_batches = 0
+    run.state.global_step += 1
+    loop.interval_steps += 1
+    loop.progress.update(1)
+    loop.counters.after_step(bad)
+    if run.ema is not None:
+        with loop.window.update():
+            ema_step(run.ema, run.vae_params, bad)
+    loop.flags.push(run.state.global_step, loop.counters.snapshot(bad))
+    plan = StepPlan.after(run, stop)
+    note_flags(run, loop, keep=0 if plan.exact else 1)
+    stop_now = stop_agreed(run, stop, plan.exact)
+    if plan.log:
+        log_step(run, loop, logs)
+    if stop_now:
+        loop.interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
+        return True
+    if plan.checkpoint:
+        checkpoints.save(run.accelerator, run.model, run.cfg, plan.step)
+    if plan.validate:
+        with ema_weights(run.ema, run.vae_params):
+            loop.results = validate(run, plan.step)
+        loop.results["step"] = plan.step
+        logger.info(f"step {plan.step}: {summary(loop.results)}")
+    return plan.step >= run.cfg.train.max_train_steps
+
+
+def stop_agreed(run: Run, stop: StopRequest, exact: bool) -> bool:
+    """Whether to stop now: one process as soon as it is signalled; many only at exact steps, if any rank was."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return stop.signum is not None
+    if not exact:  # ranks agree at steps every rank syncs at anyway (SIGTERM is seen within log_every steps)
+        return False
+    signalled = torch.tensor(float(stop.signum is not None), device=acc.device)
+    return bool(acc.reduce(signalled, "sum") > 0)
+
+
+def log_step(run: Run, loop: Loop, logs: dict) -> None:
+    """The logging step's host sync: loss terms, LR, throughput and where the host's time went since the last."""
+    now = time.perf_counter()
+    elapsed = max(now - loop.interval_start, 1e-9)
+    s, waits, since = run.state, loop.waits, loop.interval_waits
+    logs = {k: float(v) for k, v in logs.items()}  # the host sync of a logging step
+    loop.log_marks.append((s.global_step, now - loop.started, waits.data, waits.device))
+    # where the host's time went: waiting for a batch (the data too slow) or for the device
+    logs["train/data_wait_frac"] = (waits.data - since.data) / elapsed
+    logs["train/device_wait_frac"] = (waits.device - since.device) / elapsed
+    logs["train/lr"] = run.scheduler.get_last_lr()[0]
+    logs["train/images_per_sec"] = loop.interval_steps * run.images_per_step() / elapsed
+    logs["train/skipped_images"] = s.skipped_images
+    logs["train/nonfinite_steps"] = s.nonfinite_steps
+    if run.ema is not None:
+        logs["train/ema_decay"] = run.ema.cur_decay_value or 0.0
+    run.accelerator.log(logs, step=s.global_step)
+    loop.progress.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/images_per_sec']:.1f}")
+    loop.interval_start, loop.interval_steps = time.perf_counter(), 0
+    loop.interval_waits = WaitClock(waits.data, waits.device)
+
+
+def note_flags(run: Run, loop: Loop, keep: int) -> None:
+    """Take the queued steps' counters (all but the newest ``keep``) into the run's state; warn or stop on bad steps."""
+    s, limit = run.state, run.cfg.train.max_consecutive_nonfinite
+    for flags in loop.flags.ready(keep):
+        s.nonfinite_steps, s.consecutive_nonfinite = flags.nonfinite_steps, flags.consecutive_nonfinite
+        s.skipped_images = flags.skipped_images
+        if not flags.bad:
+            continue
+        logger.warning(f"step {flags.step}: non-finite loss or gradient, update skipped "
+                       f"({flags.consecutive_nonfinite} in a row, {flags.nonfinite_steps} in total)")  # fmt: skip
+        if flags.consecutive_nonfinite >= limit:
+            last = checkpoints.latest_checkpoint(Path(run.cfg.train.output_dir) / "checkpoints")
+            end_run(run)
+            raise UsageError(
+                f"{flags.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up to step "
+                f"{flags.step}); stopping. Last good checkpoint: {last or 'none'}",
+                f"resume from it with --resume_from_checkpoint {last or 'PATH'} and e.g. a lower --learning_rate or "
+                "--mixed_precision=bf16/no",
+            )
+
+
+def rewind_accumulation(run: Run, micro_batches: int) -> None:
+    """Forget the unfinished accumulation window's micro-batches, so a resume replays them.
+
+    accelerate has no public API to undo ``accumulate``; ``Accelerator.step`` is the micro-batch
+    counter it keeps and ``save_state`` stores (tests/test_robustness.py fails if that changes).
+    """
+    run.state.batches_in_epoch -= micro_batches
+    run.accelerator.step -= micro_batches
+
+
+def stop_after_oom(run: Run, window: Window, what: str) -> None:
+    """Out of memory in the loop: checkpoint the last completed step where that is safe, then raise OutOfMemory.
+
+    Safe means one process (a collective save cannot be joined by ranks stuck in a collective) and no
+    optimizer step half done; the unfinished accumulation window is rewound so a resume replays it.
+    """
+    t, acc, step = run.cfg.train, run.accelerator, run.state.global_step
+    for opt in run.optimizers():
+        opt.zero_grad(set_to_none=True)
+    if acc.device.type == "cuda":
+        torch.cuda.empty_cache()
+    last = checkpoints.latest_checkpoint(Path(t.output_dir) / "checkpoints")
+    saved = None
+    fresh = last is None or not last.name.endswith(f"-{step}")
+    if acc.num_processes == 1 and not window.updating and step > 0 and fresh:
+        rewind_accumulation(run, window.micro_batches)
+        try:
+            saved = checkpoints.save(acc, run.model, run.cfg, step)
+        except Exception as exc:  # noqa: BLE001 - the OOM is the error to report
+            logger.error(f"could not write a checkpoint after running out of memory: {exc}")
+    last = saved or last
+    resume = f"; resume with --resume_from_checkpoint {last}" if last else ""
+    precision = t.mixed_precision if t.mixed_precision != "no" else "fp32"
+    checkpointing = "on" if run.cfg.model.gradient_checkpointing else "off"
+    raise OutOfMemory(
+        f"out of memory at step {step + 1} on {acc.device} with --train_batch_size {t.train_batch_size} x "
+        f"--gradient_accumulation_steps {t.gradient_accumulation_steps} at --resolution {run.cfg.data.resolution} "
+        f"({precision}, gradient checkpointing {checkpointing}; {what[:120]})"
+        + (f"; saved {saved} at step {step}" if saved else ""),
+        "lower --train_batch_size (raise --gradient_accumulation_steps to keep the global batch), add "
+        "--gradient_checkpointing, or use --mixed_precision=bf16" + resume,
+    )
