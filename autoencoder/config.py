@@ -469,3 +469,62 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+# Command-line options of the other entry points (eval, diffusion_bridge): the same rules as the run
+# config above (``--key=value`` / ``--key value`` / bare ``--flag``, typed values, "did you mean").
+
+
+def required(help: str) -> Any:
+    """A dataclass field the command line must give (no default)."""
+    return field(metadata={"help": help})
+
+
+def parse_options(cls: type, argv: list[str]) -> Any:
+    """An instance of the options dataclass ``cls`` from ``argv``; a ``list`` field takes the flag repeatedly."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, text in split_argv(argv):
+        if key not in fields:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f"did you mean: {', '.join('--' + c for c in close)}?" if close else "run with --help for the options"
+            raise UsageError(f"unknown option --{key}", hint)
+        tp = hints[key]
+        repeated = typing.get_origin(tp) is list
+        item_tp = typing.get_args(tp)[0] if repeated else tp
+        if text is None:
+            if item_tp is not bool:
+                raise UsageError(f"option --{key} needs a value", f"write --{key}=<{_type_name(item_tp)}>")
+            value = True
+        else:
+            value = parse_cli_value(key, text, item_tp)
+        if repeated:
+            values.setdefault(key, []).append(value)
+        else:
+            values[key] = value
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            tp = hints[name]
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+            raise UsageError(f"--{name} is required ({f.metadata['help']})", f"add --{name}=<{_type_name(item)}>")
+    return cls(**values)
+
+
+def options_help(cls: type, usage: str, about: str) -> str:
+    """``--help`` of an options dataclass: usage, what the command does, every option with type, default, help."""
+    hints = typing.get_type_hints(cls)
+    lines = [f"usage: {usage}", "", about.strip(), "", "Options (--key=value or --key value):"]
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.default is not dataclasses.MISSING:
+            default = f" = {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f" = {f.default_factory()!r}"
+        else:
+            default = " (required)"
+        repeat = ", repeatable" if typing.get_origin(tp) is list else ""
+        lines.append(f"  --{f.name}  {_type_name(tp)}{default}{repeat}\n      {f.metadata['help']}")
+    return "\n".join(lines)

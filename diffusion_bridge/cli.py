@@ -5,18 +5,18 @@ scaling/shift factors, optionally written into the config), ``encode`` (a latent
 diffusion training), ``publish`` (a Hub repo with model card).
 """
 
-import argparse
 import json
 import types
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
-from autoencoder.config import DataConfig, check_one_source
+from autoencoder.config import DataConfig, check_one_source, opt, options_help, parse_options, required
 from autoencoder.data import (
     ImageDataset,
     check_enough_images,
@@ -26,7 +26,7 @@ from autoencoder.data import (
     load_image_source,
     train_transform,
 )
-from autoencoder.errors import UsageError, agree, check_output_writable, run_cli
+from autoencoder.errors import UsageError, agreement, check_output_writable, run_cli
 from autoencoder.models import check_resolution, count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
 from .cache import encode_dataset
@@ -49,23 +49,83 @@ def vae_info(vae: AutoencoderKL) -> dict:
     }
 
 
-def add_data_args(p: argparse.ArgumentParser, resolution: int = 256) -> None:
-    """The image-source options shared by ``stats`` and ``encode``."""
-    p.add_argument("--model", required=True, help="diffusers VAE folder, Hub id, or training checkpoint folder")
-    p.add_argument("--subfolder", default=None, help="subfolder inside the model repo, e.g. 'vae'")
-    p.add_argument("--dataset_name", default=None, help="Hub dataset id")
-    p.add_argument("--train_data_dir", default=None, help="local image folder or parquet file(s)")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--split", default=None, help="split (default: validation, test, then train)")
-    p.add_argument("--resolution", type=int, default=resolution)
-    p.add_argument("--num_images", type=int, default=None, help="first N images (default: all)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--crop", choices=["center", "random"], default="center",
-                   help="center: the evaluation policy (resize shorter side, antialiased, centre crop); random crops")
-    p.add_argument("--seed", type=int, default=0, help="posterior sampling and random crops")
+@dataclass(kw_only=True)
+class InfoOptions:
+    """``info``: print the latent-space facts of a diffusers VAE."""
+
+    model: str = required("diffusers VAE folder or Hub id")
+    subfolder: Optional[str] = opt(None, "subfolder inside the model repo, e.g. 'vae'")
 
 
-def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
+@dataclass(kw_only=True)
+class DataOptions(InfoOptions):
+    """The model and image-source options shared by ``stats`` and ``encode``."""
+
+    model: str = required("diffusers VAE folder, Hub id, or training checkpoint folder")
+    dataset_name: Optional[str] = opt(None, "Hub dataset id")
+    train_data_dir: Optional[str] = opt(None, "local image folder or parquet file(s)")
+    image_column: str = opt("image", "column holding the images")
+    split: Optional[str] = opt(None, "split (default: validation, test, then train)")
+    resolution: int = opt(256, "image resolution (resize shorter side, then crop)")
+    num_images: Optional[int] = opt(None, "first N images (default: all)")
+    batch_size: int = opt(16, "images per batch")
+    crop: Literal["center", "random"] = opt(
+        "center", "center: the evaluation policy (resize shorter side, antialiased, centre crop); random crops"
+    )
+    seed: int = opt(0, "posterior sampling and random crops")
+
+
+@dataclass(kw_only=True)
+class StatsOptions(DataOptions):
+    """``stats``: latent statistics over a dataset -> scaling_factor, shift_factor, ..."""
+
+    mode: bool = opt(False, "use the posterior mode instead of posterior samples")
+    write: bool = opt(False, "store them in the model's config + latent_stats.json")
+    convention: Literal["sd", "sd3", "sdxl"] = opt(
+        "sd3",
+        "config keys --write sets: sd = scaling_factor; sd3 (default) = scaling_factor + shift_factor (serves "
+        "SD/DiT and SD3/FLUX); sdxl = latents_mean/latents_std per channel with scaling_factor 1 (SDXL)",
+    )
+    output: Optional[str] = opt(None, "also write the statistics to this JSON file")
+
+
+@dataclass(kw_only=True)
+class EncodeOptions(DataOptions):
+    """``encode``: encode a dataset into a sharded latent cache for diffusion training."""
+
+    split: Optional[str] = opt("train", "split to encode")
+    output_dir: str = required("folder of the latent cache (parquet shards)")
+    shard_size: int = opt(1000, "images per parquet shard")
+    convention: Literal["sd", "sd3", "sdxl"] = opt(
+        "sd",
+        "sd: latents = z*scale (SD/DiT); sd3: (z-shift)*scale (SD3/FLUX); sdxl: (z-latents_mean)/latents_std*scale "
+        "(StableDiffusionXLPipeline)",
+    )
+    scaling_factor: Optional[float] = opt(None, "override the config's scaling_factor")
+    shift_factor: Optional[float] = opt(None, "override the config's shift_factor (sd3)")
+    mode: bool = opt(False, "store the posterior mean instead of a posterior sample")
+    store_moments: bool = opt(False, "also store posterior mean and log-variance")
+    num_workers: int = opt(0, "DataLoader workers for image decoding")
+
+
+@dataclass(kw_only=True)
+class PublishOptions:
+    """``publish``: publish a VAE folder to the Hub with an fp16 variant and a model card."""
+
+    model: str = required("exported diffusers VAE folder, e.g. outputs/vae-cpu-small/vae")
+    repo_id: str = required("USER/NAME on the Hugging Face Hub")
+    private: bool = opt(False, "create the repo as private")
+    revision: Optional[str] = opt(None, "branch to upload to (created if missing)")
+    commit_message: Optional[str] = opt(None, "the commit message on the Hub")
+    eval_dir: Optional[str] = opt(None, "output folder of `python -m eval` for this model")
+    dry_run: Optional[str] = opt(None, "write the repo folder to this folder, upload nothing")
+    folder: Optional[str] = opt(None, "where to prepare the folder (default: MODEL/../hub-upload)")
+    license: str = opt("apache-2.0", "license tag of the model card")
+    allow_missing_stats: bool = opt(False, "publish without latent statistics")
+    allow_missing_eval: bool = opt(False, "publish without an evaluation")
+
+
+def image_dataset(args: DataOptions) -> tuple[ImageDataset, str]:
     """The images under the chosen crop policy (probed: some must decode), and their description."""
     check_one_source(args.dataset_name, args.train_data_dir)
     for name in ("resolution", "batch_size"):
@@ -84,7 +144,7 @@ def image_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     return dataset, source
 
 
-def load_checked(args: argparse.Namespace) -> tuple[AutoencoderKL, ImageDataset, str]:
+def load_checked(args: DataOptions) -> tuple[AutoencoderKL, ImageDataset, str]:
     """The VAE (resolution checked against its downsampling) and the images; no collective inside."""
     vae = load_vae(args.model, args.subfolder).eval()
     factor = downsampling_factor(vae)
@@ -93,7 +153,7 @@ def load_checked(args: argparse.Namespace) -> tuple[AutoencoderKL, ImageDataset,
     return vae, dataset, source
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def cmd_stats(args: StatsOptions) -> int:
     """``stats``: measure, print, and with --write store the latent statistics."""
     if args.write and (not Path(args.model).is_dir() or is_training_checkpoint(args.model)):
         raise UsageError(
@@ -101,16 +161,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "download a Hub model first; export a training checkpoint by finishing or resuming its run",
         )
     accelerator = Accelerator(cpu=use_cpu_backend())
-    error = None
-    try:  # no collective in here: every rank reaches the agreement below
+    with agreement():  # no collective in here: a failure on one rank ends every rank
         if args.write:
             check_output_writable("--model", Path(args.model) / (args.subfolder or ""))
         if args.output:
             check_output_writable("--output", Path(args.output).parent)
         vae, dataset, source = load_checked(args)
-    except Exception as exc:  # noqa: BLE001
-        error = exc
-    agree(error)
     vae.to(accelerator.device)
     shard = process_shard(dataset, accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
@@ -136,20 +192,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
+def cmd_encode(args: EncodeOptions) -> int:
     """``encode``: write the latent cache a diffusion trainer consumes."""
     if args.shift_factor is not None and args.convention != "sd3":
         raise UsageError("--shift_factor applies to --convention sd3 only", "drop it or add --convention sd3")
     if args.shard_size < 1:
         raise UsageError(f"--shard_size must be >= 1, got {args.shard_size}", "set --shard_size to 1 or more")
     accelerator = Accelerator(cpu=use_cpu_backend())
-    error = None
-    try:  # no collective in here: every rank reaches the agreement below
+    with agreement():  # no collective in here: a failure on one rank ends every rank
         check_output_writable("--output_dir", args.output_dir)
         vae, dataset, source = load_checked(args)
-    except Exception as exc:  # noqa: BLE001
-        error = exc
-    agree(error)
     vae.to(accelerator.device)
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
     config = types.SimpleNamespace(**{k: vae.config[k] for k in keys})
@@ -175,7 +227,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
+def cmd_publish(args: PublishOptions) -> int:
     """``publish``: prepare the repo folder (or only that, with --dry_run) and upload it."""
     model_dir = Path(args.model)
     folder = Path(args.dry_run or args.folder or model_dir.parent / "hub-upload")
@@ -196,58 +248,42 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_cli(_main, argv)
 
 
+COMMANDS = {  # name -> its options (whose docstring says what the command does)
+    "info": InfoOptions,
+    "stats": StatsOptions,
+    "encode": EncodeOptions,
+    "publish": PublishOptions,
+}
+
+
+def usage() -> str:
+    """The top-level ``--help``: the commands and how to get each one's options."""
+    lines = ["usage: python -m diffusion_bridge COMMAND [--key=value ...]", "", __doc__.strip(), "", "Commands:"]
+    lines += [f"  {name}  {cls.__doc__.split(': ', 1)[1]}" for name, cls in COMMANDS.items()]
+    lines += ["", "python -m diffusion_bridge COMMAND --help lists the command's options (--key=value or --key value)."]
+    return "\n".join(lines)
+
+
 def _main(argv: list[str]) -> int:
     """The body of ``main`` (errors are reported by ``run_cli``)."""
-    parser = argparse.ArgumentParser(prog="python -m diffusion_bridge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print the latent-space facts of a diffusers VAE")
-    info.add_argument("--model", required=True, help="diffusers VAE folder or Hub id")
-    info.add_argument("--subfolder", default=None)
-    stats = sub.add_parser("stats", help="latent statistics over a dataset -> scaling_factor, shift_factor, ...")
-    add_data_args(stats)
-    stats.add_argument("--mode", action="store_true", help="use the posterior mode instead of posterior samples")
-    stats.add_argument("--write", action="store_true", help="store them in the model's config + latent_stats.json")
-    stats.add_argument("--convention", choices=["sd", "sd3", "sdxl"], default="sd3",
-                       help="config keys --write sets: sd = scaling_factor; sd3 (default) = scaling_factor + "
-                            "shift_factor (serves SD/DiT and SD3/FLUX); sdxl = latents_mean/latents_std per channel "
-                            "with scaling_factor 1 (StableDiffusionXLPipeline)")
-    stats.add_argument("--output", default=None, help="also write the statistics to this JSON file")
-    encode = sub.add_parser("encode", help="encode a dataset into a sharded latent cache for diffusion training")
-    add_data_args(encode)
-    encode.set_defaults(split="train")
-    encode.add_argument("--output_dir", required=True)
-    encode.add_argument("--shard_size", type=int, default=1000, help="images per parquet shard")
-    encode.add_argument("--convention", choices=["sd", "sd3", "sdxl"], default="sd",
-                        help="sd: latents = z*scale (SD/DiT); sd3: (z-shift)*scale (SD3/FLUX); sdxl: "
-                             "(z-latents_mean)/latents_std*scale (StableDiffusionXLPipeline)")
-    encode.add_argument("--scaling_factor", type=float, default=None, help="override the config's scaling_factor")
-    encode.add_argument("--shift_factor", type=float, default=None, help="override the config's shift_factor (sd3)")
-    encode.add_argument("--mode", action="store_true", help="store the posterior mean instead of a posterior sample")
-    encode.add_argument("--store_moments", action="store_true", help="also store posterior mean and log-variance")
-    encode.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for image decoding")
-    publish = sub.add_parser("publish", help="publish a VAE folder to the Hub with fp16 variant and model card")
-    publish.add_argument("--model", required=True, help="exported diffusers VAE folder, e.g. outputs/vae-cpu-small/vae")
-    publish.add_argument("--repo_id", required=True, help="USER/NAME on the Hugging Face Hub")
-    publish.add_argument("--private", action="store_true", help="create the repo as private")
-    publish.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
-    publish.add_argument("--commit_message", default=None)
-    publish.add_argument("--eval_dir", default=None, help="output folder of `python -m eval` for this model")
-    publish.add_argument("--dry_run", default=None, metavar="OUT", help="write the repo folder to OUT, upload nothing")
-    publish.add_argument("--folder", default=None, help="where to prepare the folder (default: MODEL/../hub-upload)")
-    publish.add_argument("--license", default="apache-2.0", help="license tag of the model card")
-    publish.add_argument("--allow_missing_stats", action="store_true", help="publish without latent statistics")
-    publish.add_argument("--allow_missing_eval", action="store_true", help="publish without an evaluation")
-    args = parser.parse_args(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv:
+        raise UsageError("no command given", f"give one of {', '.join(COMMANDS)} first (--help lists them)")
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}", f"give one of {', '.join(COMMANDS)} first, e.g. "
+                         "python -m diffusion_bridge stats --help")  # fmt: skip
+    options = COMMANDS[command]
+    if "-h" in rest or "--help" in rest:
+        print(options_help(options, f"python -m diffusion_bridge {command} [--key=value ...]", options.__doc__))
+        return 0
+    args = parse_options(options, rest)
     n = requested_cpu_processes()
-    if n > 1 and args.command in ("stats", "encode"):
+    if n > 1 and command in ("stats", "encode"):
         return relaunch_cpu(n, "diffusion_bridge", argv)
-    if args.command == "info":
+    if command == "info":
         print(json.dumps(vae_info(load_vae(args.model, args.subfolder)), indent=2))
         return 0
-    if args.command == "stats":
-        return cmd_stats(args)
-    if args.command == "encode":
-        return cmd_encode(args)
-    if args.command == "publish":
-        return cmd_publish(args)
-    raise AssertionError(args.command)
+    return {"stats": cmd_stats, "encode": cmd_encode, "publish": cmd_publish}[command](args)

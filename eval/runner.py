@@ -7,14 +7,14 @@ FID Inception, or "unavailable" with the reason) and optionally Fréchet distanc
 extractors.  Writes ``metrics.json``, ``report.md`` and ``reconstructions.png`` to --output_dir.
 """
 
-import argparse
 import contextlib
 import json
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from accelerate import Accelerator
@@ -31,9 +31,9 @@ from autoencoder.data import (
     load_image_source,
     loader_workers,
 )
-from autoencoder.errors import OutOfMemory, UsageError, agree, check_output_writable, is_oom, run_cli
+from autoencoder.errors import OutOfMemory, UsageError, agreement, check_output_writable, is_oom, run_cli
 from autoencoder.lpips_weights import backbone_features, build_lpips
-from autoencoder.config import check_one_source
+from autoencoder.config import check_one_source, opt, options_help, parse_options, required
 from autoencoder.models import (
     check_resolution,
     downsampling_factor,
@@ -59,37 +59,34 @@ from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstructio
 METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+@dataclass(kw_only=True)
+class EvalOptions:
     """Command-line options of the evaluation runner."""
-    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
-    p.add_argument("--model", action="append", required=True, help="diffusers VAE folder, Hub id, or training checkpoint folder (repeatable)")
-    p.add_argument("--subfolder", default=None, help="subfolder inside each model repo, e.g. 'vae'")
-    p.add_argument("--dataset_name", default=None, help="Hub dataset id")
-    p.add_argument("--train_data_dir", default=None, help="local image folder or parquet file(s)")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--split", default=None, help="split to evaluate (default: validation/test if present, else train)")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--num_images", type=int, default=None, help="evaluate the first N images (default: all)")
-    p.add_argument("--batch_size", type=batch_size_arg, default="auto",
-                   help="images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU")
-    p.add_argument("--lpips_net", choices=["alex", "vgg"], default="alex", help="AlexNet as in the LPIPS paper")
-    p.add_argument("--lpips_weights", default=None, help="local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
-    p.add_argument("--fid_weights", default=None, help="FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
-    p.add_argument("--no_fid", action="store_true", help="skip rFID")
-    p.add_argument("--no_fid_download", action="store_true", help="never try to download the Inception weights")
-    p.add_argument("--fd", action="append", choices=["vgg16"], default=[],
-                   help="also a Fréchet distance on these features, reported as fd_<name> (never 'fid')")
-    p.add_argument("--no_half_check", action="store_true", help="skip the fp16/bf16 decode finiteness check")
-    p.add_argument("--no_tiling_check", action="store_true", help="skip the tiled-vs-untiled decode comparison")
-    p.add_argument("--grid_images", type=int, default=8, help="columns of reconstructions.png")
-    p.add_argument("--iwae_samples", type=int, default=8,
-                   help="posterior samples k of the importance-weighted likelihood bound (0: skip ELBO/IWAE)")
-    p.add_argument("--seed", type=int, default=0, help="posterior samples of the latent report")
-    p.add_argument("--output_dir", default="outputs/eval")
-    return p.parse_args(argv)
+
+    model: list[str] = required("diffusers VAE folder, Hub id, or training checkpoint folder (repeatable)")
+    subfolder: Optional[str] = opt(None, "subfolder inside each model repo, e.g. 'vae'")
+    dataset_name: Optional[str] = opt(None, "Hub dataset id")
+    train_data_dir: Optional[str] = opt(None, "local image folder or parquet file(s)")
+    image_column: str = opt("image", "column holding the images")
+    split: Optional[str] = opt(None, "split to evaluate (default: validation/test if present, else train)")
+    resolution: int = opt(256, "evaluation resolution (resize shorter side, centre crop)")
+    num_images: Optional[int] = opt(None, "evaluate the first N images (default: all)")
+    batch_size: Union[int, Literal["auto"]] = opt("auto", "images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU")
+    lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone; AlexNet as in the LPIPS paper")
+    lpips_weights: Optional[str] = opt(None, "local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
+    fid_weights: Optional[str] = opt(None, "FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
+    no_fid: bool = opt(False, "skip rFID")
+    no_fid_download: bool = opt(False, "never try to download the Inception weights")
+    fd: list[Literal["vgg16"]] = opt([], "also a Fréchet distance on these features, reported as fd_<name> (never 'fid')")
+    no_half_check: bool = opt(False, "skip the fp16/bf16 decode finiteness check")
+    no_tiling_check: bool = opt(False, "skip the tiled-vs-untiled decode comparison")
+    grid_images: int = opt(8, "columns of reconstructions.png")
+    iwae_samples: int = opt(8, "posterior samples k of the importance-weighted likelihood bound (0: skip ELBO/IWAE)")
+    seed: int = opt(0, "posterior samples of the latent report")
+    output_dir: str = opt("outputs/eval", "where metrics.json, report.md and the pictures go")
 
 
-def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
+def eval_dataset(args: EvalOptions) -> tuple[ImageDataset, str]:
     """The evaluation images under the evaluation transform (probed: some must decode), and their description."""
     check_one_source(args.dataset_name, args.train_data_dir)
     ds, column, source = load_image_source(
@@ -102,16 +99,6 @@ def eval_dataset(args: argparse.Namespace) -> tuple[ImageDataset, str]:
     return dataset, source
 
 
-def batch_size_arg(text: str) -> int | str:
-    """``--batch_size``: an integer, or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
 def resolve_batch_size(value: int | str, device: torch.device) -> int:
     """'auto': 32 images per batch on an accelerator, 8 on a CPU (where larger batches gain nothing)."""
     if value != "auto":
@@ -119,7 +106,7 @@ def resolve_batch_size(value: int | str, device: torch.device) -> int:
     return 8 if device.type == "cpu" else 32
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: EvalOptions) -> None:
     """Refuse bad options in seconds: numbers, output folder, and every model (config only) vs the resolution."""
     for name in ("resolution", "batch_size", "grid_images"):
         if getattr(args, name) < 1:
@@ -133,7 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_resolution(args.resolution, factor, f"{model_id}'s")
 
 
-def dataset_facts(args: argparse.Namespace, dataset: ImageDataset) -> dict:
+def dataset_facts(args: EvalOptions, dataset: ImageDataset) -> dict:
     """Name, Hub id and split of the evaluation images (what a model card's eval results cite)."""
     if args.dataset_name:
         name = args.dataset_name
@@ -144,7 +131,7 @@ def dataset_facts(args: argparse.Namespace, dataset: ImageDataset) -> dict:
     return {"name": name, "hub_id": args.dataset_name, "split": str(dataset.ds.split) if dataset.ds.split else None}
 
 
-def build_extractors(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+def build_extractors(args: EvalOptions) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """Feature extractors keyed by metric name ('rfid', 'fd_vgg16'), and reasons for those unavailable."""
     extractors, unavailable = {}, {}
     if not args.no_fid:
@@ -297,7 +284,7 @@ def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_acc
 
 
 @torch.no_grad()
-def likelihood(accelerator, vae, loader, args: argparse.Namespace, scale: float) -> dict:
+def likelihood(accelerator, vae, loader, args: EvalOptions, scale: float) -> dict:
     """−ELBO and the IWAE bound in bits per dimension (eval.latent), over the same images."""
     acc, generator, hw = LikelihoodAccumulator(), torch.Generator().manual_seed(args.seed + 1), None
     for batch in loader:
@@ -418,21 +405,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: list[str]) -> int:
     """The body of ``main`` (errors are reported by ``run_cli``)."""
-    args = parse_args(argv)
+    if "-h" in argv or "--help" in argv:
+        print(options_help(EvalOptions, "python -m eval --model A [--model B ...] [--key=value ...]", __doc__))
+        return 0
+    args = parse_options(EvalOptions, argv)
     n = requested_cpu_processes()
     if n > 1:
         return relaunch_cpu(n, "eval", argv)
     accelerator = Accelerator(cpu=use_cpu_backend())
     args.batch_size = resolve_batch_size(args.batch_size, accelerator.device)
-    error = None
-    try:  # no collective in here: every rank reaches the agreement below
+    with agreement():  # no collective in here: a failure on one rank ends every rank
         check_args(args)
         lpips_model = build_lpips(args.lpips_net, args.lpips_weights).to(accelerator.device)
         extractors, unavailable = build_extractors(args)
         dataset, source = eval_dataset(args)
-    except Exception as exc:  # noqa: BLE001
-        error = exc
-    agree(error)
     extractors = {name: ex.to(accelerator.device) for name, ex in extractors.items()}
     # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]

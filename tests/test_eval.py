@@ -153,7 +153,11 @@ def test_runner_on_two_tiny_models_writes_metrics_report_and_grid(monkeypatch, t
 
 
 def test_batch_size_auto_fills_a_gpu_and_stays_small_on_a_cpu():
-    from eval.runner import batch_size_arg, resolve_batch_size
+    from autoencoder.config import parse_options
+    from eval.runner import EvalOptions, resolve_batch_size
+
+    def batch_size_arg(text):
+        return parse_options(EvalOptions, ["--model=m", f"--batch_size={text}"]).batch_size
 
     assert resolve_batch_size(batch_size_arg("auto"), torch.device("cpu")) == 8
     assert resolve_batch_size(batch_size_arg("auto"), torch.device("cuda")) == 32

@@ -21,7 +21,7 @@ from typing import Optional
 
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
-from autoencoder.config import Config, parse_config
+from autoencoder.config import Config, parse_config, split_argv
 from autoencoder.errors import UsageError, run_cli
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes
 from eval.runner import main as eval_main
@@ -42,21 +42,9 @@ class SweepArgs:
     train_argv: list[str]
 
 
-def _pairs(argv: list[str]) -> list[tuple[str, Optional[str], list[str]]]:
-    """(key, value, original tokens) for each ``--key=value`` / ``--key value`` / ``--flag`` in ``argv``."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            out.append((key, value, [arg]))
-        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out.append((arg[2:], argv[i + 1], [arg, argv[i + 1]]))
-            i += 1
-        else:
-            out.append((arg.lstrip("-"), None, [arg]))
-        i += 1
-    return out
+def _tokens(key: str, value: Optional[str]) -> list[str]:
+    """The train flag for a (key, value) pair of ``split_argv``."""
+    return [f"--{key}" if value is None else f"--{key}={value}"]
 
 
 def parse_args(argv: list[str]) -> SweepArgs:
@@ -64,7 +52,7 @@ def parse_args(argv: list[str]) -> SweepArgs:
     grid: dict[str, list] = {}
     own = {"sweep_dir": "outputs/sweep", "iwae_samples": "8"}
     train_argv: list[str] = []
-    for key, value, tokens in _pairs(argv):
+    for key, value in split_argv(argv):  # the config's own splitting: --k=v, --k v, --flag
         if key in SWEPT:
             if value is None:
                 raise UsageError(f"--{key} needs a comma-separated list", f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4")
@@ -83,7 +71,7 @@ def parse_args(argv: list[str]) -> SweepArgs:
             raise UsageError("--resume_from_checkpoint is managed by the sweep (unfinished runs resume)",
                              "rerun the same sweep command to continue it")  # fmt: skip
         else:
-            train_argv += tokens
+            train_argv += _tokens(key, value)
     if "kl_weight" not in grid:
         raise UsageError("a sweep needs --kl_weight with the values to try", "e.g. --kl_weight 1e-7,1e-6,1e-5,1e-4")
     if len(list(itertools.product(*grid.values()))) < 2:
@@ -119,7 +107,11 @@ def finished(cfg: Config) -> bool:
 
 
 def fresh_accelerate_state() -> None:
-    """Forget the previous run's Accelerator singletons (as accelerate's own tests do), so the next one starts clean."""
+    """Forget the previous run's Accelerator singletons, so the next run in this process starts clean.
+
+    accelerate has no public reset: its own tests call these ``_reset_state`` methods.  If they change,
+    tests/test_sweep.py (two runs in one process) fails.
+    """
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
