@@ -5,6 +5,16 @@ from .losses import VAELoss, beta_at, kl_loss
 from .models import PRESETS, VAEForTraining, build_vae
 
 __all__ = [
-    "Config", "DataConfig", "LossConfig", "ModelConfig", "TrainConfig", "parse_config",
-    "VAELoss", "beta_at", "kl_loss", "PRESETS", "VAEForTraining", "build_vae",
-]  # fmt: skip
+    "Config",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "parse_config",
+    "VAELoss",
+    "beta_at",
+    "kl_loss",
+    "PRESETS",
+    "VAEForTraining",
+    "build_vae",
+]

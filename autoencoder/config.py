@@ -41,7 +41,9 @@ class ModelConfig:
     )
     pretrained_subfolder: Optional[str] = opt(None, "subfolder of the pretrained repo, e.g. 'vae' for a pipeline repo")
     revision: Optional[str] = opt(None, "Hub revision of the pretrained model")
-    train_decoder_only: bool = opt(False, "freeze encoder + quant_conv and train the decoder only (sd-vae-ft-mse style)")
+    train_decoder_only: bool = opt(
+        False, "freeze encoder + quant_conv and train the decoder only (sd-vae-ft-mse style)"
+    )
     gradient_checkpointing: bool = opt(False, "trade compute for memory on large images")
 
 
@@ -57,8 +59,9 @@ class LossConfig:
         "falls back to $LPIPS_WEIGHTS, then torchvision's cache/download",
     )
     kl_weight: float = opt(
-        1e-6, "beta, as in latent-diffusion and diffusers' example: sum(NLL)/batch + beta * sum(KL)/batch, "
-        "the same at every resolution (autoencoder/losses.py)"
+        1e-6,
+        "beta, as in latent-diffusion and diffusers' example: sum(NLL)/batch + beta * sum(KL)/batch, "
+        "the same at every resolution (autoencoder/losses.py)",
     )
     kl_schedule: Literal["constant", "linear", "cyclical"] = opt("constant", "beta schedule over optimizer steps")
     kl_warmup_steps: int = opt(0, "linear: steps to ramp beta from 0 to kl_weight")
@@ -71,7 +74,9 @@ class LossConfig:
     disc_start: int = opt(0, "optimizer step at which the adversarial loss switches on")
     disc_weight: float = opt(0.5, "weight of the adversarial term (times the adaptive weight)")
     disc_factor: float = opt(1.0, "latent-diffusion's disc_factor: multiplies both GAN losses from disc_start on")
-    disc_adaptive_weight: bool = opt(True, "scale the GAN term by ||grad rec|| / ||grad gan|| at the decoder's last layer")
+    disc_adaptive_weight: bool = opt(
+        True, "scale the GAN term by ||grad rec|| / ||grad gan|| at the decoder's last layer"
+    )
     disc_loss: Literal["hinge", "vanilla"] = opt("hinge", "discriminator loss")
     disc_num_layers: int = opt(3, "PatchGAN depth (3 gives a 70x70 receptive field)")
     disc_channels: int = opt(64, "PatchGAN width of the first layer")
@@ -79,7 +84,9 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset_name: Optional[str] = opt(None, "Hub dataset id (or a local dataset script/folder) for datasets.load_dataset")
+    dataset_name: Optional[str] = opt(
+        None, "Hub dataset id (or a local dataset script/folder) for datasets.load_dataset"
+    )
     dataset_config_name: Optional[str] = opt(None, "config name of the Hub dataset")
     train_data_dir: Optional[str] = opt(
         None, "local image folder, parquet file(s) or folder of them; neither this nor dataset_name = embedded photos"
@@ -94,19 +101,23 @@ class DataConfig:
     max_train_samples: Optional[int] = opt(None, "truncate the training set (debugging)")
     resolution: int = opt(64, "training resolution (square crops, pixels)")
     train_crop: Literal["auto", "random", "center", "multiscale"] = opt(
-        "auto", "train crop after resizing the shorter side: random, center, or multiscale (shorter side "
+        "auto",
+        "train crop after resizing the shorter side: random, center, or multiscale (shorter side "
         "resized to a random multiple of the resolution first); auto = multiscale for the embedded photos, "
-        "random otherwise"
+        "random otherwise",
     )
     multiscale_min: float = opt(2.0, "multiscale: smallest shorter side, as a multiple of the resolution")
     multiscale_max: float = opt(6.0, "multiscale: largest shorter side, as a multiple of the resolution")
     random_flip: bool = opt(True, "random horizontal flips during training")
     dataloader_num_workers: Union[int, Literal["auto"]] = opt(
-        "auto", "DataLoader worker processes; auto = 0 on CPU (the main process's cores are the compute), on a "
-        "GPU min(8, CPU cores per process - 1) so decoding never starves it; 0 = load in the main process"
+        "auto",
+        "DataLoader worker processes; auto = 0 on CPU (the main process's cores are the compute), on a "
+        "GPU min(8, CPU cores per process - 1) so decoding never starves it; 0 = load in the main process",
     )
     cache_dir: Optional[str] = opt(None, "datasets cache directory")
-    streaming: bool = opt(False, "stream the dataset (datasets IterableDataset, sharded per rank) instead of downloading it")
+    streaming: bool = opt(
+        False, "stream the dataset (datasets IterableDataset, sharded per rank) instead of downloading it"
+    )
     shuffle_buffer: int = opt(1000, "streaming: shuffle buffer size (examples)")
 
 
@@ -131,16 +142,21 @@ class TrainConfig:
     disc_learning_rate: Optional[float] = opt(None, "discriminator learning rate (default: learning_rate)")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; master weights stay fp32")
     allow_tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (off: exact fp32)")
-    compile: bool = opt(False, "torch.compile the VAE block by block (not LPIPS; the decoder's last layer stays eager "
-                        "for the GAN weight): it compiles during the first steps; its gain on GPUs is not measured "
-                        "yet (README 'Speed')")
+    compile: bool = opt(
+        False,
+        "torch.compile the VAE block by block (not LPIPS; the decoder's last layer stays eager "
+        "for the GAN weight): it compiles during the first steps; its gain on GPUs is not measured "
+        "yet (README 'Speed')",
+    )
     checkpointing_steps: int = opt(500, "save a resumable checkpoint every N steps (0 disables)")
     checkpoints_total_limit: Optional[int] = opt(3, "keep at most this many checkpoints (None keeps all)")
     resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder to resume from")
     validation_steps: int = opt(100, "validate (PSNR/SSIM/LPIPS + grid) every N steps (0: only at the end)")
     validation_batch_size: int = opt(16, "batch size per device for validation")
     validate_at_start: bool = opt(True, "also validate the untrained model at step 0 (the baseline figure)")
-    val_lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone for the validation metric (AlexNet, as published)")
+    val_lpips_net: Literal["alex", "vgg"] = opt(
+        "alex", "LPIPS backbone for the validation metric (AlexNet, as published)"
+    )
     num_grid_images: int = opt(8, "validation images shown in the reconstruction grid")
     report_to: Literal["tensorboard", "wandb", "all", "none"] = opt("tensorboard", "experiment tracker")
     logging_dir: str = opt("logs", "tracker folder, relative to output_dir")
@@ -152,19 +168,22 @@ class TrainConfig:
         5, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"
     )
     push_to_hub: bool = opt(
-        False, "at the end, publish the exported VAE (fp32 + fp16 variant, model card with the held-out metrics) "
-        "to the Hub; the token (HF_TOKEN or `hf auth login`) is checked before training starts"
+        False,
+        "at the end, publish the exported VAE (fp32 + fp16 variant, model card with the held-out metrics) "
+        "to the Hub; the token (HF_TOKEN or `hf auth login`) is checked before training starts",
     )
     hub_model_id: Optional[str] = opt(None, "USER/NAME repository for push_to_hub")
     hub_private: bool = opt(False, "create the push_to_hub repository as private")
     latent_stats: bool = opt(
-        True, "at the end, measure latent statistics on the validation split and write the scaling of "
-        "latent_convention into the exported config (all statistics in latent_stats.json)"
+        True,
+        "at the end, measure latent statistics on the validation split and write the scaling of "
+        "latent_convention into the exported config (all statistics in latent_stats.json)",
     )
     latent_convention: Literal["sd", "sd3", "sdxl"] = opt(
-        "sd3", "keys latent_stats writes: sd = scaling_factor (z*s); sd3 = scaling_factor + shift_factor "
+        "sd3",
+        "keys latent_stats writes: sd = scaling_factor (z*s); sd3 = scaling_factor + shift_factor "
         "((z-shift)*s; SD/DiT pipelines ignore the shift, so it serves both); sdxl = per-channel "
-        "latents_mean/latents_std with scaling_factor 1 ((z-mean_c)/std_c, StableDiffusionXLPipeline)"
+        "latents_mean/latents_std with scaling_factor 1 ((z-mean_c)/std_c, StableDiffusionXLPipeline)",
     )
 
 
@@ -244,8 +263,10 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
             return value
     else:
         raise AssertionError(f"unsupported config type {tp!r} for {key}")
-    raise UsageError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})",
-                     f"give --{key} a value of type {_type_name(tp)}")
+    raise UsageError(
+        f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})",
+        f"give --{key} a value of type {_type_name(tp)}",
+    )
 
 
 def parse_cli_value(key: str, text: str, tp: Any) -> Any:
@@ -265,8 +286,10 @@ def parse_cli_value(key: str, text: str, tp: Any) -> Any:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"config key '{key}': cannot parse {text!r} ({str(exc).splitlines()[0]})",
-                         f"give --{key} a YAML value of type {_type_name(tp)}") from None
+        raise UsageError(
+            f"config key '{key}': cannot parse {text!r} ({str(exc).splitlines()[0]})",
+            f"give --{key} a YAML value of type {_type_name(tp)}",
+        ) from None
     return check_value(key, value, tp)
 
 
@@ -283,12 +306,16 @@ def apply_mapping(cfg: Config, mapping: dict, where: str) -> None:
     """Apply a YAML-style mapping ({section: {key: value}} or flat {key: value}) onto ``cfg``."""
     index = key_index()
     if not isinstance(mapping, dict):
-        raise UsageError(f"{where}: expected a mapping of config sections, got {type(mapping).__name__}",
-                         "write sections model/loss/data/train of key: value lines (see configs/)")
+        raise UsageError(
+            f"{where}: expected a mapping of config sections, got {type(mapping).__name__}",
+            "write sections model/loss/data/train of key: value lines (see configs/)",
+        )
     for name, value in mapping.items():
         if name in SECTIONS:
             if not isinstance(value, dict):
-                raise UsageError(f"{where}: section '{name}' must be a mapping, got {value!r}", "indent key: value lines under it")
+                raise UsageError(
+                    f"{where}: section '{name}' must be a mapping, got {value!r}", "indent key: value lines under it"
+                )
             for key, sub in value.items():
                 if key not in index or index[key][0] != name:
                     raise _unknown_key_error(f"{name}.{key}", where)
@@ -377,14 +404,15 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise UsageError(f"config key '{key}' must be >= 1, got {value}", f"set --{key} to 1 or more")
     index = key_index()
-    for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight",
-                "disc_factor"):
+    for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight", "disc_factor"):
         if getattr(getattr(cfg, index[key][0]), key) < 0:
             raise UsageError(f"config key '{key}' must be >= 0", f"set --{key} to 0 or more")
     workers = cfg.data.dataloader_num_workers
     if workers != "auto" and workers < 0:
-        raise UsageError(f"config key 'dataloader_num_workers' must be >= 0 or auto, got {workers}",
-                         "set --dataloader_num_workers=auto (or 0 to load in the main process)")
+        raise UsageError(
+            f"config key 'dataloader_num_workers' must be >= 0 or auto, got {workers}",
+            "set --dataloader_num_workers=auto (or 0 to load in the main process)",
+        )
     if cfg.train.push_to_hub and not cfg.train.hub_model_id:
         raise UsageError("push_to_hub needs a repository id", "add --hub_model_id=USER/NAME")
     if cfg.train.hub_model_id:
@@ -393,10 +421,14 @@ def validate(cfg: Config) -> None:
         try:
             validate_repo_id(cfg.train.hub_model_id)
         except HFValidationError as exc:
-            raise UsageError(f"--hub_model_id {cfg.train.hub_model_id!r} is not a Hub repository id "
-                             f"({str(exc).splitlines()[0]})", "write USER/NAME, e.g. --hub_model_id=me/my-vae") from None
+            raise UsageError(
+                f"--hub_model_id {cfg.train.hub_model_id!r} is not a Hub repository id ({str(exc).splitlines()[0]})",
+                "write USER/NAME, e.g. --hub_model_id=me/my-vae",
+            ) from None
     if cfg.train.push_to_hub and not cfg.train.latent_stats:
-        raise UsageError("push_to_hub publishes latent statistics, but latent_stats is false", "keep --latent_stats=true")
+        raise UsageError(
+            "push_to_hub publishes latent statistics, but latent_stats is false", "keep --latent_stats=true"
+        )
     if cfg.train.mixed_precision == "fp16" and cfg.loss.disc_enabled and cfg.train.gradient_accumulation_steps > 1:
         raise UsageError(
             "mixed_precision=fp16 with disc_enabled and gradient_accumulation_steps > 1 is not supported: accelerate's "
@@ -406,7 +438,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.kl_schedule == "cyclical" and cfg.loss.kl_cycle_steps < 1:
         raise UsageError("kl_schedule=cyclical needs kl_cycle_steps >= 1", "set --kl_cycle_steps")
     if not 0.0 < cfg.loss.kl_cycle_ratio <= 1.0:
-        raise UsageError(f"kl_cycle_ratio must be in (0, 1], got {cfg.loss.kl_cycle_ratio}", "set --kl_cycle_ratio in (0, 1]")
+        raise UsageError(
+            f"kl_cycle_ratio must be in (0, 1], got {cfg.loss.kl_cycle_ratio}", "set --kl_cycle_ratio in (0, 1]"
+        )
     if not 1.0 <= cfg.data.multiscale_min <= cfg.data.multiscale_max:
         raise UsageError(
             f"need 1 <= multiscale_min <= multiscale_max, got {cfg.data.multiscale_min}, {cfg.data.multiscale_max}",
@@ -490,7 +524,9 @@ def parse_options(cls: type, argv: list[str]) -> Any:
             import difflib
 
             close = difflib.get_close_matches(key, list(fields), n=3)
-            hint = f"did you mean: {', '.join('--' + c for c in close)}?" if close else "run with --help for the options"
+            hint = (
+                f"did you mean: {', '.join('--' + c for c in close)}?" if close else "run with --help for the options"
+            )
             raise UsageError(f"unknown option --{key}", hint)
         tp = hints[key]
         repeated = typing.get_origin(tp) is list

@@ -28,9 +28,18 @@ logger = logging.getLogger(__name__)
 # which are near-incompressible at 8x and would dominate a short run's loss.  The held-out set
 # is never trained on.
 EMBEDDED_TRAIN = (
-    "astronaut.png", "camera.png", "cell.png", "clock_motion.png", "coins.png", "hubble_deep_field.jpg",
-    "ihc.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
-)  # fmt: skip
+    "astronaut.png",
+    "camera.png",
+    "cell.png",
+    "clock_motion.png",
+    "coins.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+)
 EMBEDDED_VALIDATION = ("chelsea.png", "coffee.png", "rocket.jpg")
 # Each embedded photo yields this many random crops per epoch.
 EMBEDDED_REPEATS = 64
@@ -175,8 +184,14 @@ class ImageDataset(SharedEpoch, torch.utils.data.Dataset):
     many times per epoch (the embedded default): decoding, 60% of a sample's cost, is then paid once.
     """
 
-    def __init__(self, hf_dataset: datasets.Dataset, image_column: str, transform: Callable, seed: Optional[int] = None,
-                 cache_decoded: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        hf_dataset: datasets.Dataset,
+        image_column: str,
+        transform: Callable,
+        seed: Optional[int] = None,
+        cache_decoded: bool = False,
+    ):
         super().__init__()
         self.ds = hf_dataset
         self.column = image_column
@@ -224,8 +239,16 @@ class StreamingImageDataset(SharedEpoch, torch.utils.data.IterableDataset):
     (datasets does this).  Unreadable images are skipped and counted as in ``ImageDataset``.
     """
 
-    def __init__(self, hf_iterable: datasets.IterableDataset, image_column: str, transform: Callable, seed: int,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000):  # fmt: skip
+    def __init__(
+        self,
+        hf_iterable: datasets.IterableDataset,
+        image_column: str,
+        transform: Callable,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+    ):
         from datasets.distributed import split_dataset_by_node
 
         super().__init__()
@@ -326,10 +349,13 @@ def load_local_dataset(path_text: str, cache_dir: Optional[str], streaming: bool
         if path.is_file():
             builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
             if builder is None:
-                raise UsageError(f"--train_data_dir {path_text!r} is a {path.suffix or 'suffix-less'} file",
-                                 "give a .parquet file or a folder of images")  # fmt: skip
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir,
-                                         streaming=streaming)  # fmt: skip
+                raise UsageError(
+                    f"--train_data_dir {path_text!r} is a {path.suffix or 'suffix-less'} file",
+                    "give a .parquet file or a folder of images",
+                )
+            return datasets.load_dataset(
+                builder, data_files={"train": str(path)}, cache_dir=cache_dir, streaming=streaming
+            )
         # A folder: datasets infers imagefolder or parquet, and train/test splits from file names.
         return datasets.load_dataset(str(path), cache_dir=cache_dir, streaming=streaming)
 
@@ -346,8 +372,10 @@ def require_local(flag: str, value: str) -> Path:
     """The local path ``value`` given to ``flag``; a UsageError if it does not exist."""
     path = Path(value).expanduser()
     if not path.exists():
-        raise UsageError(f"{flag} {value!r} does not exist", "check the path" + (", or give a Hub id USER/NAME"
-                                                                                  if flag == "--dataset_name" else ""))
+        raise UsageError(
+            f"{flag} {value!r} does not exist",
+            "check the path" + (", or give a Hub id USER/NAME" if flag == "--dataset_name" else ""),
+        )
     return path
 
 
@@ -375,13 +403,16 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
     train_name = "train" if "train" in dd else next(iter(dd))
     train = dd[train_name]
     if cfg.image_column not in train.column_names:
-        raise UsageError(f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})",
-                         "set --image_column")  # fmt: skip
+        raise UsageError(
+            f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})", "set --image_column"
+        )
     train = train.cast_column(cfg.image_column, datasets.Image(decode=False))
     val_name = cfg.validation_split or next((s for s in ("validation", "test") if s in dd), None)
     if cfg.validation_split and cfg.validation_split not in dd:
-        raise UsageError(f"validation split {cfg.validation_split!r} not in {source} (splits: {list(dd)})",
-                         "set --validation_split to one of them, or leave it unset to hold out training images")
+        raise UsageError(
+            f"validation split {cfg.validation_split!r} not in {source} (splits: {list(dd)})",
+            "set --validation_split to one of them, or leave it unset to hold out training images",
+        )
     if val_name is not None and val_name != train_name:
         validation = dd[val_name].cast_column(cfg.image_column, datasets.Image(decode=False))
         validation = validation.select(range(min(cfg.num_validation_images, len(validation))))
@@ -390,8 +421,10 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         # Hold out num_validation_images, but never more than a tenth of a small dataset.
         n_val = min(cfg.num_validation_images, max(1, len(train) // 10))
         if len(train) < 2:
-            raise UsageError(f"{source} has {len(train)} image(s): too few to hold out a validation image",
-                             "add images, or give a separate validation/test split")
+            raise UsageError(
+                f"{source} has {len(train)} image(s): too few to hold out a validation image",
+                "add images, or give a separate validation/test split",
+            )
         parts = train.train_test_split(test_size=n_val, seed=seed)
         train, validation = parts["train"], parts["test"]
         held = f"{len(validation)} images held out of '{train_name}' (seed {seed})"
@@ -407,8 +440,9 @@ def _streaming_splits(cfg: DataConfig, dd, source: str) -> ImageSplits:
     train_name = "train" if "train" in dd else next(iter(dd))
     train = dd[train_name]
     if cfg.image_column not in (train.column_names or [cfg.image_column]):
-        raise UsageError(f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})",
-                         "set --image_column")
+        raise UsageError(
+            f"image column {cfg.image_column!r} not in {source} (columns: {train.column_names})", "set --image_column"
+        )
     train = train.cast_column(cfg.image_column, datasets.Image(decode=False))
     val_name = cfg.validation_split or next((s for s in ("validation", "test") if s in dd), None)
     n = cfg.num_validation_images
@@ -423,8 +457,9 @@ def _streaming_splits(cfg: DataConfig, dd, source: str) -> ImageSplits:
     validation = datasets.Dataset.from_list([{cfg.image_column: r[cfg.image_column]} for r in rows], features=features)
     if cfg.max_train_samples is not None:
         train = train.take(cfg.max_train_samples)
-    return ImageSplits(train, validation, cfg.image_column, f"{source} (streaming '{train_name}'); validation: {held}",
-                       embedded=False)  # fmt: skip
+    return ImageSplits(
+        train, validation, cfg.image_column, f"{source} (streaming '{train_name}'); validation: {held}", embedded=False
+    )
 
 
 def load_image_source(
@@ -443,8 +478,10 @@ def load_image_source(
     if dataset_name or train_data_dir:
         dd = load_hub_dataset(dataset_name) if dataset_name else load_local_dataset(train_data_dir, cache_dir=None)
         if split is not None and split not in dd:
-            raise UsageError(f"split {split!r} not in {dataset_name or train_data_dir} (splits: {list(dd)})",
-                             "set --split to one of them")
+            raise UsageError(
+                f"split {split!r} not in {dataset_name or train_data_dir} (splits: {list(dd)})",
+                "set --split to one of them",
+            )
         split = split or next((s for s in ("validation", "test", "train") if s in dd), next(iter(dd)))
         ds = dd[split]
         if image_column not in ds.column_names:
@@ -452,7 +489,10 @@ def load_image_source(
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
         source = f"{dataset_name or train_data_dir} [{split}]"
     else:
-        ds, image_column = load_splits(DataConfig(resolution=resolution, num_validation_images=10**9)).validation, "image"
+        ds, image_column = (
+            load_splits(DataConfig(resolution=resolution, num_validation_images=10**9)).validation,
+            "image",
+        )
         source = "embedded held-out photographs"
     if num_images is not None:
         ds = ds.select(range(min(num_images, len(ds))))
@@ -478,13 +518,21 @@ def count_readable(ds: ImageDataset, limit: int = PROBE_IMAGES) -> tuple[int, in
     return readable, len(picks), first_error
 
 
-def check_enough_images(ds: ImageDataset, needed: int, role: str, flag: str, need: str = "one global batch of {n}",
-                        fix: str = "add images or lower --train_batch_size") -> None:
+def check_enough_images(
+    ds: ImageDataset,
+    needed: int,
+    role: str,
+    flag: str,
+    need: str = "one global batch of {n}",
+    fix: str = "add images or lower --train_batch_size",
+) -> None:
     """Fail before training if the ``role`` images cannot fill ``needed`` samples or none of them decodes."""
     readable, probed, first_error = count_readable(ds)
     if probed and not readable:
-        raise UsageError(f"none of the {probed} {role} images probed from {flag} could be read (first: {first_error})",
-                         f"check that {flag} holds images PIL can open (and --image_column names them)")  # fmt: skip
+        raise UsageError(
+            f"none of the {probed} {role} images probed from {flag} could be read (first: {first_error})",
+            f"check that {flag} holds images PIL can open (and --image_column names them)",
+        )
     usable = readable if probed == len(ds) else len(ds)  # every image was probed: unreadable ones do not count
     if usable < needed:
         unread = f" ({len(ds) - readable} of {len(ds)} unreadable, first: {first_error})" if readable < len(ds) else ""

@@ -108,11 +108,15 @@ def translate(exc: BaseException, flag: Optional[str] = None, value: Any = None)
     if is_oom(exc):
         return OutOfMemory(f"out of memory ({_first_line(exc)[:160]})", "lower the batch size or the resolution")
     if isinstance(exc, EmptyDatasetError):
-        return UsageError(f"{what} holds no data files (images, .parquet, .csv or .json)",
-                          f"point {flag or 'the data flag'} at a folder of images or parquet files")  # fmt: skip
+        return UsageError(
+            f"{what} holds no data files (images, .parquet, .csv or .json)",
+            f"point {flag or 'the data flag'} at a folder of images or parquet files",
+        )
     if isinstance(exc, (RepositoryNotFoundError, DatasetNotFoundError, HFValidationError)):
-        return UsageError(f"{what} is neither a local path nor a repository on the Hugging Face Hub",
-                          "check the spelling: a local folder, or a Hub id USER/NAME")  # fmt: skip
+        return UsageError(
+            f"{what} is neither a local path nor a repository on the Hugging Face Hub",
+            "check the spelling: a local folder, or a Hub id USER/NAME",
+        )
     if isinstance(exc, (OSError, ConnectionError)) and _is_offline(exc):
         dataset = flag == "--dataset_name"
         fetch = f"hf download {value or 'REPO'}{' --repo-type dataset' if dataset else ''} --local-dir DIR"
@@ -122,19 +126,26 @@ def translate(exc: BaseException, flag: Optional[str] = None, value: Any = None)
             f"{'--train_data_dir' if dataset else flag or 'the flag'}",
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return UsageError(f"no space left on the device ({exc.filename or _first_line(exc)})",
-                          "free space or choose another output folder")  # fmt: skip
+        return UsageError(
+            f"no space left on the device ({exc.filename or _first_line(exc)})",
+            "free space or choose another output folder",
+        )
     if isinstance(exc, PermissionError):
         return UsageError(f"permission denied: {exc.filename or _first_line(exc)}", "choose a location you can write")
     if isinstance(exc, UnidentifiedImageError):
         return UsageError(f"unreadable image: {_first_line(exc)}", "remove or re-encode the file")
     if isinstance(exc, FileNotFoundError) and flag:
         return UsageError(f"{what}: {_first_line(exc)}", f"check the path given to {flag}")
-    if isinstance(exc, OSError) and flag and ("config.json" in str(exc) or "not a valid model identifier" in str(exc)
-                                              or "no file named" in str(exc)):  # fmt: skip
-        return UsageError(f"{what} is not a diffusers AutoencoderKL ({_first_line(exc)[:200]})",
-                          "give a folder written by save_pretrained (config.json + weights), or add --subfolder vae "
-                          "for a pipeline repository")  # fmt: skip
+    if (
+        isinstance(exc, OSError)
+        and flag
+        and ("config.json" in str(exc) or "not a valid model identifier" in str(exc) or "no file named" in str(exc))
+    ):
+        return UsageError(
+            f"{what} is not a diffusers AutoencoderKL ({_first_line(exc)[:200]})",
+            "give a folder written by save_pretrained (config.json + weights), or add --subfolder vae "
+            "for a pipeline repository",
+        )
     return None
 
 
@@ -163,12 +174,16 @@ def check_model_source(flag: str, value: str, subfolder: Optional[str] = None) -
     if path.exists():
         folder = path / (subfolder or "")
         if not path.is_dir():
-            raise UsageError(f"{flag} {value!r} is a file, not a model folder",
-                             "give the folder written by save_pretrained (config.json + weights)")  # fmt: skip
+            raise UsageError(
+                f"{flag} {value!r} is a file, not a model folder",
+                "give the folder written by save_pretrained (config.json + weights)",
+            )
         if not (folder / "config.json").is_file():
             hint = " or add --subfolder vae" if (path / "vae" / "config.json").is_file() else ""
-            raise UsageError(f"{flag} {value!r} has no config.json" + (f" in {subfolder!r}" if subfolder else ""),
-                             f"give a diffusers VAE folder (written by save_pretrained) or a training checkpoint{hint}")
+            raise UsageError(
+                f"{flag} {value!r} has no config.json" + (f" in {subfolder!r}" if subfolder else ""),
+                f"give a diffusers VAE folder (written by save_pretrained) or a training checkpoint{hint}",
+            )
         return
     if looks_like_path(value):
         raise UsageError(f"{flag} {value!r} does not exist", "check the path, or give a Hub id USER/NAME")
@@ -185,8 +200,7 @@ def check_output_writable(flag: str, path: str | os.PathLike) -> None:
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:
-        raise UsageError(f"{flag} {str(path)!r} is not writable ({exc.strerror or exc})",
-                         f"choose another {flag}")  # fmt: skip
+        raise UsageError(f"{flag} {str(path)!r} is not writable ({exc.strerror or exc})", f"choose another {flag}")
 
 
 def _rank() -> tuple[int, int]:
@@ -209,8 +223,11 @@ def agree(error: Optional[BaseException]) -> None:
     mine = None
     if error is not None:
         usage = translate(error)
-        mine = (str(usage), usage.exit_code) if usage else (f"unexpected {type(error).__name__}: {_first_line(error)}",
-                                                            EXIT_CRASH)  # fmt: skip
+        mine = (
+            (str(usage), usage.exit_code)
+            if usage
+            else (f"unexpected {type(error).__name__}: {_first_line(error)}", EXIT_CRASH)
+        )
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     failed = [(rank, r) for rank, r in enumerate(everyone) if r is not None]
@@ -253,8 +270,12 @@ def report(exc: BaseException, debug: bool) -> int:
     if usage is not None:
         print(f"error: {where}{usage}", file=sys.stderr, flush=True)
         return usage.exit_code
-    print(f"error: {where}unexpected {type(exc).__name__}: {_first_line(exc)}; this is a bug: rerun with --debug "
-          "(or AUTOENCODER_DEBUG=1) for the traceback and report it", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"error: {where}unexpected {type(exc).__name__}: {_first_line(exc)}; this is a bug: rerun with --debug "
+        "(or AUTOENCODER_DEBUG=1) for the traceback and report it",
+        file=sys.stderr,
+        flush=True,
+    )
     return EXIT_CRASH
 
 
@@ -268,8 +289,10 @@ def run_cli(main: Callable[[list[str]], int], argv: Optional[list[str]]) -> int:
     try:
         return main(argv)
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); a training run continues with --resume_from_checkpoint latest",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "error: interrupted (Ctrl-C); a training run continues with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         return 128 + 2
     except SystemExit:
         raise  # argparse's usage errors (exit 2) and --help

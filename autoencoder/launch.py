@@ -70,8 +70,11 @@ def relaunch_cpu(num_processes: int, module: str, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    print(f"accelerate launch --cpu started 1 process for --num_processes {num_processes}: starting "
-          f"{num_processes} CPU ranks with torch.distributed", file=sys.stderr)  # fmt: skip
+    print(
+        f"accelerate launch --cpu started 1 process for --num_processes {num_processes}: starting "
+        f"{num_processes} CPU ranks with torch.distributed",
+        file=sys.stderr,
+    )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # ranks report their own errors
     os.environ["ACCELERATE_USE_CPU"] = "true"
     # --cpu ranks on a GPU machine: hide the GPUs, or libraries that bind rank r to cuda:r (r >= 1) fail
@@ -79,9 +82,17 @@ def relaunch_cpu(num_processes: int, module: str, argv: list[str]) -> int:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
     endpoint = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=num_processes, run_id=str(uuid.uuid4()),
-                          rdzv_backend="static", rdzv_endpoint=endpoint, rdzv_configs={"rank": 0}, max_restarts=0,
-                          monitor_interval=0.1)  # fmt: skip
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=num_processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="static",
+        rdzv_endpoint=endpoint,
+        rdzv_configs={"rank": 0},
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
     try:
         elastic_launch(config, sys.executable)("-m", module, *argv)
     except ChildFailedError as exc:

@@ -88,7 +88,10 @@ def rate_bits_per_pixel(kl_per_image: torch.Tensor, height: int, width: int) -> 
 
 
 def adaptive_disc_weight(
-    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4,
+    nll_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float = 1e4,
     grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """||d nll / d last|| / (||d g / d last|| + 1e-4), clamped to [0, max_weight] and detached (taming).
@@ -243,7 +246,11 @@ class VAELoss(nn.Module):
         return loss, logs
 
     def discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module, step: int,
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        discriminator: nn.Module,
+        step: int,
         split: str = "train",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """D step ``f(step) · d_loss`` on real inputs vs *detached* reconstructions (no gradient reaches the VAE)."""

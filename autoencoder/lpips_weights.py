@@ -77,8 +77,7 @@ def backbone_features(net: str, weights: Optional[str] = None) -> dict[str, torc
             state = TORCHVISION_WEIGHTS[net].get_state_dict(progress=False)
         except Exception as exc:  # offline: URLError, socket errors, partial files
             raise LPIPSWeightsError(
-                f"cannot obtain the ImageNet {net} backbone for LPIPS ({type(exc).__name__}: {exc}). "
-                + _remedies(net)
+                f"cannot obtain the ImageNet {net} backbone for LPIPS ({type(exc).__name__}: {exc}). " + _remedies(net)
             ) from exc
     return {k: v for k, v in state.items() if k.startswith("features.")}
 
@@ -111,11 +110,16 @@ def build_lpips(net: str = "vgg", weights: Optional[str] = None) -> lpips.LPIPS:
         mapped[name] = features[key]
     unused = set(features) - {f"features.{n.split('.', 1)[1]}" for n in mapped}
     if unused:
-        raise LPIPSWeightsError(f"LPIPS {net} backbone file has unexpected keys {sorted(unused)[:4]}. " + _remedies(net))
+        raise LPIPSWeightsError(
+            f"LPIPS {net} backbone file has unexpected keys {sorted(unused)[:4]}. " + _remedies(net)
+        )
     heads = head_weights(net)
-    state = {**{f"scaling_layer.{k}": v for k, v in lpips.ScalingLayer().state_dict().items()},
-             **{f"net.{k}": v for k, v in mapped.items()}, **heads,
-             **{f"lins.{k[3:]}": v for k, v in heads.items()}}  # ``lins`` lists the same lin0..lin4  # fmt: skip
+    state = {
+        **{f"scaling_layer.{k}": v for k, v in lpips.ScalingLayer().state_dict().items()},
+        **{f"net.{k}": v for k, v in mapped.items()},
+        **heads,
+        **{f"lins.{k[3:]}": v for k, v in heads.items()},
+    }  # ``lins`` lists the same lin0..lin4
     model.load_state_dict(state, strict=True, assign=True)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     model.eval().requires_grad_(False)

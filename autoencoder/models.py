@@ -81,8 +81,9 @@ def is_training_checkpoint(path: str | Path) -> bool:
     return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
 
 
-def load_vae(model: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
-             flag: str = "--model") -> AutoencoderKL:
+def load_vae(
+    model: str, subfolder: Optional[str] = None, revision: Optional[str] = None, flag: str = "--model"
+) -> AutoencoderKL:
     """A diffusers VAE (local folder or Hub id), or the trained weights of a training checkpoint folder.
 
     A checkpoint (``checkpoints/checkpoint-N``) holds ``VAEForTraining``'s state dict, keys
@@ -96,8 +97,10 @@ def load_vae(model: str, subfolder: Optional[str] = None, revision: Optional[str
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path))
         state = load_file(path / "model.safetensors")
         if not all(k.startswith("vae.") for k in state):
-            raise UsageError(f"{path / 'model.safetensors'} is not a VAEForTraining state dict (keys vae.*)",
-                             "give the checkpoint folder of a training run, or an exported vae/ folder")
+            raise UsageError(
+                f"{path / 'model.safetensors'} is not a VAEForTraining state dict (keys vae.*)",
+                "give the checkpoint folder of a training run, or an exported vae/ folder",
+            )
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()}, strict=True)
         return vae
     check_model_source(flag, model, subfolder)
@@ -111,16 +114,20 @@ def load_vae_config(model: str, subfolder: Optional[str] = None, flag: str = "--
     with about(flag, model):
         config = AutoencoderKL.load_config(model, subfolder=subfolder)
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or "block_out_channels" not in config:
-        raise UsageError(f"{flag} {model!r} is a {config.get('_class_name', 'non-diffusers')} config, not an AutoencoderKL",
-                         "give an AutoencoderKL folder, or add --subfolder vae for a pipeline repository")  # fmt: skip
+        raise UsageError(
+            f"{flag} {model!r} is a {config.get('_class_name', 'non-diffusers')} config, not an AutoencoderKL",
+            "give an AutoencoderKL folder, or add --subfolder vae for a pipeline repository",
+        )
     return config
 
 
 def check_resolution(resolution: int, factor: int, whose: str = "the VAE's") -> None:
     """Refuse a --resolution the encoder cannot downsample by ``factor`` exactly, suggesting the nearest one below."""
     if resolution % factor:
-        raise UsageError(f"--resolution {resolution} is not a multiple of {whose} downsampling {factor}",
-                         f"use e.g. --resolution {max(factor, resolution // factor * factor)}")  # fmt: skip
+        raise UsageError(
+            f"--resolution {resolution} is not a multiple of {whose} downsampling {factor}",
+            f"use e.g. --resolution {max(factor, resolution // factor * factor)}",
+        )
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:
@@ -193,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in PRESETS:
         vae = build_vae(ModelConfig(preset=name))
         quant = "yes" if vae.quant_conv is not None else "no"
-        print(f"| {name} | {count_parameters(vae):,} | {downsampling_factor(vae)} | {vae.config.latent_channels} | {quant} |")
+        print(
+            f"| {name} | {count_parameters(vae):,} | {downsampling_factor(vae)} | {vae.config.latent_channels} | {quant} |"
+        )
     return 0
 
 

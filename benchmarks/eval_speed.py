@@ -30,8 +30,9 @@ def raw_pass(model: str, data: str, resolution: int, batch_size: int, num_images
     from autoencoder.data import ImageDataset, collate, eval_transform, load_image_source
 
     ds, col, _ = load_image_source(None, data, resolution=resolution, num_images=num_images)
-    loader = torch.utils.data.DataLoader(ImageDataset(ds, col, eval_transform(resolution)), batch_size=batch_size,
-                                         collate_fn=collate)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(ds, col, eval_transform(resolution)), batch_size=batch_size, collate_fn=collate
+    )
     batches = [b["pixel_values"] for b in loader]  # decode images first: time the model only
     vae = AutoencoderKL.from_pretrained(model).eval()
     t0 = time.perf_counter()
@@ -55,9 +56,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     raw = raw_pass(args.model, args.train_data_dir, args.resolution, args.batch_size, args.num_images)
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "eval", "--model", args.model, "--train_data_dir", args.train_data_dir,
-               "--resolution", str(args.resolution), "--batch_size", str(args.batch_size), "--output_dir", out,
-               *(["--num_images", str(args.num_images)] if args.num_images else []), *args.runner_args.split()]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "eval",
+            "--model",
+            args.model,
+            "--train_data_dir",
+            args.train_data_dir,
+            "--resolution",
+            str(args.resolution),
+            "--batch_size",
+            str(args.batch_size),
+            "--output_dir",
+            out,
+            *(["--num_images", str(args.num_images)] if args.num_images else []),
+            *args.runner_args.split(),
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
         wall = time.perf_counter() - t0

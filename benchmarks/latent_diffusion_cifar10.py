@@ -44,8 +44,11 @@ def parse_args(argv):
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--sampling_steps", type=int, default=50)
     p.add_argument("--num_fd_images", type=int, default=500, help="images per set in the Fréchet distances")
-    p.add_argument("--lpips_weights", default=str(REPO.parent / "shared" / "weights" / "lpips"),
-                   help="folder/file with the ImageNet VGG16 features (the FD extractor)")
+    p.add_argument(
+        "--lpips_weights",
+        default=str(REPO.parent / "shared" / "weights" / "lpips"),
+        help="folder/file with the ImageNet VGG16 features (the FD extractor)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -59,9 +62,16 @@ def train_dit(latents: torch.Tensor, labels: torch.Tensor, args) -> tuple:
     c, h = latents.shape[1], latents.shape[-1]
     # num_embeds_ada_norm=1000: DiTPipeline's guidance uses class id 1000 as the null class; the
     # transformer drops 10% of the labels to it in training (classifier-free guidance).
-    dit = DiTTransformer2DModel(in_channels=c, out_channels=c, sample_size=h, patch_size=args.patch_size,
-                                num_layers=args.layers, num_attention_heads=args.heads,
-                                attention_head_dim=args.head_dim, num_embeds_ada_norm=1000)  # fmt: skip
+    dit = DiTTransformer2DModel(
+        in_channels=c,
+        out_channels=c,
+        sample_size=h,
+        patch_size=args.patch_size,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        attention_head_dim=args.head_dim,
+        num_embeds_ada_norm=1000,
+    )
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(dit.parameters(), lr=args.learning_rate, weight_decay=0.0)
     ema = EMAModel(dit.parameters(), decay=0.999, use_ema_warmup=True)
@@ -85,8 +95,15 @@ def train_dit(latents: torch.Tensor, labels: torch.Tensor, args) -> tuple:
         if step % 200 == 0:
             print(f"step {step}: loss {sum(losses[-200:]) / 200:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     ema.copy_to(dit.parameters())
-    return dit.eval(), scheduler, {"steps": step, "seconds": time.perf_counter() - t0,
-                                   "final_loss_mean_200": sum(losses[-200:]) / min(200, len(losses))}  # fmt: skip
+    return (
+        dit.eval(),
+        scheduler,
+        {
+            "steps": step,
+            "seconds": time.perf_counter() - t0,
+            "final_loss_mean_200": sum(losses[-200:]) / min(200, len(losses)),
+        },
+    )
 
 
 @torch.no_grad()
@@ -134,14 +151,34 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.vae} has no latent statistics: run `python -m diffusion_bridge stats --write` first")
 
     t0 = time.perf_counter()
-    code = bridge_main(["encode", "--model", args.vae, "--train_data_dir", str(cifar / "train.parquet"),
-                        "--resolution", "32", "--num_images", str(args.num_train_images), "--batch_size", "250",
-                        "--shard_size", "5000", "--output_dir", str(out / "latent-cache"), "--seed", str(args.seed)])  # fmt: skip
+    code = bridge_main(
+        [
+            "encode",
+            "--model",
+            args.vae,
+            "--train_data_dir",
+            str(cifar / "train.parquet"),
+            "--resolution",
+            "32",
+            "--num_images",
+            str(args.num_train_images),
+            "--batch_size",
+            "250",
+            "--shard_size",
+            "5000",
+            "--output_dir",
+            str(out / "latent-cache"),
+            "--seed",
+            str(args.seed),
+        ]
+    )
     assert code == 0, "encoding failed"
     cache = load_latent_cache(out / "latent-cache")[:]  # all rows as torch tensors
     latents, labels = cache["latents"], cache["label"].long()
     encode_s = time.perf_counter() - t0
-    print(f"latent cache: {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f} ({encode_s:.0f} s)")
+    print(
+        f"latent cache: {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f} ({encode_s:.0f} s)"
+    )
 
     dit, ddpm, train_info = train_dit(latents, labels, args)
     dit.save_pretrained(out / "dit")
@@ -153,8 +190,13 @@ def main(argv=None) -> int:
     samples = []
     for i in range(0, n, 100):
         gen = torch.Generator().manual_seed(args.seed + i)
-        imgs = pipe(class_labels=class_labels[i : i + 100], guidance_scale=args.guidance_scale, generator=gen,
-                    num_inference_steps=args.sampling_steps, output_type="pt").images  # [B,3,32,32] in [0,1]
+        imgs = pipe(
+            class_labels=class_labels[i : i + 100],
+            guidance_scale=args.guidance_scale,
+            generator=gen,
+            num_inference_steps=args.sampling_steps,
+            output_type="pt",
+        ).images  # [B,3,32,32] in [0,1]
         samples.append(imgs * 2 - 1)
     samples = torch.cat(samples)
     sample_s = time.perf_counter() - t1
@@ -165,8 +207,12 @@ def main(argv=None) -> int:
     real_test = load_images(cifar / "test.parquet", n)
     real_train = load_images(cifar / "train.parquet", n)
     with torch.no_grad():
-        recon_train = torch.cat([vae.decode(vae.encode(real_train[i : i + 100]).latent_dist.mode()).sample.clamp(-1, 1)
-                                 for i in range(0, n, 100)])  # fmt: skip
+        recon_train = torch.cat(
+            [
+                vae.decode(vae.encode(real_train[i : i + 100]).latent_dist.mode()).sample.clamp(-1, 1)
+                for i in range(0, n, 100)
+            ]
+        )
     f_test = features(extractor, real_test)
     results = {
         "vae": args.vae,
@@ -175,8 +221,13 @@ def main(argv=None) -> int:
         "encode_seconds": encode_s,
         "dit_parameters": sum(p.numel() for p in dit.parameters()),
         "train": train_info,
-        "sampling": {"scheduler": "DDIM", "steps": args.sampling_steps, "guidance_scale": args.guidance_scale,
-                     "images": n, "seconds": sample_s},  # fmt: skip
+        "sampling": {
+            "scheduler": "DDIM",
+            "steps": args.sampling_steps,
+            "guidance_scale": args.guidance_scale,
+            "images": n,
+            "seconds": sample_s,
+        },
         "fd_vgg16": {
             "samples_vs_test": frechet(f_test, features(extractor, samples)),
             "vae_reconstructions_of_train_vs_test": frechet(f_test, features(extractor, recon_train)),

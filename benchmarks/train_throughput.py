@@ -53,16 +53,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="cpu-small", help="preset name or YAML path")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="override the config's precision (bf16 autocast is slow on CPUs without bf16 units)")
-    p.add_argument("--train_data_dir", default=None, help="(c) trains on this folder/parquet (default: the config's data)")
+    p.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="override the config's precision (bf16 autocast is slow on CPUs without bf16 units)",
+    )
+    p.add_argument(
+        "--train_data_dir", default=None, help="(c) trains on this folder/parquet (default: the config's data)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the VAE in every phase")
     p.add_argument("--steps", type=int, default=20, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--phases", default="abc", help="which phases to run, e.g. 'c' (compiled phases take minutes each)")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="profile (b) and (c) with torch.profiler, write their operator tables to DIR (timings inflated)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="profile (b) and (c) with torch.profiler, write their operator tables to DIR (timings inflated)",
+    )
     p.add_argument("--phase", choices=["a", "b", "c", "peak"], default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -73,8 +83,16 @@ def _cfg(args):
     overrides = [f"--mixed_precision={args.mixed_precision}"] if args.mixed_precision else []
     if args.train_data_dir:
         overrides.append(f"--train_data_dir={args.train_data_dir}")
-    return parse_config([f"--config={args.config}", f"--resolution={args.resolution}", f"--compile={args.compile}",
-                         f"--train_batch_size={args.batch_size}", "--report_to=none", *overrides])  # fmt: skip
+    return parse_config(
+        [
+            f"--config={args.config}",
+            f"--resolution={args.resolution}",
+            f"--compile={args.compile}",
+            f"--train_batch_size={args.batch_size}",
+            "--report_to=none",
+            *overrides,
+        ]
+    )
 
 
 def _sync(device):
@@ -116,8 +134,9 @@ def _profiled(args, phase: Optional[str], steps: int, device) -> Iterator[dict]:
         _sync(device)
     events = prof.key_averages()
     # the device-side rows (kernels, memcpys) only: the CPU ops that launched them carry the same time
-    device_us = sum(e.self_device_time_total for e in events
-                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation)  # fmt: skip
+    device_us = sum(
+        e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    )
     result["device_ms_per_step"] = device_us / 1e3 / steps
     folder = Path(args.profile)
     folder.mkdir(parents=True, exist_ok=True)
@@ -225,10 +244,15 @@ def phase_c(args, device) -> dict:
     steps = last[0] - first[0]
     # start-up (checks, data, loader workers, prepare) and the warm-up steps (compilation included)
     warmup_seconds = metrics["startup_seconds"] + first[1]
-    return {"seconds_per_step": (last[1] - first[1]) / steps, "flops_per_step": None,
-            "warmup_seconds": warmup_seconds, "data": metrics["data"],
-            "data_wait_per_step": (last[2] - first[2]) / steps, "device_wait_per_step": (last[3] - first[3]) / steps,
-            **profiled}  # fmt: skip
+    return {
+        "seconds_per_step": (last[1] - first[1]) / steps,
+        "flops_per_step": None,
+        "warmup_seconds": warmup_seconds,
+        "data": metrics["data"],
+        "data_wait_per_step": (last[2] - first[2]) / steps,
+        "device_wait_per_step": (last[3] - first[3]) / steps,
+        **profiled,
+    }
 
 
 def matmul_peak(device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
@@ -250,15 +274,25 @@ def precision_peak(args, device) -> dict:
     _setup(cfg, device)
     mp = cfg.train.mixed_precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-    name = {"bf16": "bf16", "fp16": "fp16"}.get(mp, "tf32" if device.type == "cuda" and cfg.train.allow_tf32 else "fp32")
+    name = {"bf16": "bf16", "fp16": "fp16"}.get(
+        mp, "tf32" if device.type == "cuda" and cfg.train.allow_tf32 else "fp32"
+    )
     n = 8192 if device.type == "cuda" else 1024
     return {"tflops": matmul_peak(device, dtype, n), "precision": name}
 
 
 def run_phase(args, phase: str) -> dict:
     """Run one phase in a fresh interpreter and parse its JSON line."""
-    cmd = [sys.executable, __file__, f"--phase={phase}", f"--config={args.config}", f"--resolution={args.resolution}",
-           f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--warmup={args.warmup}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        f"--phase={phase}",
+        f"--config={args.config}",
+        f"--resolution={args.resolution}",
+        f"--batch_size={args.batch_size}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+    ]
     for flag in ("mixed_precision", "train_data_dir", "profile"):
         if getattr(args, flag):
             cmd.append(f"--{flag}={getattr(args, flag)}")
@@ -272,14 +306,19 @@ def run_phase(args, phase: str) -> dict:
 
 def table(args, peak: dict, rows: dict, where: str) -> str:
     """The markdown table and ratio line of one benchmark run."""
-    names = {"a": "(a) raw AutoencoderKL fwd+bwd, L1", "b": "(b) full training step, all losses",
-             "c": "(c) training loop end to end"}  # fmt: skip
+    names = {
+        "a": "(a) raw AutoencoderKL fwd+bwd, L1",
+        "b": "(b) full training step, all losses",
+        "c": "(c) training loop end to end",
+    }
     data = f"; (c) data: {rows['c']['data']}" if "c" in rows else ""
-    lines = [f"config={args.config} resolution={args.resolution} batch={args.batch_size} steps={args.steps} "
-             f"warmup={args.warmup} mixed_precision={_cfg(args).train.mixed_precision} compile={args.compile} "
-             f"device={where}; measured {peak['precision']} matmul peak {peak['tflops']:.2f} TFLOP/s{data}",
-             f"| phase | img/s | s/step | peak memory (MB) | TFLOP/s | MFU | s to step {args.warmup} |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"config={args.config} resolution={args.resolution} batch={args.batch_size} steps={args.steps} "
+        f"warmup={args.warmup} mixed_precision={_cfg(args).train.mixed_precision} compile={args.compile} "
+        f"device={where}; measured {peak['precision']} matmul peak {peak['tflops']:.2f} TFLOP/s{data}",
+        f"| phase | img/s | s/step | peak memory (MB) | TFLOP/s | MFU | s to step {args.warmup} |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p, r in rows.items():
         flops = r["flops_per_step"] or rows.get("b", {}).get("flops_per_step")  # (c) does (b)'s work per step
         ips = args.batch_size / r["seconds_per_step"]
@@ -287,20 +326,29 @@ def table(args, peak: dict, rows: dict, where: str) -> str:
         if flops:
             tflops = flops / r["seconds_per_step"] / 1e12
             util = f"{tflops:.2f} | {100 * tflops / peak['tflops']:.1f}%"
-        lines.append(f"| {names[p]} | {ips:.2f} | {r['seconds_per_step']:.4f} | {r['peak_bytes'] / 2**20:.0f} | {util} "
-                     f"| {r['warmup_seconds']:.1f} |")
+        lines.append(
+            f"| {names[p]} | {ips:.2f} | {r['seconds_per_step']:.4f} | {r['peak_bytes'] / 2**20:.0f} | {util} "
+            f"| {r['warmup_seconds']:.1f} |"
+        )
     ips = {p: args.batch_size / r["seconds_per_step"] for p, r in rows.items()}
     ratios = [f"{x}/{y} = {ips[x] / ips[y]:.2f}" for x, y in (("b", "a"), ("c", "b")) if x in ips and y in ips]
     lines.append("\nratios (img/s): " + (", ".join(ratios) or "–"))
     if "c" in rows:  # the loop's host thread, per timed step: the rest of its time is its own work (launches)
         c = rows["c"]
-        lines.append(f"(c) per step, the loop waited {1e3 * c['data_wait_per_step']:.1f} ms for data and "
-                     f"{1e3 * c['device_wait_per_step']:.1f} ms for the device, of {1e3 * c['seconds_per_step']:.1f} ms")
+        lines.append(
+            f"(c) per step, the loop waited {1e3 * c['data_wait_per_step']:.1f} ms for data and "
+            f"{1e3 * c['device_wait_per_step']:.1f} ms for the device, of {1e3 * c['seconds_per_step']:.1f} ms"
+        )
     if args.profile:  # wall ms/step against kernel ms/step: the difference is the device idle
-        busy = [f"({p}) wall {1e3 * r['seconds_per_step']:.1f} ms/step, device {r['device_ms_per_step']:.1f} ms/step"
-                for p, r in rows.items() if "device_ms_per_step" in r]  # fmt: skip
-        lines.append(f"profiled (torch.profiler; (b) and (c) timings above are inflated by it; tables in "
-                     f"{args.profile}): " + "; ".join(busy))
+        busy = [
+            f"({p}) wall {1e3 * r['seconds_per_step']:.1f} ms/step, device {r['device_ms_per_step']:.1f} ms/step"
+            for p, r in rows.items()
+            if "device_ms_per_step" in r
+        ]
+        lines.append(
+            f"profiled (torch.profiler; (b) and (c) timings above are inflated by it; tables in "
+            f"{args.profile}): " + "; ".join(busy)
+        )
     return "\n".join(lines)
 
 
@@ -318,7 +366,9 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(table(args, peak, rows, where))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "peak": peak, "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "device": where, "peak": peak, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -53,9 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="timed steps")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     p.add_argument("--workers", type=int, default=None, help="loader workers for both (default: our 'auto')")
-    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile (the example has no such option)")
-    p.add_argument("--contenders", default=None,
-                   help="comma-separated subset of example,ours,ours_compile (default: all that apply)")
+    p.add_argument(
+        "--compile", action="store_true", help="also time ours with torch.compile (the example has no such option)"
+    )
+    p.add_argument(
+        "--contenders",
+        default=None,
+        help="comma-separated subset of example,ours,ours_compile (default: all that apply)",
+    )
     p.add_argument("--lpips_weights", default=os.environ.get("LPIPS_WEIGHTS"), help="folder/file of LPIPS backbones")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--child", choices=["example", "ours"], default=None, help=argparse.SUPPRESS)
@@ -127,9 +132,17 @@ def child(args) -> int:
     seconds = marks[spec["last"]] - marks[spec["first"]]
     steps = spec["last"] - spec["first"]
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
-    print(json.dumps({"img_per_s": args.batch_size * steps / seconds, "seconds_per_step": seconds / steps,
-                      "peak_memory_mb": peak, "seconds_to_first_timed_step": marks[spec["first"]] - started,
-                      "crashed_after_the_timed_steps": crashed}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "img_per_s": args.batch_size * steps / seconds,
+                "seconds_per_step": seconds / steps,
+                "peak_memory_mb": peak,
+                "seconds_to_first_timed_step": marks[spec["first"]] - started,
+                "crashed_after_the_timed_steps": crashed,
+            }
+        )
+    )
     return 0
 
 
@@ -139,29 +152,83 @@ def contender_argv(args, cfg, model_dir: Path, out: Path, workers: int) -> dict:
     images = sorted(p for p in Path(args.train_data_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     # the example's loader keeps a last partial batch (no drop_last): give it whole batches only, as ours has
     whole = len(images) // args.batch_size * args.batch_size
-    example = ["--model_config_name_or_path", str(model_dir), "--train_data_dir", args.train_data_dir,
-               "--output_dir", str(out / "example"), "--resolution", str(args.resolution),
-               "--train_batch_size", str(args.batch_size), "--max_train_steps", str(total),
-               "--mixed_precision", args.mixed_precision, "--learning_rate", str(cfg.train.learning_rate),
-               "--rec_loss", cfg.loss.rec_loss, "--perceptual_scale", str(cfg.loss.lpips_weight),
-               "--kl_scale", str(cfg.loss.kl_weight), "--disc_start", str(cfg.loss.disc_start),
-               "--dataloader_num_workers", str(workers), "--validation_image", str(images[0]), "--max_train_samples", str(whole),
-               "--validation_steps", str(10**9), "--checkpointing_steps", str(10**9), "--seed", "0"]  # fmt: skip
-    ours = [f"--config={args.config}", f"--train_data_dir={args.train_data_dir}", f"--output_dir={out / 'ours'}",
-            f"--resolution={args.resolution}", f"--train_batch_size={args.batch_size}", f"--max_train_steps={total}",
-            f"--mixed_precision={args.mixed_precision}", f"--dataloader_num_workers={workers}",
-            "--validation_steps=0", "--validate_at_start=false", "--checkpointing_steps=0",
-            "--latent_stats=false", "--report_to=none", f"--log_every={10**9}", "--scale_lr=false"]  # fmt: skip
+    example = [
+        "--model_config_name_or_path",
+        str(model_dir),
+        "--train_data_dir",
+        args.train_data_dir,
+        "--output_dir",
+        str(out / "example"),
+        "--resolution",
+        str(args.resolution),
+        "--train_batch_size",
+        str(args.batch_size),
+        "--max_train_steps",
+        str(total),
+        "--mixed_precision",
+        args.mixed_precision,
+        "--learning_rate",
+        str(cfg.train.learning_rate),
+        "--rec_loss",
+        cfg.loss.rec_loss,
+        "--perceptual_scale",
+        str(cfg.loss.lpips_weight),
+        "--kl_scale",
+        str(cfg.loss.kl_weight),
+        "--disc_start",
+        str(cfg.loss.disc_start),
+        "--dataloader_num_workers",
+        str(workers),
+        "--validation_image",
+        str(images[0]),
+        "--max_train_samples",
+        str(whole),
+        "--validation_steps",
+        str(10**9),
+        "--checkpointing_steps",
+        str(10**9),
+        "--seed",
+        "0",
+    ]
+    ours = [
+        f"--config={args.config}",
+        f"--train_data_dir={args.train_data_dir}",
+        f"--output_dir={out / 'ours'}",
+        f"--resolution={args.resolution}",
+        f"--train_batch_size={args.batch_size}",
+        f"--max_train_steps={total}",
+        f"--mixed_precision={args.mixed_precision}",
+        f"--dataloader_num_workers={workers}",
+        "--validation_steps=0",
+        "--validate_at_start=false",
+        "--checkpointing_steps=0",
+        "--latent_stats=false",
+        "--report_to=none",
+        f"--log_every={10**9}",
+        "--scale_lr=false",
+    ]
     if args.lpips_weights:
         ours.append(f"--lpips_weights={args.lpips_weights}")
-    return {"example": example, "ours": ours, "ours_compile": [*ours, "--compile=true"], "first": args.warmup,
-            "last": total}
+    return {
+        "example": example,
+        "ours": ours,
+        "ours_compile": [*ours, "--compile=true"],
+        "first": args.warmup,
+        "last": total,
+    }
 
 
 def run_child(args, which: str, spec: dict) -> dict:
     """One contender in a fresh interpreter."""
-    cmd = [sys.executable, __file__, f"--child={which.split('_')[0]}", f"--child_args={json.dumps({**spec, 'argv': spec[which]})}",
-           f"--example={args.example}", f"--train_data_dir={args.train_data_dir}", f"--batch_size={args.batch_size}"]
+    cmd = [
+        sys.executable,
+        __file__,
+        f"--child={which.split('_')[0]}",
+        f"--child_args={json.dumps({**spec, 'argv': spec[which]})}",
+        f"--example={args.example}",
+        f"--train_data_dir={args.train_data_dir}",
+        f"--batch_size={args.batch_size}",
+    ]
     if args.lpips_weights:
         cmd.append(f"--lpips_weights={args.lpips_weights}")
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_MININTERVAL": "5"})
@@ -186,22 +253,39 @@ def main(argv=None) -> int:
         build_vae(cfg.model).save_config(model_dir)  # the same AutoencoderKL config for both
         spec = contender_argv(args, cfg, model_dir, Path(tmp), workers)
         where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-        print(f"{args.config} at {args.resolution} px, batch {args.batch_size}, {args.mixed_precision}, {args.steps} "
-              f"timed steps after {args.warmup}, {workers} loader workers each, data {args.train_data_dir}, on {where}")
-        print(f"| loop | img/s | s/step | peak memory (MB) | x example | s to step {args.warmup} |\n"
-              "|---|---|---|---|---|---|", flush=True)
-        names = {"example": "diffusers train_autoencoderkl.py", "ours": "python -m train",
-                 "ours_compile": "python -m train --compile"}  # fmt: skip
+        print(
+            f"{args.config} at {args.resolution} px, batch {args.batch_size}, {args.mixed_precision}, {args.steps} "
+            f"timed steps after {args.warmup}, {workers} loader workers each, data {args.train_data_dir}, on {where}"
+        )
+        print(
+            f"| loop | img/s | s/step | peak memory (MB) | x example | s to step {args.warmup} |\n"
+            "|---|---|---|---|---|---|",
+            flush=True,
+        )
+        names = {
+            "example": "diffusers train_autoencoderkl.py",
+            "ours": "python -m train",
+            "ours_compile": "python -m train --compile",
+        }
         results: dict = {}
         default = ("example", "ours", "ours_compile") if args.compile else ("example", "ours")
         for which in args.contenders.split(",") if args.contenders else default:
             r = results[which] = run_child(args, which, spec)  # each row as soon as it is measured
-            note = f" (then crashed: {r['crashed_after_the_timed_steps']})" if r.get("crashed_after_the_timed_steps") else ""
+            note = (
+                f" (then crashed: {r['crashed_after_the_timed_steps']})"
+                if r.get("crashed_after_the_timed_steps")
+                else ""
+            )
             ratio = f"{r['img_per_s'] / results['example']['img_per_s']:.2f}" if "example" in results else "–"
-            print(f"| {names[which]}{note} | {r['img_per_s']:.1f} | {r['seconds_per_step']:.4f} | "
-                  f"{r['peak_memory_mb']:.0f} | {ratio} | {r['seconds_to_first_timed_step']:.0f} |", flush=True)
+            print(
+                f"| {names[which]}{note} | {r['img_per_s']:.1f} | {r['seconds_per_step']:.4f} | "
+                f"{r['peak_memory_mb']:.0f} | {ratio} | {r['seconds_to_first_timed_step']:.0f} |",
+                flush=True,
+            )
             if args.json:
-                Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "results": results}, indent=2))
+                Path(args.json).write_text(
+                    json.dumps({"args": vars(args), "device": where, "results": results}, indent=2)
+                )
     return 0
 
 

@@ -40,17 +40,27 @@ def shard_name(k: int, num_shards: int) -> str:
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
     """Posterior samples [B,C,h,w], each drawn with a generator seeded by (seed, its source index)."""
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamp
-    eps = torch.stack([
-        torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
-        for i in indices
-    ]).to(mean)  # fmt: skip
+    eps = torch.stack(
+        [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed * 2**32 + int(i))) for i in indices]
+    ).to(mean)
     return mean + std * eps
 
 
 @torch.no_grad()
-def encode_shard(vae: AutoencoderKL, dataset: ImageDataset, start: int, stop: int, *, batch_size: int,
-                 scaling: LatentScaling, sample: bool, seed: int,
-                 store_moments: bool, num_workers: int = 0, progress=None) -> datasets.Dataset:  # fmt: skip
+def encode_shard(
+    vae: AutoencoderKL,
+    dataset: ImageDataset,
+    start: int,
+    stop: int,
+    *,
+    batch_size: int,
+    scaling: LatentScaling,
+    sample: bool,
+    seed: int,
+    store_moments: bool,
+    num_workers: int = 0,
+    progress=None,
+) -> datasets.Dataset:
     """Images [start, stop) of ``dataset`` -> a datasets.Dataset of scaled latents and source columns."""
     device = next(vae.parameters()).device
     subset = torch.utils.data.Subset(dataset, range(start, stop))
@@ -81,10 +91,21 @@ def encode_shard(vae: AutoencoderKL, dataset: ImageDataset, start: int, stop: in
     return datasets.Dataset.from_dict(arrays, features=datasets.Features(features))
 
 
-def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, accelerator, *,
-                   scaling: LatentScaling, shard_size: int = 1000, batch_size: int = 32, sample: bool = True,
-                   seed: int = 0, store_moments: bool = False, num_workers: int = 0,
-                   info: Optional[dict] = None) -> dict:  # fmt: skip
+def encode_dataset(
+    vae: AutoencoderKL,
+    dataset: ImageDataset,
+    output_dir: Path,
+    accelerator,
+    *,
+    scaling: LatentScaling,
+    shard_size: int = 1000,
+    batch_size: int = 32,
+    sample: bool = True,
+    seed: int = 0,
+    store_moments: bool = False,
+    num_workers: int = 0,
+    info: Optional[dict] = None,
+) -> dict:
     """Encode ``dataset`` into ``output_dir`` as ``scaling.scale(z)`` (a collective call); returns what was done."""
     n = len(dataset)
     num_shards = math.ceil(n / shard_size)
@@ -99,8 +120,19 @@ def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, 
     t0 = time.perf_counter()
     for k in todo:
         start, stop = k * shard_size, min(n, (k + 1) * shard_size)
-        shard = encode_shard(vae, dataset, start, stop, batch_size=batch_size, scaling=scaling, sample=sample, seed=seed, store_moments=store_moments,
-                             num_workers=num_workers, progress=progress)  # fmt: skip
+        shard = encode_shard(
+            vae,
+            dataset,
+            start,
+            stop,
+            batch_size=batch_size,
+            scaling=scaling,
+            sample=sample,
+            seed=seed,
+            store_moments=store_moments,
+            num_workers=num_workers,
+            progress=progress,
+        )
         final = data_dir / shard_name(k, num_shards)
         tmp = final.with_name(f".tmp-{accelerator.process_index}-{final.name}")
         shard.to_parquet(str(tmp))
@@ -118,8 +150,11 @@ def encode_dataset(vae: AutoencoderKL, dataset: ImageDataset, output_dir: Path, 
         "img_per_s_this_process": todo_images / seconds if todo_images else None,
     }
     if accelerator.is_main_process:
-        latent_shape = datasets.load_dataset("parquet", data_files=str(data_dir / shard_name(0, num_shards)),
-                                             split="train").features["latents"].shape  # fmt: skip
+        latent_shape = (
+            datasets.load_dataset("parquet", data_files=str(data_dir / shard_name(0, num_shards)), split="train")
+            .features["latents"]
+            .shape
+        )
         meta = {
             **(info or {}),
             "num_images": n,

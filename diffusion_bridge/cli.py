@@ -172,22 +172,28 @@ def cmd_stats(args: StatsOptions) -> int:
     loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
     stats = collect_latent_stats(vae, loader, accelerator, sample_posterior=not args.mode, seed=args.seed)
     if accelerator.is_main_process:
-        print(f"{source}, {args.resolution} px, {args.crop} crops, {'posterior mode' if args.mode else 'posterior samples'}")
+        print(
+            f"{source}, {args.resolution} px, {args.crop} crops, {'posterior mode' if args.mode else 'posterior samples'}"
+        )
         print(describe(stats))
         for name in ("sd", "sd3", "sdxl"):  # how the model's current config would scale these latents
             try:
                 mean, std = LatentScaling.from_config(vae.config, name).scaled_moments(stats)
             except ValueError:
                 continue
-            print(f"under the model's current config, the {name} convention gives latents of mean {mean:.4f}, std {std:.4f}")
+            print(
+                f"under the model's current config, the {name} convention gives latents of mean {mean:.4f}, std {std:.4f}"
+            )
         if args.output:
             Path(args.output).write_text(json.dumps(stats.to_json(), indent=2))
         if args.write:
             model_dir = Path(args.model) / (args.subfolder or "")
             write_stats(model_dir, stats, vae.to("cpu"), convention=args.convention)
             written = {k: v for k, v in stats.config_values(args.convention).items() if v is not None}
-            print(f"wrote the {args.convention} convention ({', '.join(written)}; the other keys cleared) to "
-                  f"{model_dir / 'config.json'} and {model_dir / 'latent_stats.json'}")  # fmt: skip
+            print(
+                f"wrote the {args.convention} convention ({', '.join(written)}; the other keys cleared) to "
+                f"{model_dir / 'config.json'} and {model_dir / 'latent_stats.json'}"
+            )
     accelerator.wait_for_everyone()
     return 0
 
@@ -215,13 +221,25 @@ def cmd_encode(args: EncodeOptions) -> int:
         )
     info = {"model": args.model, "source": source, "resolution": args.resolution, "crop": args.crop}
     done = encode_dataset(
-        vae, dataset, Path(args.output_dir), accelerator, scaling=scaling, shard_size=args.shard_size,
-        batch_size=args.batch_size, sample=not args.mode, seed=args.seed, store_moments=args.store_moments, num_workers=args.num_workers, info=info,
-    )  # fmt: skip
+        vae,
+        dataset,
+        Path(args.output_dir),
+        accelerator,
+        scaling=scaling,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        sample=not args.mode,
+        seed=args.seed,
+        store_moments=args.store_moments,
+        num_workers=args.num_workers,
+        info=info,
+    )
     rate = done["img_per_s_this_process"]
-    print(f"[process {accelerator.process_index}] {done['images_encoded_by_this_process']} images in "
-          f"{done['shards_written_by_this_process']} shards ({done['shards_skipped_by_this_process']} already done, "
-          f"skipped) in {done['seconds']:.1f} s" + (f" = {rate:.1f} img/s" if rate else ""))  # fmt: skip
+    print(
+        f"[process {accelerator.process_index}] {done['images_encoded_by_this_process']} images in "
+        f"{done['shards_written_by_this_process']} shards ({done['shards_skipped_by_this_process']} already done, "
+        f"skipped) in {done['seconds']:.1f} s" + (f" = {rate:.1f} img/s" if rate else "")
+    )
     if accelerator.is_main_process:
         print(f"latent cache of {done['num_images']} images in {args.output_dir} ({done['num_shards']} shards)")
     return 0
@@ -231,8 +249,15 @@ def cmd_publish(args: PublishOptions) -> int:
     """``publish``: prepare the repo folder (or only that, with --dry_run) and upload it."""
     model_dir = Path(args.model)
     folder = Path(args.dry_run or args.folder or model_dir.parent / "hub-upload")
-    prepare_folder(model_dir, folder, args.repo_id, eval_dir=args.eval_dir, allow_missing_stats=args.allow_missing_stats,
-                   allow_missing_eval=args.allow_missing_eval, license=args.license)  # fmt: skip
+    prepare_folder(
+        model_dir,
+        folder,
+        args.repo_id,
+        eval_dir=args.eval_dir,
+        allow_missing_stats=args.allow_missing_stats,
+        allow_missing_eval=args.allow_missing_eval,
+        license=args.license,
+    )
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     print(f"prepared {folder}: {', '.join(files)}")
     if args.dry_run:
@@ -273,8 +298,10 @@ def _main(argv: list[str]) -> int:
         raise UsageError("no command given", f"give one of {', '.join(COMMANDS)} first (--help lists them)")
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}", f"give one of {', '.join(COMMANDS)} first, e.g. "
-                         "python -m diffusion_bridge stats --help")  # fmt: skip
+        raise UsageError(
+            f"unknown command {command!r}",
+            f"give one of {', '.join(COMMANDS)} first, e.g. python -m diffusion_bridge stats --help",
+        )
     options = COMMANDS[command]
     if "-h" in rest or "--help" in rest:
         print(options_help(options, f"python -m diffusion_bridge {command} [--key=value ...]", options.__doc__))

@@ -75,8 +75,10 @@ def check_vae_fits(vae: AutoencoderKL, pipeline: DiffusionPipeline) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     if isinstance(pipeline, StableDiffusionXLPipeline) and vae.config.latents_mean is not None and have != 4:
-        raise ValueError(f"StableDiffusionXLPipeline decodes per-channel latents_mean/latents_std for exactly 4 "
-                         f"channels; this VAE has {have}")  # fmt: skip
+        raise ValueError(
+            f"StableDiffusionXLPipeline decodes per-channel latents_mean/latents_std for exactly 4 "
+            f"channels; this VAE has {have}"
+        )
     if convention(pipeline) == "sd3" and vae.config.shift_factor is None:
         raise ValueError(
             f"{type(pipeline).__name__} decodes latents / scaling_factor + shift_factor, but this VAE's config has "

@@ -25,8 +25,13 @@ from autoencoder.errors import UsageError
 from autoencoder.models import count_parameters, downsampling_factor
 
 # model-index metric types and display names, in table order.
-CARD_METRICS = (("psnr", "PSNR (dB)", "↑"), ("ssim", "SSIM", "↑"), ("ms_ssim", "MS-SSIM", "↑"),
-                ("lpips", "LPIPS", "↓"), ("rfid", "rFID", "↓"))  # fmt: skip
+CARD_METRICS = (
+    ("psnr", "PSNR (dB)", "↑"),
+    ("ssim", "SSIM", "↑"),
+    ("ms_ssim", "MS-SSIM", "↑"),
+    ("lpips", "LPIPS", "↓"),
+    ("rfid", "rFID", "↓"),
+)
 
 
 class PublishError(UsageError):
@@ -46,12 +51,16 @@ def check_finite(vae: AutoencoderKL) -> None:
     """Refuse weights with NaN/Inf, or that overflow when cast to the fp16 variant."""
     bad = [name for name, p in vae.state_dict().items() if not torch.isfinite(p).all()]
     if bad:
-        raise PublishError(f"refusing to publish: {len(bad)} weight tensors contain NaN/Inf (first: {bad[:3]}); "
-                           "resume from an earlier checkpoint")  # fmt: skip
+        raise PublishError(
+            f"refusing to publish: {len(bad)} weight tensors contain NaN/Inf (first: {bad[:3]}); "
+            "resume from an earlier checkpoint"
+        )
     overflow = [name for name, p in vae.state_dict().items() if not torch.isfinite(p.to(torch.float16)).all()]
     if overflow:
-        raise PublishError(f"refusing to publish: weights {overflow[:3]} overflow float16, so the fp16 variant "
-                           "would hold inf", "resume from an earlier checkpoint, or train with weight decay")  # fmt: skip
+        raise PublishError(
+            f"refusing to publish: weights {overflow[:3]} overflow float16, so the fp16 variant would hold inf",
+            "resume from an earlier checkpoint, or train with weight decay",
+        )
 
 
 def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) -> Optional[dict]:
@@ -70,8 +79,10 @@ def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) 
 
 def read_eval(eval_dir: Optional[str], model_dir: Path, allow_missing: bool) -> Optional[EvalEntry]:
     """This model's entry in ``eval_dir/metrics.json``; refuse (unless allowed) when there is none."""
-    how = (f"run `python -m eval --model {model_dir} --train_data_dir/--dataset_name ... --output_dir DIR` and pass "
-           "--eval_dir DIR, or pass --allow_missing_eval")  # fmt: skip
+    how = (
+        f"run `python -m eval --model {model_dir} --train_data_dir/--dataset_name ... --output_dir DIR` and pass "
+        "--eval_dir DIR, or pass --allow_missing_eval"
+    )
     if eval_dir is None:
         if allow_missing:
             return None
@@ -99,12 +110,19 @@ def eval_results(entry: EvalEntry, model_name: str) -> list[EvalResult]:
         if value is None:
             continue
         label = f"LPIPS ({lpips_net})" if key == "lpips" else label
-        out.append(EvalResult(
-            task_type="image-to-image", task_name="Image reconstruction",
-            dataset_type=ds.get("hub_id") or ds.get("name", "custom"), dataset_name=ds.get("name", entry.run["data"]),
-            dataset_split=ds.get("split"), dataset_args={"resolution": res, "num_images": entry.metrics["n_images"]},
-            metric_type=key, metric_name=f"{label} @ {res}px", metric_value=round(float(value), 4),
-        ))  # fmt: skip
+        out.append(
+            EvalResult(
+                task_type="image-to-image",
+                task_name="Image reconstruction",
+                dataset_type=ds.get("hub_id") or ds.get("name", "custom"),
+                dataset_name=ds.get("name", entry.run["data"]),
+                dataset_split=ds.get("split"),
+                dataset_args={"resolution": res, "num_images": entry.metrics["n_images"]},
+                metric_type=key,
+                metric_name=f"{label} @ {res}px",
+                metric_value=round(float(value), 4),
+            )
+        )
     return out
 
 
@@ -120,8 +138,11 @@ def _stats_section(vae: AutoencoderKL, stats: Optional[dict]) -> list[str]:
         f"- `force_upcast` = {c.force_upcast} (pipelines decode in fp32 when true)",
     ]
     if stats is None:
-        lines += ["", "**No latent statistics were measured for this VAE**: the scaling factors above are not "
-                  "calibrated to its latents."]  # fmt: skip
+        lines += [
+            "",
+            "**No latent statistics were measured for this VAE**: the scaling factors above are not "
+            "calibrated to its latents.",
+        ]
         return lines + [""]
     lo, hi = stats["std_ci95"]
     lines += [
@@ -153,8 +174,10 @@ def _scaling_line(vae: AutoencoderKL) -> str:
     """The usage line that scales z the way this config is written (see ``diffusion_bridge.stats.LatentScaling``)."""
     c = vae.config
     if c.latents_mean is not None and c.latents_std is not None:
-        return ("mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))\n"
-                "latents = (z - mean) / std * vae.config.scaling_factor  # sdxl convention")
+        return (
+            "mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))\n"
+            "latents = (z - mean) / std * vae.config.scaling_factor  # sdxl convention"
+        )
     if c.latent_channels == 16 and c.shift_factor is not None:
         return "latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # sd3 (SD3/FLUX) convention"
     return "latents = z * vae.config.scaling_factor  # sd (SD/DiT) convention: what the denoiser sees"
@@ -180,7 +203,7 @@ def _usage_section(repo_id: str, vae: AutoencoderKL) -> list[str]:
         "reconstruction = vae.decode(z).sample",
         "",
         f"# a denoiser trained on this VAE's latents ({c} channels) plugs in with vae=",
-        f"pipe = {pipe[0]}.from_pretrained(\"your/{'sd3' if c == 16 else 'dit'}-model\", vae=vae)",
+        f'pipe = {pipe[0]}.from_pretrained("your/{"sd3" if c == 16 else "dit"}-model", vae=vae)',
         "```",
         "",
         f"A diffusion model must be trained on *this* VAE's latents (its denoiser's input channels must equal {c}); "
@@ -215,16 +238,26 @@ def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
         lines += [f"rFID: not reported — {reason.split(';')[0]}.", ""]  # the reason, without local remedies
     fds = {k: v for k, v in m.items() if k.startswith("fd_")}
     if fds:
-        lines += ["Fréchet distances on other feature extractors (not FID): "
-                  + ", ".join(f"`{k}` = {v:.2f}" for k, v in fds.items()), ""]  # fmt: skip
+        lines += [
+            "Fréchet distances on other feature extractors (not FID): "
+            + ", ".join(f"`{k}` = {v:.2f}" for k, v in fds.items()),
+            "",
+        ]
     if "encode_img_per_s" in m:
-        lines += [f"Speed in that evaluation: encode {m['encode_img_per_s']:.1f} img/s, decode "
-                  f"{m['decode_img_per_s']:.1f} img/s per process, peak memory {m['peak_memory_mb']:.0f} MB "
-                  f"({m.get('peak_memory_kind', '').replace('_', ' ')}).", ""]  # fmt: skip
+        lines += [
+            f"Speed in that evaluation: encode {m['encode_img_per_s']:.1f} img/s, decode "
+            f"{m['decode_img_per_s']:.1f} img/s per process, peak memory {m['peak_memory_mb']:.0f} MB "
+            f"({m.get('peak_memory_kind', '').replace('_', ' ')}).",
+            "",
+        ]
     if (Path(entry.source).parent / "reconstructions.png").is_file():
         rows = ", ".join(f"`{k}`" for k in run.get("models", {}))
-        lines += ["![originals and reconstructions](reconstructions.png)", "",
-                  f"`reconstructions.png`: originals (top row), then one row per evaluated model: {rows}.", ""]  # fmt: skip
+        lines += [
+            "![originals and reconstructions](reconstructions.png)",
+            "",
+            f"`reconstructions.png`: originals (top row), then one row per evaluated model: {rows}.",
+            "",
+        ]
     return lines
 
 
@@ -239,16 +272,20 @@ def _latent_section(entry: Optional[EvalEntry], train_metrics: Optional[dict]) -
         return []
     collapsed = latent["collapsed_channels"]
     lines = [
-        "## Rate, active units and prior gap", "",
+        "## Rate, active units and prior gap",
+        "",
         f"On {where}: rate {latent['rate_bpp']:.4f} bits per pixel ({latent['kl_per_latent_nats']:.4f} nats per latent "
         f"element); active units {latent['active_units']}/{latent['units']} (Burda et al.: Var over images of the "
         f"posterior mean > 0.01), {latent['active_channels']}/{latent['latent_shape'][0]} channels active"
-        + (f", channels {collapsed} collapsed" if collapsed else "") + "; prior gap (Gaussian Fréchet distance of the "
+        + (f", channels {collapsed} collapsed" if collapsed else "")
+        + "; prior gap (Gaussian Fréchet distance of the "
         f"aggregate posterior per position to N(0, I)) {latent['prior_fd']:.3f}.",
-    ]  # fmt: skip
+    ]
     if latent.get("iwae_nll_bpd") is not None:
-        lines.append(f"Likelihood: −ELBO {latent['neg_elbo_bpd']:.4f} bits/dim, IWAE (k = {latent['iwae_samples']}) "
-                     f"{latent['iwae_nll_bpd']:.4f} bits/dim under a {latent['likelihood']}.")  # fmt: skip
+        lines.append(
+            f"Likelihood: −ELBO {latent['neg_elbo_bpd']:.4f} bits/dim, IWAE (k = {latent['iwae_samples']}) "
+            f"{latent['iwae_nll_bpd']:.4f} bits/dim under a {latent['likelihood']}."
+        )
     return lines + [""]
 
 
@@ -273,37 +310,54 @@ def _training_section(vae: AutoencoderKL, training_config: Optional[dict], train
     ]
     if train_metrics:
         hw = train_metrics.get("hardware") or f"{train_metrics.get('num_processes', 1)} process(es)"
-        lines.append(f"- hardware: {hw}; training wall time {train_metrics['train_seconds_this_run'] / 60:.1f} min "
-                     "(the last run segment if resumed)")  # fmt: skip
+        lines.append(
+            f"- hardware: {hw}; training wall time {train_metrics['train_seconds_this_run'] / 60:.1f} min "
+            "(the last run segment if resumed)"
+        )
         if train_metrics.get("initial"):
             i = train_metrics["initial"]
-            lines.append(f"- held-out validation at {train_metrics['resolution']} px ({train_metrics['n_images']} images), "
-                         f"step 0 → {train_metrics['step']}: PSNR {i['psnr']:.2f} → {train_metrics['psnr']:.2f} dB, "
-                         f"SSIM {i['ssim']:.3f} → {train_metrics['ssim']:.3f}, LPIPS {i['lpips']:.3f} → "
-                         f"{train_metrics['lpips']:.3f}")  # fmt: skip
+            lines.append(
+                f"- held-out validation at {train_metrics['resolution']} px ({train_metrics['n_images']} images), "
+                f"step 0 → {train_metrics['step']}: PSNR {i['psnr']:.2f} → {train_metrics['psnr']:.2f} dB, "
+                f"SSIM {i['ssim']:.3f} → {train_metrics['ssim']:.3f}, LPIPS {i['lpips']:.3f} → "
+                f"{train_metrics['lpips']:.3f}"
+            )
     lines += ["", "The resolved configuration is `training_config.yaml` in this repo.", ""]
     return lines
 
 
-def render_card(repo_id: str, vae: AutoencoderKL, stats: Optional[dict], entry: Optional[EvalEntry],
-                training_config: Optional[dict], train_metrics: Optional[dict], license: str) -> ModelCard:  # fmt: skip
+def render_card(
+    repo_id: str,
+    vae: AutoencoderKL,
+    stats: Optional[dict],
+    entry: Optional[EvalEntry],
+    training_config: Optional[dict],
+    train_metrics: Optional[dict],
+    license: str,
+) -> ModelCard:
     """The model card: metadata (library, tags, license, datasets, model-index) and a readable body."""
     name = repo_id.split("/")[-1]
     datasets_meta = None
     if entry is not None and entry.run.get("dataset", {}).get("hub_id"):
         datasets_meta = [entry.run["dataset"]["hub_id"]]
     data = ModelCardData(
-        library_name="diffusers", license=license, model_name=name, datasets=datasets_meta,
+        library_name="diffusers",
+        license=license,
+        model_name=name,
+        datasets=datasets_meta,
         tags=["diffusers", "autoencoderkl", "vae", "latent-diffusion", "image-to-image"],
         eval_results=eval_results(entry, name) if entry is not None else None,
-    )  # fmt: skip
+    )
     c = vae.config
     headline = ""
     if entry is not None:
         m = entry.metrics
-        headline = (f" On {entry.run.get('dataset', {}).get('name', entry.run['data'])} at {entry.run['resolution']} px it "
-                    f"reconstructs with PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, LPIPS {m['lpips']:.3f}"
-                    + (f", rFID {m['rfid']:.2f}" if m.get("rfid") is not None else "") + ".")  # fmt: skip
+        headline = (
+            f" On {entry.run.get('dataset', {}).get('name', entry.run['data'])} at {entry.run['resolution']} px it "
+            f"reconstructs with PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, LPIPS {m['lpips']:.3f}"
+            + (f", rFID {m['rfid']:.2f}" if m.get("rfid") is not None else "")
+            + "."
+        )
     body = [
         f"# {name}",
         "",
@@ -312,7 +366,7 @@ def render_card(repo_id: str, vae: AutoencoderKL, stats: Optional[dict], entry: 
         f"{count_parameters(vae) / 1e6:.1f}M parameters.{headline}",
         "",
         "Files: `diffusion_pytorch_model.safetensors` (fp32) and `diffusion_pytorch_model.fp16.safetensors` "
-        "(`variant=\"fp16\"`), `config.json` (with the latent statistics), `latent_stats.json`, "
+        '(`variant="fp16"`), `config.json` (with the latent statistics), `latent_stats.json`, '
         "`training_config.yaml`, `eval_results.json`.",
         "",
         *_usage_section(repo_id, vae),
@@ -346,19 +400,29 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise PublishError(f"--repo_id {repo_id!r} is not a Hub repository id ({str(exc).splitlines()[0]})",
-                           "write USER/NAME, e.g. --repo_id me/my-vae") from None
+        raise PublishError(
+            f"--repo_id {repo_id!r} is not a Hub repository id ({str(exc).splitlines()[0]})",
+            "write USER/NAME, e.g. --repo_id me/my-vae",
+        ) from None
 
 
-def prepare_folder(model_dir: str | Path, folder: str | Path, repo_id: str, eval_dir: Optional[str] = None,
-                   allow_missing_stats: bool = False, allow_missing_eval: bool = False,
-                   license: str = "apache-2.0") -> Path:  # fmt: skip
+def prepare_folder(
+    model_dir: str | Path,
+    folder: str | Path,
+    repo_id: str,
+    eval_dir: Optional[str] = None,
+    allow_missing_stats: bool = False,
+    allow_missing_eval: bool = False,
+    license: str = "apache-2.0",
+) -> Path:
     """Check the model and write the complete repo folder; returns it. Refusals raise PublishError."""
     model_dir, folder = Path(model_dir), Path(folder)
     check_repo_id(repo_id)
     if not (model_dir / "config.json").is_file():
-        raise PublishError(f"{model_dir} is not a diffusers model folder (no config.json)",
-                           "give the exported vae/ folder of a training run (save_pretrained output)")
+        raise PublishError(
+            f"{model_dir} is not a diffusers model folder (no config.json)",
+            "give the exported vae/ folder of a training run (save_pretrained output)",
+        )
     vae = AutoencoderKL.from_pretrained(model_dir).float()
     check_finite(vae)
     stats = read_latent_stats(model_dir, vae, allow_missing_stats)
@@ -385,8 +449,15 @@ def prepare_folder(model_dir: str | Path, folder: str | Path, repo_id: str, eval
     return folder
 
 
-def upload(folder: str | Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
-           commit_message: Optional[str] = None, token: Optional[str] = None, api: Optional[HfApi] = None) -> str:  # fmt: skip
+def upload(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    token: Optional[str] = None,
+    api: Optional[HfApi] = None,
+) -> str:
     """Create the repo (exist_ok) and upload ``folder``; returns the commit URL. Failures keep the folder."""
     token = token or get_token()  # HF_TOKEN or the saved `hf auth login`
     retry = f"The prepared folder is kept at {folder}; retry the same command (or `hf upload {repo_id} {folder} .`)."
@@ -397,8 +468,13 @@ def upload(folder: str | Path, repo_id: str, private: bool = False, revision: Op
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type="model",
-                                 commit_message=commit_message or "Upload AutoencoderKL")  # fmt: skip
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            revision=revision,
+            repo_type="model",
+            commit_message=commit_message or "Upload AutoencoderKL",
+        )
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         hint = "check that the token has write access to this namespace. " if status in (401, 403) else ""

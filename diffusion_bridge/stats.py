@@ -26,7 +26,7 @@ DECODE = {
     "sd": "vae.decode(latents / scaling_factor)  (StableDiffusionPipeline, DiTPipeline; SDXL without latents_mean)",
     "sd3": "vae.decode(latents / scaling_factor + shift_factor)  (StableDiffusion3Pipeline, FluxPipeline)",
     "sdxl": "vae.decode(latents * latents_std / scaling_factor + latents_mean)  (StableDiffusionXLPipeline "
-            "when the config has latents_mean/latents_std; 4 channels)",
+    "when the config has latents_mean/latents_std; 4 channels)",
 }
 
 
@@ -45,15 +45,23 @@ class LatentScaling:
         """The scaling a VAE config gives under ``convention``; ValueError if the config lacks its keys."""
         if convention == "sd3":
             if config.shift_factor is None:
-                raise ValueError("the sd3 convention needs shift_factor in the VAE config: run "
-                                 "`python -m diffusion_bridge stats --model DIR --write --convention sd3`")  # fmt: skip
+                raise ValueError(
+                    "the sd3 convention needs shift_factor in the VAE config: run "
+                    "`python -m diffusion_bridge stats --model DIR --write --convention sd3`"
+                )
             return cls("sd3", config.scaling_factor, shift_factor=config.shift_factor)
         if convention == "sdxl":
             if config.latents_mean is None or config.latents_std is None:
-                raise ValueError("the sdxl convention needs latents_mean/latents_std in the VAE config: run "
-                                 "`python -m diffusion_bridge stats --model DIR --write --convention sdxl`")  # fmt: skip
-            return cls("sdxl", config.scaling_factor, latents_mean=tuple(config.latents_mean),
-                       latents_std=tuple(config.latents_std))  # fmt: skip
+                raise ValueError(
+                    "the sdxl convention needs latents_mean/latents_std in the VAE config: run "
+                    "`python -m diffusion_bridge stats --model DIR --write --convention sdxl`"
+                )
+            return cls(
+                "sdxl",
+                config.scaling_factor,
+                latents_mean=tuple(config.latents_mean),
+                latents_std=tuple(config.latents_std),
+            )
         return cls("sd", config.scaling_factor)
 
     def _channel_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +87,10 @@ class LatentScaling:
     def scaled_moments(self, stats: "LatentStats") -> tuple[float, float]:
         """(mean, std) of latents with these statistics once scaled (closed form; sdxl: over all channels)."""
         if self.convention == "sdxl":
-            z = [((m - cm) / cs * self.scaling_factor, s / cs * self.scaling_factor)
-                 for m, s, cm, cs in zip(stats.channel_mean, stats.channel_std, self.latents_mean, self.latents_std)]
+            z = [
+                ((m - cm) / cs * self.scaling_factor, s / cs * self.scaling_factor)
+                for m, s, cm, cs in zip(stats.channel_mean, stats.channel_std, self.latents_mean, self.latents_std)
+            ]
             mean = sum(m for m, _ in z) / len(z)
             return mean, (sum(s**2 + (m - mean) ** 2 for m, s in z) / len(z)) ** 0.5
         return (stats.mean - (self.shift_factor or 0.0)) * self.scaling_factor, stats.std * self.scaling_factor
@@ -233,8 +243,9 @@ class LatentStats:
 
 
 @torch.no_grad()
-def collect_latent_stats(vae: AutoencoderKL, loader, accelerator, sample_posterior: bool = True,
-                         seed: int = 0) -> LatentStats:  # fmt: skip
+def collect_latent_stats(
+    vae: AutoencoderKL, loader, accelerator, sample_posterior: bool = True, seed: int = 0
+) -> LatentStats:
     """Latent statistics of ``vae`` over every batch of ``loader`` on every process (a collective call).
 
     Each process passes a loader over its own ``process_shard`` (no padding: no image counted
@@ -254,14 +265,17 @@ def collect_latent_stats(vae: AutoencoderKL, loader, accelerator, sample_posteri
     return total.result()
 
 
-def write_stats(model_dir: Path, stats: LatentStats, vae: Optional[AutoencoderKL] = None,
-                convention: Convention = "sd3") -> None:  # fmt: skip
+def write_stats(
+    model_dir: Path, stats: LatentStats, vae: Optional[AutoencoderKL] = None, convention: Convention = "sd3"
+) -> None:
     """Store the scaling of ``convention`` in the model's config (save_pretrained) and latent_stats.json."""
     model_dir = Path(model_dir)
     vae = vae if vae is not None else AutoencoderKL.from_pretrained(model_dir)
     if convention == "sdxl" and vae.config.latent_channels != 4:
-        raise ValueError(f"the sdxl convention is for StableDiffusionXLPipeline, which assumes 4 latent channels; "
-                         f"this VAE has {vae.config.latent_channels}: use --convention sd3 or sd")  # fmt: skip
+        raise ValueError(
+            f"the sdxl convention is for StableDiffusionXLPipeline, which assumes 4 latent channels; "
+            f"this VAE has {vae.config.latent_channels}: use --convention sd3 or sd"
+        )
     vae.register_to_config(**stats.config_values(convention))
     tmp = model_dir.with_name(f".tmp-{model_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)

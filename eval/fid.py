@@ -89,7 +89,9 @@ def resolve_fid_weights(path: Optional[str] = None, download: bool = True) -> FI
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), hash_prefix=FID_WEIGHTS_SHA256, progress=False)
     except Exception as exc:  # offline: URLError / socket errors; a bad download: RuntimeError on the hash
-        return FIDWeights(unavailable=f"FID Inception weights could not be downloaded ({type(exc).__name__}: {exc}); {how}")
+        return FIDWeights(
+            unavailable=f"FID Inception weights could not be downloaded ({type(exc).__name__}: {exc}); {how}"
+        )
     return FIDWeights(path=verified(cached))
 
 

@@ -54,8 +54,9 @@ class LatentAccumulator:
         self.positions = 0  # samples in the aggregate: images × h × w
         self.image_hw: Optional[tuple[int, int]] = None
 
-    def update(self, mean: torch.Tensor, logvar: torch.Tensor, image_hw: tuple[int, int],
-               generator: torch.Generator) -> None:  # fmt: skip
+    def update(
+        self, mean: torch.Tensor, logvar: torch.Tensor, image_hw: tuple[int, int], generator: torch.Generator
+    ) -> None:
         """Add a batch of posterior means and log-variances [B, C, h, w] of images of size ``image_hw``.
 
         ``generator`` (a CPU generator) draws the posterior samples of the aggregate: never the global RNG,
@@ -120,9 +121,11 @@ def collapse_warning(latent: dict) -> Optional[str]:
     bad = latent["collapsed_channels"]
     if not bad:
         return None
-    return (f"posterior collapse: latent channel(s) {bad} of {latent['latent_shape'][0]} carry almost nothing "
-            f"(active in < {COLLAPSED_FRACTION:.0%} of positions: Var_x E[z|x] <= {ACTIVE_THRESHOLD}); "
-            "lower kl_weight or use fewer latent channels")  # fmt: skip
+    return (
+        f"posterior collapse: latent channel(s) {bad} of {latent['latent_shape'][0]} carry almost nothing "
+        f"(active in < {COLLAPSED_FRACTION:.0%} of positions: Var_x E[z|x] <= {ACTIVE_THRESHOLD}); "
+        "lower kl_weight or use fewer latent channels"
+    )
 
 
 # ---- likelihood ---------------------------------------------------------------------------------
@@ -138,11 +141,17 @@ def discretized_laplace_log_prob(x: torch.Tensor, loc: torch.Tensor, scale: floa
     log_half = math.log(0.5)
     right = log_half - (lo - loc) / scale + math.log(-math.expm1(-1.0 / scale))  # bin entirely above μ
     left = log_half + (hi - loc) / scale + math.log(-math.expm1(-1.0 / scale))  # bin entirely below μ
-    inside = torch.log1p(-0.5 * torch.exp(-(loc - lo).clamp_min(0) / scale) - 0.5 * torch.exp(-(hi - loc).clamp_min(0) / scale))
+    inside = torch.log1p(
+        -0.5 * torch.exp(-(loc - lo).clamp_min(0) / scale) - 0.5 * torch.exp(-(hi - loc).clamp_min(0) / scale)
+    )
     logp = torch.where(lo >= loc, right, torch.where(hi <= loc, left, inside))
     # end bins: P(x = 0) = F(½), P(x = 255) = 1 − F(254.5)
-    cdf_lo_edge = torch.where(hi < loc, log_half + (hi - loc) / scale, torch.log1p(-0.5 * torch.exp(-(hi - loc).clamp_min(0) / scale)))
-    cdf_hi_edge = torch.where(lo > loc, log_half - (lo - loc) / scale, torch.log1p(-0.5 * torch.exp(-(loc - lo).clamp_min(0) / scale)))
+    cdf_lo_edge = torch.where(
+        hi < loc, log_half + (hi - loc) / scale, torch.log1p(-0.5 * torch.exp(-(hi - loc).clamp_min(0) / scale))
+    )
+    cdf_hi_edge = torch.where(
+        lo > loc, log_half - (lo - loc) / scale, torch.log1p(-0.5 * torch.exp(-(loc - lo).clamp_min(0) / scale))
+    )
     logp = torch.where(x <= 0, cdf_lo_edge, logp)
     return torch.where(x >= LEVELS, cdf_hi_edge, logp)
 
@@ -210,7 +219,7 @@ class LikelihoodAccumulator:
             "iwae_samples": k,
             "laplace_scale_levels": scale,
             "likelihood": f"discretised Laplace over 256 levels, scale {scale:.3g} levels (ML fit to the mode "
-                          "reconstructions); prior N(0, I)",
+            "reconstructions); prior N(0, I)",
         }
 
 
@@ -227,8 +236,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def picture_rows(vae: AutoencoderKL, z_a: torch.Tensor, z_b: torch.Tensor, latent: dict, steps: int = 7,
-                 seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+def picture_rows(
+    vae: AutoencoderKL, z_a: torch.Tensor, z_b: torch.Tensor, latent: dict, steps: int = 7, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Decoded pictures in [-1, 1]: traversals [C·steps], interpolations [2·steps] and prior samples [steps].
 
     ``z_a``, ``z_b``: posterior means [C, h, w] of two held-out images.  Traversal row c moves channel c
@@ -247,9 +257,14 @@ def picture_rows(vae: AutoencoderKL, z_a: torch.Tensor, z_b: torch.Tensor, laten
     linear = torch.stack([(1 - f) * z_a + f * z_b for f in fractions])
     spherical = torch.stack([slerp(z_a, z_b, float(f)) for f in fractions])
     g = torch.Generator().manual_seed(seed)
-    prior = agg_mean.view(1, -1, 1, 1) + agg_std.view(1, -1, 1, 1) * torch.randn(steps, *z_a.shape, generator=g, dtype=z_a.dtype)
-    return {"traversals": torch.cat(traversal), "interpolations": torch.cat([decode(linear), decode(spherical)]),
-            "samples": decode(prior)}  # fmt: skip
+    prior = agg_mean.view(1, -1, 1, 1) + agg_std.view(1, -1, 1, 1) * torch.randn(
+        steps, *z_a.shape, generator=g, dtype=z_a.dtype
+    )
+    return {
+        "traversals": torch.cat(traversal),
+        "interpolations": torch.cat([decode(linear), decode(spherical)]),
+        "samples": decode(prior),
+    }
 
 
 def save_latent_figure(rows: dict[str, torch.Tensor], latent: dict, path, title: str, steps: int = 7) -> None:
@@ -265,15 +280,21 @@ def save_latent_figure(rows: dict[str, torch.Tensor], latent: dict, path, title:
 
     channels = latent["latent_shape"][0]
     heights = [channels, 2, 1]
-    fig, axes = plt.subplots(3, 1, figsize=(steps * 0.9 + 1.6, sum(heights) * 0.9 + 1.6),
-                             gridspec_kw={"height_ratios": heights})  # fmt: skip
+    fig, axes = plt.subplots(
+        3, 1, figsize=(steps * 0.9 + 1.6, sum(heights) * 0.9 + 1.6), gridspec_kw={"height_ratios": heights}
+    )
     panels = [
-        ("traversals", "traversal: channel c moved by −2σ … +2σ (rows c = 0…%d)" % (channels - 1),
-         [f"c{c} (KL {kl:.2g})" + (" collapsed" if c in latent["collapsed_channels"] else "")
-          for c, kl in enumerate(latent["kl_per_channel_nats"])]),
+        (
+            "traversals",
+            "traversal: channel c moved by −2σ … +2σ (rows c = 0…%d)" % (channels - 1),
+            [
+                f"c{c} (KL {kl:.2g})" + (" collapsed" if c in latent["collapsed_channels"] else "")
+                for c, kl in enumerate(latent["kl_per_channel_nats"])
+            ],
+        ),
         ("interpolations", "interpolation between two held-out images", ["linear", "spherical"]),
         ("samples", "samples from the aggregate-matched prior N(m_c, s_c²)", [""]),
-    ]  # fmt: skip
+    ]
     for ax, (key, heading, labels) in zip(axes, panels):
         image = grid(rows[key])
         ax.imshow(image)

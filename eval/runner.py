@@ -71,13 +71,17 @@ class EvalOptions:
     split: Optional[str] = opt(None, "split to evaluate (default: validation/test if present, else train)")
     resolution: int = opt(256, "evaluation resolution (resize shorter side, centre crop)")
     num_images: Optional[int] = opt(None, "evaluate the first N images (default: all)")
-    batch_size: Union[int, Literal["auto"]] = opt("auto", "images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU")
+    batch_size: Union[int, Literal["auto"]] = opt(
+        "auto", "images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU"
+    )
     lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone; AlexNet as in the LPIPS paper")
     lpips_weights: Optional[str] = opt(None, "local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
     fid_weights: Optional[str] = opt(None, "FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
     no_fid: bool = opt(False, "skip rFID")
     no_fid_download: bool = opt(False, "never try to download the Inception weights")
-    fd: list[Literal["vgg16"]] = opt([], "also a Fréchet distance on these features, reported as fd_<name> (never 'fid')")
+    fd: list[Literal["vgg16"]] = opt(
+        [], "also a Fréchet distance on these features, reported as fd_<name> (never 'fid')"
+    )
     no_half_check: bool = opt(False, "skip the fp16/bf16 decode finiteness check")
     no_tiling_check: bool = opt(False, "skip the tiled-vs-untiled decode comparison")
     grid_images: int = opt(8, "columns of reconstructions.png")
@@ -94,8 +98,14 @@ def eval_dataset(args: EvalOptions) -> tuple[ImageDataset, str]:
     )
     dataset = ImageDataset(ds, column, eval_transform(args.resolution))
     flag = data_flag(args.dataset_name, args.train_data_dir)
-    check_enough_images(dataset, 2, "evaluation", flag, need="the 2 that the latent report's active units (a variance "
-                        "over images) need", fix="add images or raise --num_images")
+    check_enough_images(
+        dataset,
+        2,
+        "evaluation",
+        flag,
+        need="the 2 that the latent report's active units (a variance over images) need",
+        fix="add images or raise --num_images",
+    )
     return dataset, source
 
 
@@ -209,7 +219,9 @@ def tiling_check(vae: AutoencoderKL, image: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image) -> tuple[dict, torch.Tensor, dict]:
+def evaluate_model(
+    accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image
+) -> tuple[dict, torch.Tensor, dict]:
     """All metrics of one VAE's deterministic (posterior-mode) reconstructions and latent space, its grid row
     and its latent pictures (eval.latent)."""
     device = accelerator.device
@@ -247,7 +259,9 @@ def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_acc
         latent_acc.update(mean, logvar, tuple(x.shape[-2:]), generator=generator)
         picture_means += list(mean[: max(0, 2 - len(picture_means))].cpu())
         # mean |x - x̂| in 8-bit levels per image: the ML scale of the Laplace decoder likelihood
-        err = accelerator.gather_for_metrics((to_levels(x.float()) - (recon.float() + 1) * (LEVELS / 2)).abs().flatten(1).mean(1))
+        err = accelerator.gather_for_metrics(
+            (to_levels(x.float()) - (recon.float() + 1) * (LEVELS / 2)).abs().flatten(1).mean(1)
+        )
         abs_err, n_err = abs_err + float(err.sum()), n_err + len(err)
         acc.update(accelerator.gather_for_metrics(reconstruction_metrics(recon, x, lpips_model)))
         for name, ex in extractors.items():
@@ -270,7 +284,9 @@ def evaluate_model(accelerator, args, model_id, loader, lpips_model, feature_acc
         result[name] = feature_accs[name].compute()
     if not args.no_half_check:  # the SDXL-VAE problem: does fp16/bf16 decoding overflow to inf/NaN?
         result["half_precision_decode"] = {
-            str(dtype).removeprefix("torch."): half_precision_decode_check(vae, half_check_latents(first_latents), dtype)
+            str(dtype).removeprefix("torch."): half_precision_decode_check(
+                vae, half_check_latents(first_latents), dtype
+            )
             for dtype in (torch.float16, torch.bfloat16)
         }
     if not args.no_tiling_check:
@@ -313,8 +329,21 @@ def render_report(payload: dict) -> str:
     """report.md: the side-by-side table and how the numbers were made."""
     models = payload["models"]
     fd_names = sorted({k for r in models.values() for k in r if k.startswith("fd_")})
-    head = ["model", "PSNR ↑", "SSIM ↑", "MS-SSIM ↑", f"LPIPS-{payload['lpips_net']} ↓", "rFID ↓", *[f"{n} ↓" for n in fd_names],
-            "enc img/s", "dec img/s", "peak MB", "fp16 decode", "bf16 decode", "tiled vs untiled (dB)"]
+    head = [
+        "model",
+        "PSNR ↑",
+        "SSIM ↑",
+        "MS-SSIM ↑",
+        f"LPIPS-{payload['lpips_net']} ↓",
+        "rFID ↓",
+        *[f"{n} ↓" for n in fd_names],
+        "enc img/s",
+        "dec img/s",
+        "peak MB",
+        "fp16 decode",
+        "bf16 decode",
+        "tiled vs untiled (dB)",
+    ]
     lines = [
         "# VAE reconstruction report",
         "",
@@ -330,10 +359,18 @@ def render_report(payload: dict) -> str:
         half = r.get("half_precision_decode", {})
         tiling = r.get("tiling")
         cells = [
-            f"`{name}`", _fmt(r.get("psnr"), 2), _fmt(r.get("ssim"), 4), _fmt(r.get("ms_ssim"), 4), _fmt(r.get("lpips"), 4),
-            _fmt(r.get("rfid"), 2), *[_fmt(r.get(n), 2) for n in fd_names],
-            _fmt(r["encode_img_per_s"], 1), _fmt(r["decode_img_per_s"], 1), _fmt(r["peak_memory_mb"], 0),
-            _half_cell(half.get("float16")), _half_cell(half.get("bfloat16")),
+            f"`{name}`",
+            _fmt(r.get("psnr"), 2),
+            _fmt(r.get("ssim"), 4),
+            _fmt(r.get("ms_ssim"), 4),
+            _fmt(r.get("lpips"), 4),
+            _fmt(r.get("rfid"), 2),
+            *[_fmt(r.get(n), 2) for n in fd_names],
+            _fmt(r["encode_img_per_s"], 1),
+            _fmt(r["decode_img_per_s"], 1),
+            _fmt(r["peak_memory_mb"], 0),
+            _half_cell(half.get("float16")),
+            _half_cell(half.get("bfloat16")),
             _fmt(tiling and tiling["decode_psnr"], 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -358,17 +395,37 @@ def _per_channel(values: list[float], digits: int = 3) -> str:
 
 def latent_section(models: dict) -> list[str]:
     """report.md's latent-space part: rate, active units, prior gap, likelihood, per-channel detail, pictures."""
-    head = ["model", "rate (bits/px)", "KL/elem (nats)", "active units", "active channels", "collapsed",
-            "prior FD", "−ELBO (bpd)", "IWAE NLL (bpd)"]  # fmt: skip
+    head = [
+        "model",
+        "rate (bits/px)",
+        "KL/elem (nats)",
+        "active units",
+        "active channels",
+        "collapsed",
+        "prior FD",
+        "−ELBO (bpd)",
+        "IWAE NLL (bpd)",
+    ]
     lines = ["", "## Latent space", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in models.items():
         lat = r["latent"]
-        lines.append("| " + " | ".join([
-            f"`{name}`", f"{lat['rate_bpp']:.4f}", f"{lat['kl_per_latent_nats']:.4f}",
-            f"{lat['active_units']}/{lat['units']}", f"{lat['active_channels']}/{lat['latent_shape'][0]}",
-            str(lat["collapsed_channels"] or "none"), f"{lat['prior_fd']:.3f}",
-            _fmt(lat.get("neg_elbo_bpd"), 4), _fmt(lat.get("iwae_nll_bpd"), 4),
-        ]) + " |")  # fmt: skip
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{name}`",
+                    f"{lat['rate_bpp']:.4f}",
+                    f"{lat['kl_per_latent_nats']:.4f}",
+                    f"{lat['active_units']}/{lat['units']}",
+                    f"{lat['active_channels']}/{lat['latent_shape'][0]}",
+                    str(lat["collapsed_channels"] or "none"),
+                    f"{lat['prior_fd']:.3f}",
+                    _fmt(lat.get("neg_elbo_bpd"), 4),
+                    _fmt(lat.get("iwae_nll_bpd"), 4),
+                ]
+            )
+            + " |"
+        )
     first = next(iter(models.values()))["latent"]
     lines += [
         "",
@@ -377,10 +434,14 @@ def latent_section(models: dict) -> list[str]:
         "row, column) > 0.01; a channel active at < 1 % of its positions is collapsed",
         "- prior FD: Gaussian Fréchet distance between the aggregate posterior of the C-dim latent vector at a "
         "position (posterior samples pooled over images and positions) and N(0, I); 0 = the prior's moments",
-        "- likelihood: " + ("discretised Laplace decoder over the 256 levels with each model's maximum-likelihood "
-                            "scale (mean |x − x̂| of its mode reconstructions, listed below), prior N(0, I); IWAE with "
-                            f"k = {first['iwae_samples']} posterior samples; bits per dimension over the 3·H·W 8-bit values"
-                            if "iwae_samples" in first else "not computed (--iwae_samples 0)"),
+        "- likelihood: "
+        + (
+            "discretised Laplace decoder over the 256 levels with each model's maximum-likelihood "
+            "scale (mean |x − x̂| of its mode reconstructions, listed below), prior N(0, I); IWAE with "
+            f"k = {first['iwae_samples']} posterior samples; bits per dimension over the 3·H·W 8-bit values"
+            if "iwae_samples" in first
+            else "not computed (--iwae_samples 0)"
+        ),
         "",
     ]
     for name, r in models.items():
@@ -393,8 +454,10 @@ def latent_section(models: dict) -> list[str]:
             + (f". Pictures: `{lat['figure']}`" if "figure" in lat else ""),
             "",
         ]
-    lines.append("Pictures: traversals (one row per channel, moved over ±2σ of its aggregate distribution), linear and "
-                 "spherical interpolation between two held-out images, samples from the aggregate-matched prior.")
+    lines.append(
+        "Pictures: traversals (one row per channel, moved over ±2σ of its aggregate distribution), linear and "
+        "spherical interpolation between two held-out images, samples from the aggregate-matched prior."
+    )
     return lines
 
 
@@ -423,8 +486,11 @@ def _main(argv: list[str]) -> int:
     # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
     workers = loader_workers("auto", accelerator.device, accelerator.num_processes)  # decoding off the main process
-    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate,
-                                                             num_workers=workers, pin_memory=workers > 0))  # fmt: skip
+    loader = accelerator.prepare(
+        torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=workers, pin_memory=workers > 0
+        )
+    )
     feature_accs, originals = real_pass(accelerator, loader, extractors, args.grid_images)
     results, rows, pictures = {}, [originals], {}
     for model_id in args.model:
@@ -435,9 +501,11 @@ def _main(argv: list[str]) -> int:
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            raise OutOfMemory(f"out of memory evaluating {model_id} at --batch_size {args.batch_size}, "
-                              f"--resolution {args.resolution} (tiling check at {2 * args.resolution} px)",
-                              "lower --batch_size, or add --no_tiling_check") from exc  # fmt: skip
+            raise OutOfMemory(
+                f"out of memory evaluating {model_id} at --batch_size {args.batch_size}, "
+                f"--resolution {args.resolution} (tiling check at {2 * args.resolution} px)",
+                "lower --batch_size, or add --no_tiling_check",
+            ) from exc
         if "rfid" in unavailable:
             results[model_id]["rfid"] = None
             results[model_id]["rfid_unavailable"] = unavailable["rfid"]
@@ -446,14 +514,21 @@ def _main(argv: list[str]) -> int:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         rfid_status = (
-            "skipped (--no_fid)" if args.no_fid else
-            f"unavailable — {unavailable['rfid']}" if "rfid" in unavailable else
-            "standard FID InceptionV3 (TF 2015-12-05 weights, sha256 verified), pool3 2048-d"
+            "skipped (--no_fid)"
+            if args.no_fid
+            else f"unavailable — {unavailable['rfid']}"
+            if "rfid" in unavailable
+            else "standard FID InceptionV3 (TF 2015-12-05 weights, sha256 verified), pool3 2048-d"
         )
         payload = {
-            "data": source, "dataset": dataset_facts(args, dataset), "n_images": len(dataset), "resolution": args.resolution,
+            "data": source,
+            "dataset": dataset_facts(args, dataset),
+            "n_images": len(dataset),
+            "resolution": args.resolution,
             "preprocessing": "resize shorter side (bicubic, antialiased) + centre crop",
-            "lpips_net": args.lpips_net, "rfid_status": rfid_status, "models": results,
+            "lpips_net": args.lpips_net,
+            "rfid_status": rfid_status,
+            "models": results,
         }
         for i, (model_id, rows_of) in enumerate(pictures.items()):
             latent = results[model_id]["latent"]

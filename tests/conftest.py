@@ -41,8 +41,10 @@ def pytest_collection_modifyitems(config, items) -> None:
     """``cuda`` tests are skipped, with the reason, on a machine without a CUDA GPU."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here); "
-                                   "run `python -m pytest -m cuda` on a GPU machine (../shared/gpu/README.md)")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU (torch.cuda.is_available() is False here); "
+        "run `python -m pytest -m cuda` on a GPU machine (../shared/gpu/README.md)"
+    )
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

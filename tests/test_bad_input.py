@@ -29,6 +29,7 @@ TRAIN = ("train", "--config=tiny", "--max_train_steps=2")
 # (id, module and arguments, exit status, fragment of the error line).  Placeholders: {M} a tiny
 # diffusers VAE folder, {EMPTY} an empty folder, {CORRUPT} 3 unreadable .png files, {FEW} 5 good +
 # 3 unreadable images, {FILE} a regular file, {OUT} an output folder holding an earlier run, {TMP} scratch.
+# fmt: off
 ROWS = [
     ("train-missing-data-dir", (*TRAIN, "--train_data_dir=/nonexistent"), 2, "--train_data_dir '/nonexistent' does not exist"),
     ("train-empty-dir", (*TRAIN, "--train_data_dir={EMPTY}"), 2, "holds no data files"),
@@ -58,7 +59,7 @@ ROWS = [
     ("eval-resolution", ("eval", "--model={M}", "--resolution=33", "--output_dir={TMP}/e"), 2, "not a multiple"),
     ("eval-output-is-a-file", ("eval", "--model={M}", "--output_dir={FILE}"), 2, "is a file, not a folder"),
     ("eval-missing-split", ("eval", "--model={M}", f"--train_data_dir={CIFAR}", "--split=validation",
-                            "--output_dir={TMP}/e"), 2, "split 'validation' not in"),  # fmt: skip
+                            "--output_dir={TMP}/e"), 2, "split 'validation' not in"),
     ("eval-zero-batch", ("eval", "--model={M}", "--batch_size=0", "--output_dir={TMP}/e"), 2, "--batch_size must be >= 1"),
     ("sweep-one-value", ("train.sweep", "--config=tiny", "--kl_weight=1e-6"), 2, "a sweep needs at least two runs"),
     ("sweep-not-numbers", ("train.sweep", "--config=tiny", "--kl_weight=small,large"), 2, "is not a list of floats"),
@@ -69,14 +70,15 @@ ROWS = [
      "--model '/nonexistent' does not exist"),
     ("bridge-stats-empty-dir", ("diffusion_bridge", "stats", "--model={M}", "--train_data_dir={EMPTY}"), 2, "holds no data files"),
     ("bridge-encode-shift-convention", ("diffusion_bridge", "encode", "--model={M}", "--shift_factor=0.1",
-                                        "--output_dir={TMP}/c"), 2, "--shift_factor applies to --convention sd3"),  # fmt: skip
+                                        "--output_dir={TMP}/c"), 2, "--shift_factor applies to --convention sd3"),
     ("bridge-encode-no-stats", ("diffusion_bridge", "encode", "--model={M}", "--output_dir={TMP}/c"), 2, "no latent statistics"),
     ("bridge-info-model-file", ("diffusion_bridge", "info", "--model={FILE}"), 2, "is a file, not a model folder"),
     ("bridge-publish-bad-repo-id", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=bad id!!", "--dry_run={TMP}/p"),
      2, "is not a Hub repository id"),
     ("bridge-publish-no-eval", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={TMP}/p",
-                                "--allow_missing_stats"), 2, "refusing to publish without an evaluation"),  # fmt: skip
+                                "--allow_missing_stats"), 2, "refusing to publish without an evaluation"),
 ]
+# fmt: on
 
 
 def _png(path: Path, seed: int) -> None:
@@ -101,8 +103,14 @@ def places(tmp_path_factory) -> dict[str, str]:
     (root / "a-file").write_text("not a folder")
     torch.manual_seed(0)
     build_vae(ModelConfig(preset="tiny")).save_pretrained(root / "M")
-    return {"M": str(root / "M"), "EMPTY": str(root / "empty"), "CORRUPT": str(root / "corrupt"),
-            "FEW": str(root / "few"), "FILE": str(root / "a-file"), "TMP": str(root)}  # fmt: skip
+    return {
+        "M": str(root / "M"),
+        "EMPTY": str(root / "empty"),
+        "CORRUPT": str(root / "corrupt"),
+        "FEW": str(root / "few"),
+        "FILE": str(root / "a-file"),
+        "TMP": str(root),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +126,21 @@ def earlier_run(tmp_path_factory, places) -> Path:
 
 def _snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its sha256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def _env(lpips_dir: Path) -> dict[str, str]:
     """Offline, with the verified LPIPS backbones, warnings silenced as a user's terminal would show them."""
-    return {**os.environ, "LPIPS_WEIGHTS": str(lpips_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "PYTHONWARNINGS": "ignore", "AUTOENCODER_DEBUG": ""}  # fmt: skip
+    return {
+        **os.environ,
+        "LPIPS_WEIGHTS": str(lpips_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "AUTOENCODER_DEBUG": "",
+    }
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
@@ -134,8 +150,9 @@ def test_mistake_gives_one_line_and_exit_status(row, places, earlier_run, lpips_
     if args[0] == "train" and not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={earlier_run}")
     before = _snapshot(earlier_run)
-    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(lpips_dir), capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300
+    )
     output = result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == status, output[-3000:]
@@ -146,8 +163,14 @@ def test_mistake_gives_one_line_and_exit_status(row, places, earlier_run, lpips_
 
 
 def test_debug_flag_shows_the_traceback(places, lpips_dir):
-    result = subprocess.run([sys.executable, "-m", "eval", "--model=/nonexistent", "--debug"], cwd=REPO,
-                            env=_env(lpips_dir), capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "eval", "--model=/nonexistent", "--debug"],
+        cwd=REPO,
+        env=_env(lpips_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == EXIT_USAGE
     assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: --model")
 
@@ -156,15 +179,29 @@ def test_debug_flag_shows_the_traceback(places, lpips_dir):
 def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
     """Under ``accelerate launch`` with 2 processes a data mistake ends both ranks, with one line from our code."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cmd = [accelerate, "launch", "--num_processes", "2", "--main_process_port", free_port(), "--cpu", "-m", "train", "--config=tiny",
-           f"--train_data_dir={places['CORRUPT']}", f"--output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cmd = [
+        accelerate,
+        "launch",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        free_port(),
+        "--cpu",
+        "-m",
+        "train",
+        "--config=tiny",
+        f"--train_data_dir={places['CORRUPT']}",
+        f"--output_dir={tmp_path / 'out'}",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "could be read" in errors[0], result.stderr[-3000:]
     # accelerate's own launcher reports the ranks' status 2 (with its CalledProcessError); no rank printed a traceback
     assert result.returncode != 0 and "exit status 2" in result.stderr
     ours = ("/train/", "/eval/", "/autoencoder/", "/diffusion_bridge/")
-    assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File") and any(p in line for p in ours)]
+    assert not [
+        line for line in result.stderr.splitlines() if line.strip().startswith("File") and any(p in line for p in ours)
+    ]
 
 
 @pytest.mark.slow
@@ -185,8 +222,13 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
 
     monkeypatch.setattr(VAELoss, "forward", forward)
     out = tmp_path / "oom"
-    args = ["--config=tiny", f"--output_dir={out}", "--max_train_steps=8", "--checkpointing_steps=4",
-            "--validation_steps=0"]  # fmt: skip
+    args = [
+        "--config=tiny",
+        f"--output_dir={out}",
+        "--max_train_steps=8",
+        "--checkpointing_steps=4",
+        "--validation_steps=0",
+    ]
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     assert trainer.main(args) == EXIT_OOM
@@ -212,8 +254,10 @@ def test_an_unforeseen_crash_is_one_line_with_status_1_and_a_traceback_only_unde
     monkeypatch.setattr(trainer, "train", broken)
     assert trainer.main(["--config=tiny"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == ("error: unexpected RuntimeError: boom; this is a bug: rerun with --debug "
-                           "(or AUTOENCODER_DEBUG=1) for the traceback and report it")  # fmt: skip
+    assert err.strip() == (
+        "error: unexpected RuntimeError: boom; this is a bug: rerun with --debug "
+        "(or AUTOENCODER_DEBUG=1) for the traceback and report it"
+    )
     monkeypatch.setenv("AUTOENCODER_DEBUG", "")
     assert trainer.main(["--config=tiny", "--debug"]) == 1
     err = capsys.readouterr().err

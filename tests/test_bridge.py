@@ -25,7 +25,10 @@ STDS = torch.tensor([1.0, 3.0, 0.25, 6.0])
 def _synthetic(n_images: int, seed: int = 0) -> torch.Tensor:
     """Latents [N,4,32,32] with known per-channel mean/std."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n_images, 4, 32, 32, generator=g, dtype=torch.float64) * STDS.view(1, 4, 1, 1).double() + MEANS.view(1, 4, 1, 1).double()
+    return (
+        torch.randn(n_images, 4, 32, 32, generator=g, dtype=torch.float64) * STDS.view(1, 4, 1, 1).double()
+        + MEANS.view(1, 4, 1, 1).double()
+    )
 
 
 def test_statistics_of_synthetic_latents_are_recovered():
@@ -38,7 +41,9 @@ def test_statistics_of_synthetic_latents_are_recovered():
     per_channel = z.permute(1, 0, 2, 3).reshape(4, -1).numpy()
     assert np.allclose(s.channel_mean, per_channel.mean(1), atol=1e-12)
     assert np.allclose(s.channel_std, per_channel.std(1), atol=1e-12)
-    assert s.mean == pytest.approx(per_channel.mean(), abs=1e-12) and s.std == pytest.approx(per_channel.std(), abs=1e-12)
+    assert s.mean == pytest.approx(per_channel.mean(), abs=1e-12) and s.std == pytest.approx(
+        per_channel.std(), abs=1e-12
+    )
     # and the generating parameters to 1e-3 (relative for the std)
     assert np.allclose(s.channel_mean, MEANS.numpy(), atol=1e-3 * STDS.numpy() * 3)
     assert np.allclose(np.array(s.channel_std) / STDS.numpy(), 1, atol=1e-3 * 3)
@@ -55,8 +60,12 @@ def test_statistics_of_synthetic_latents_are_recovered():
     assert torch.allclose(sd3.unscale(zs), z)
     assert sd3.scaled_moments(s) == pytest.approx((0.0, 1.0), abs=1e-9)
     # sd: the scale alone; sdxl: per-channel standardisation, every channel mean 0 / std 1
-    assert s.config_values("sd") == {"scaling_factor": cv["scaling_factor"], "shift_factor": None,
-                                     "latents_mean": None, "latents_std": None}  # fmt: skip
+    assert s.config_values("sd") == {
+        "scaling_factor": cv["scaling_factor"],
+        "shift_factor": None,
+        "latents_mean": None,
+        "latents_std": None,
+    }
     xl = s.config_values("sdxl")
     assert xl["scaling_factor"] == 1.0 and xl["shift_factor"] is None
     sdxl = LatentScaling("sdxl", 1.0, latents_mean=tuple(xl["latents_mean"]), latents_std=tuple(xl["latents_std"]))
@@ -113,8 +122,22 @@ def tiny_model(tmp_path):
 
 
 def _stats_args(model, shared, out, *extra):
-    return ["stats", "--model", str(model), "--train_data_dir", str(shared / "data" / "cbsd68"), "--resolution", "32",
-            "--num_images", "7", "--batch_size", "3", "--output", str(out), *extra]  # fmt: skip
+    return [
+        "stats",
+        "--model",
+        str(model),
+        "--train_data_dir",
+        str(shared / "data" / "cbsd68"),
+        "--resolution",
+        "32",
+        "--num_images",
+        "7",
+        "--batch_size",
+        "3",
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -123,8 +146,18 @@ def test_two_process_stats_equal_single_process(tiny_model, shared, tmp_path):
     GradientState._reset_state()
     assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "one.json", "--mode")) == 0
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [accelerate, "launch", "--num_processes", "2", "--main_process_port", free_port(), "--cpu", "-m", "diffusion_bridge",
-           *_stats_args(tiny_model, shared, tmp_path / "two.json", "--mode")]  # fmt: skip
+    cmd = [
+        accelerate,
+        "launch",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        free_port(),
+        "--cpu",
+        "-m",
+        "diffusion_bridge",
+        *_stats_args(tiny_model, shared, tmp_path / "two.json", "--mode"),
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting 2 CPU ranks" in result.stderr
@@ -162,7 +195,10 @@ def test_stats_write_puts_the_scaling_into_the_config(tiny_model, shared, tmp_pa
     # --convention sdxl: per-channel statistics, scaling 1, no shift
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "xl.json", "--mode", "--write", "--convention", "sdxl")) == 0
+    assert (
+        bridge_main(_stats_args(tiny_model, shared, tmp_path / "xl.json", "--mode", "--write", "--convention", "sdxl"))
+        == 0
+    )
     xl = AutoencoderKL.from_pretrained(tiny_model).config
     assert xl.scaling_factor == 1.0 and xl.shift_factor is None and len(xl.latents_mean) == 4
     assert xl.latents_std == pytest.approx(json.loads((tiny_model / "latent_stats.json").read_text())["channel_std"])
@@ -174,9 +210,24 @@ def test_stats_write_refuses_a_hub_id(capsys):
 
 
 def _encode_args(model, shared, out, *extra):
-    return ["encode", "--model", str(model), "--train_data_dir", str(shared / "data" / "cifar10" / "test.parquet"),
-            "--resolution", "32", "--num_images", "10", "--shard_size", "4", "--batch_size", "3",
-            "--output_dir", str(out), *extra]  # fmt: skip
+    return [
+        "encode",
+        "--model",
+        str(model),
+        "--train_data_dir",
+        str(shared / "data" / "cifar10" / "test.parquet"),
+        "--resolution",
+        "32",
+        "--num_images",
+        "10",
+        "--shard_size",
+        "4",
+        "--batch_size",
+        "3",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_latent_cache_loads_with_datasets_and_resumes(tiny_model, shared, tmp_path, capsys):
@@ -199,7 +250,9 @@ def test_latent_cache_loads_with_datasets_and_resumes(tiny_model, shared, tmp_pa
     # latents = posterior sample (seeded by index) * scale, recomputable from the stored moments
     z = sample_latents(ds["posterior_mean"], ds["posterior_logvar"], ds["index"], seed=0)
     assert torch.allclose(ds["latents"], z * 2.0, atol=1e-6)
-    src, col, _ = load_image_source(None, str(shared / "data" / "cifar10" / "test.parquet"), split="train", num_images=10)
+    src, col, _ = load_image_source(
+        None, str(shared / "data" / "cifar10" / "test.parquet"), split="train", num_images=10
+    )
     x = torch.stack([ImageDataset(src, col, eval_transform(32))[i]["pixel_values"] for i in range(10)])
     with torch.no_grad():
         assert torch.allclose(ds["posterior_mean"], vae.encode(x).latent_dist.mean, atol=1e-5)
@@ -225,13 +278,28 @@ def test_latent_cache_sd3_convention_and_unscaled_model_refusal(tiny_model, shar
     assert "stats --model DIR --write" in capsys.readouterr().err
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    args = _encode_args(tiny_model, shared, tmp_path / "c1", "--mode", "--convention", "sd3",
-                        "--scaling_factor", "3", "--shift_factor", "0.25")  # fmt: skip
+    args = _encode_args(
+        tiny_model,
+        shared,
+        tmp_path / "c1",
+        "--mode",
+        "--convention",
+        "sd3",
+        "--scaling_factor",
+        "3",
+        "--shift_factor",
+        "0.25",
+    )
     assert bridge_main(args) == 0
     ds = load_latent_cache(tmp_path / "c1")[:]
-    src, col, _ = load_image_source(None, str(shared / "data" / "cifar10" / "test.parquet"), split="train", num_images=10)
+    src, col, _ = load_image_source(
+        None, str(shared / "data" / "cifar10" / "test.parquet"), split="train", num_images=10
+    )
     x = torch.stack([ImageDataset(src, col, eval_transform(32))[i]["pixel_values"] for i in range(10)])
     with torch.no_grad():
         z = AutoencoderKL.from_pretrained(tiny_model).encode(x).latent_dist.mode()
     assert torch.allclose(ds["latents"], (z - 0.25) * 3, atol=1e-5)
-    assert "latents / scaling_factor + shift_factor" in json.loads((tmp_path / "c1" / "cache_info.json").read_text())["decode"]
+    assert (
+        "latents / scaling_factor + shift_factor"
+        in json.loads((tmp_path / "c1" / "cache_info.json").read_text())["decode"]
+    )

@@ -19,11 +19,25 @@ def test_preset_files_load(preset):
 
 def test_diffusers_style_flags_both_forms():
     argv = [
-        "--config=tiny", "--output_dir", "/tmp/x", "--max_train_steps=7", "--train_batch_size", "3",
-        "--resolution=48", "--learning_rate=3e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps=2",
-        "--checkpointing_steps=5", "--validation_steps=4", "--mixed_precision=bf16",
-        "--resume_from_checkpoint=latest", "--seed=3", "--train_data_dir=/data", "--image_column=img",
-    ]  # fmt: skip
+        "--config=tiny",
+        "--output_dir",
+        "/tmp/x",
+        "--max_train_steps=7",
+        "--train_batch_size",
+        "3",
+        "--resolution=48",
+        "--learning_rate=3e-4",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps=2",
+        "--checkpointing_steps=5",
+        "--validation_steps=4",
+        "--mixed_precision=bf16",
+        "--resume_from_checkpoint=latest",
+        "--seed=3",
+        "--train_data_dir=/data",
+        "--image_column=img",
+    ]
     cfg = parse_config(argv)
     assert (cfg.train.output_dir, cfg.train.max_train_steps, cfg.train.train_batch_size) == ("/tmp/x", 7, 3)
     assert cfg.data.resolution == 48 and cfg.train.learning_rate == pytest.approx(3e-4)
@@ -107,7 +121,9 @@ def test_readme_documents_every_key():
 
     readme = (REPO / "README.md").read_text()
     missing = [key for key in key_index() if f"`--{key}`" not in readme]
-    assert not missing, f"README config reference lacks {missing}; regenerate with autoencoder.config.reference_markdown()"
+    assert not missing, (
+        f"README config reference lacks {missing}; regenerate with autoencoder.config.reference_markdown()"
+    )
 
 
 def test_loader_workers_take_a_count_or_auto():

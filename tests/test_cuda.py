@@ -41,8 +41,19 @@ def _assert_trained_on_gpu(out) -> dict:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_run_exports_a_loadable_fp32_vae(tmp_path, lpips_dir, monkeypatch, precision):
     out = tmp_path / precision
-    assert _run_inprocess(out, lpips_dir, monkeypatch, f"--mixed_precision={precision}", "--max_train_steps=20",
-                          "--checkpointing_steps=10", "--validation_steps=10", "--validate_at_start=true") == 0  # fmt: skip
+    assert (
+        _run_inprocess(
+            out,
+            lpips_dir,
+            monkeypatch,
+            f"--mixed_precision={precision}",
+            "--max_train_steps=20",
+            "--checkpointing_steps=10",
+            "--validation_steps=10",
+            "--validate_at_start=true",
+        )
+        == 0
+    )
     m = _assert_trained_on_gpu(out)
     assert m["mixed_precision"] == precision and m["psnr"] > m["initial"]["psnr"]
     ckpt = load_file(out / "checkpoints" / "checkpoint-20" / "model.safetensors")
@@ -57,8 +68,16 @@ def test_gan_ema_workers_resume_matches_uninterrupted_run(tmp_path, lpips_dir, m
     """
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    args = ["--disc_enabled", "--disc_start=0", "--use_ema", "--dataloader_num_workers=2", "--mixed_precision=bf16",
-            "--max_train_steps=4", "--checkpointing_steps=2", "--checkpoints_total_limit=5"]  # fmt: skip
+    args = [
+        "--disc_enabled",
+        "--disc_start=0",
+        "--use_ema",
+        "--dataloader_num_workers=2",
+        "--mixed_precision=bf16",
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+        "--checkpoints_total_limit=5",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert _run_inprocess(full, lpips_dir, monkeypatch, *args) == 0
     _assert_trained_on_gpu(full)
@@ -77,14 +96,34 @@ def test_gan_ema_workers_resume_matches_uninterrupted_run(tmp_path, lpips_dir, m
 def test_fp16_non_finite_loss_is_skipped_then_counted_to_a_stop(tmp_path, lpips_dir, monkeypatch, capsys):
     out = tmp_path / "nan"
     _nan_at({1}, monkeypatch)
-    assert _run_inprocess(out, lpips_dir, monkeypatch, "--mixed_precision=fp16", "--max_train_steps=3",
-                          "--checkpointing_steps=1", "--checkpoints_total_limit=5") == 0  # fmt: skip
+    assert (
+        _run_inprocess(
+            out,
+            lpips_dir,
+            monkeypatch,
+            "--mixed_precision=fp16",
+            "--max_train_steps=3",
+            "--checkpointing_steps=1",
+            "--checkpoints_total_limit=5",
+        )
+        == 0
+    )
     assert _metrics(out)["nonfinite_steps"] == 1
     w1, w2 = (load_file(out / "checkpoints" / f"checkpoint-{i}" / "model.safetensors") for i in (1, 2))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step changed nothing (and never unscaled twice)
     _nan_at(set(range(2, 100)), monkeypatch)
-    assert _run_inprocess(tmp_path / "stop", lpips_dir, monkeypatch, "--mixed_precision=fp16", "--max_train_steps=50",
-                          "--checkpointing_steps=2", "--max_consecutive_nonfinite=3") == 2  # fmt: skip
+    assert (
+        _run_inprocess(
+            tmp_path / "stop",
+            lpips_dir,
+            monkeypatch,
+            "--mixed_precision=fp16",
+            "--max_train_steps=50",
+            "--checkpointing_steps=2",
+            "--max_consecutive_nonfinite=3",
+        )
+        == 2
+    )
     assert "3 consecutive steps with a non-finite loss" in capsys.readouterr().err
 
 
@@ -94,8 +133,12 @@ def gpu_model(tmp_path_factory, lpips_dir):
     mp = pytest.MonkeyPatch()
     out = tmp_path_factory.mktemp("gpu") / "run"
     try:
-        assert _run_inprocess(out, lpips_dir, mp, "--mixed_precision=bf16", "--max_train_steps=4",
-                              "--checkpointing_steps=2") == 0  # fmt: skip
+        assert (
+            _run_inprocess(
+                out, lpips_dir, mp, "--mixed_precision=bf16", "--max_train_steps=4", "--checkpointing_steps=2"
+            )
+            == 0
+        )
     finally:
         mp.undo()
     return out
@@ -104,9 +147,28 @@ def gpu_model(tmp_path_factory, lpips_dir):
 def test_eval_two_models_after_warm_up_with_a_real_tiling_check(gpu_model, shared, tmp_path, capsys):
     _reset()
     out = tmp_path / "eval"
-    assert eval_main(["--model", str(gpu_model / "vae"), "--model", str(gpu_model / "checkpoints" / "checkpoint-2"),
-                      "--train_data_dir", str(shared / "data" / "cbsd68"), "--num_images", "8", "--resolution", "64",
-                      "--batch_size", "4", "--no_fid", "--output_dir", str(out)]) == 0  # fmt: skip
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(gpu_model / "vae"),
+                "--model",
+                str(gpu_model / "checkpoints" / "checkpoint-2"),
+                "--train_data_dir",
+                str(shared / "data" / "cbsd68"),
+                "--num_images",
+                "8",
+                "--resolution",
+                "64",
+                "--batch_size",
+                "4",
+                "--no_fid",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     models = json.loads((out / "metrics.json").read_text())["models"]
     first, second = models.values()
     for m in (first, second):
@@ -125,12 +187,40 @@ def test_bridge_stats_encode_and_publish_dry_run_on_gpu(gpu_model, shared, tmp_p
     assert bridge_main(["stats", "--model", str(model), *data, "--num_images", "32", "--write"]) == 0
     assert "wrote the sd3 convention" in capsys.readouterr().out
     _reset()
-    assert bridge_main(["encode", "--model", str(model), *data, "--num_images", "16", "--shard_size", "8",
-                        "--output_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    assert (
+        bridge_main(
+            [
+                "encode",
+                "--model",
+                str(model),
+                *data,
+                "--num_images",
+                "16",
+                "--shard_size",
+                "8",
+                "--output_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "cache" / "data").glob("shard-*.parquet"))) == 2
     _reset()
-    assert bridge_main(["publish", "--model", str(model), "--repo_id", "someone/vae", "--allow_missing_eval",
-                        "--dry_run", str(tmp_path / "repo")]) == 0  # fmt: skip
+    assert (
+        bridge_main(
+            [
+                "publish",
+                "--model",
+                str(model),
+                "--repo_id",
+                "someone/vae",
+                "--allow_missing_eval",
+                "--dry_run",
+                str(tmp_path / "repo"),
+            ]
+        )
+        == 0
+    )
     assert AutoencoderKL.from_pretrained(tmp_path / "repo", variant="fp16", torch_dtype=torch.float16) is not None
 
 
@@ -143,9 +233,24 @@ def test_real_cuda_out_of_memory_is_exit_3_with_the_batch_and_remedies(tmp_path,
     from conftest import REPO
 
     env = {**os.environ, "LPIPS_WEIGHTS": str(lpips_dir), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "train", "--config=sd-f8c4", "--resolution=1024", "--train_batch_size=64",
-                             "--max_train_steps=2", "--validate_at_start=false", f"--output_dir={tmp_path / 'oom'}"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--config=sd-f8c4",
+            "--resolution=1024",
+            "--train_batch_size=64",
+            "--max_train_steps=2",
+            "--validate_at_start=false",
+            f"--output_dir={tmp_path / 'oom'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and len(errors) == 1

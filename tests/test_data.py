@@ -73,7 +73,9 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 
 def test_all_unreadable_is_a_clear_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
-    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")]}).cast_column("image", datasets.Image(decode=False))
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")]}).cast_column(
+        "image", datasets.Image(decode=False)
+    )
     with pytest.raises(UsageError, match="could not be read"):
         ImageDataset(ds, "image", eval_transform(8))[0]
 
@@ -133,8 +135,13 @@ def test_dataset_name_goes_through_load_dataset(tmp_path):
 def test_streaming_shards_are_disjoint_and_cover_the_stream(shared):
     from autoencoder.data import StreamingImageDataset
 
-    cfg = DataConfig(train_data_dir=str(shared / "data" / "cifar10" / "test.parquet"), streaming=True,
-                     num_validation_images=4, max_train_samples=40, resolution=32)  # fmt: skip
+    cfg = DataConfig(
+        train_data_dir=str(shared / "data" / "cifar10" / "test.parquet"),
+        streaming=True,
+        num_validation_images=4,
+        max_train_samples=40,
+        resolution=32,
+    )
     splits = load_splits(cfg)
     assert isinstance(splits.train, datasets.IterableDataset) and len(splits.validation) == 4
     shards = [
@@ -195,8 +202,9 @@ def _two_epochs(dataset, workers: int) -> list[list[float]]:
 
     ``dataset.set_epoch`` is what accelerate's DataLoaderShard.set_epoch calls (and the trainer, streaming).
     """
-    dl = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate, num_workers=workers,
-                                     persistent_workers=workers > 0)  # fmt: skip
+    dl = torch.utils.data.DataLoader(
+        dataset, batch_size=4, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0
+    )
     sums = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
@@ -217,9 +225,16 @@ def test_persistent_workers_draw_each_epochs_augmentations():
 def test_streamed_persistent_worker_draws_each_epochs_augmentations(shared):
     from autoencoder.data import StreamingImageDataset
 
-    cfg = DataConfig(train_data_dir=str(shared / "data" / "cifar10" / "test.parquet"), streaming=True,
-                     num_validation_images=4, max_train_samples=8, resolution=16, train_crop="multiscale",
-                     multiscale_min=1.0, multiscale_max=2.0)  # fmt: skip
+    cfg = DataConfig(
+        train_data_dir=str(shared / "data" / "cifar10" / "test.parquet"),
+        streaming=True,
+        num_validation_images=4,
+        max_train_samples=8,
+        resolution=16,
+        train_crop="multiscale",
+        multiscale_min=1.0,
+        multiscale_max=2.0,
+    )
     splits = load_splits(cfg)
     ds = StreamingImageDataset(splits.train, "image", train_transform(cfg, False), seed=0, shuffle_buffer=1)
     inline, worker = _two_epochs(ds, 0), _two_epochs(ds, 1)

@@ -66,7 +66,12 @@ def _scipy_fd(a: np.ndarray, b: np.ndarray) -> float:
 def test_frechet_distance_matches_scipy_sqrtm_and_streams():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(600, 24, generator=g, dtype=torch.float64)
-    b = torch.randn(500, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64) * 0.3 + 0.5
+    b = (
+        torch.randn(500, 24, generator=g, dtype=torch.float64)
+        @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+        * 0.3
+        + 0.5
+    )
     acc = fid.FrechetAccumulator(24)
     for chunk in a.split(7):  # streaming in uneven chunks equals one pass
         acc.update(chunk, real=True)
@@ -122,11 +127,28 @@ def test_runner_on_two_tiny_models_writes_metrics_report_and_grid(monkeypatch, t
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path / "out"
-    code = main([
-        "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--train_data_dir", str(tmp_path / "imgs"),
-        "--resolution", "32", "--batch_size", "2", "--lpips_weights", str(lpips_dir), "--fd", "vgg16",
-        "--grid_images", "4", "--output_dir", str(out),
-    ])  # fmt: skip
+    code = main(
+        [
+            "--model",
+            str(tmp_path / "a"),
+            "--model",
+            str(tmp_path / "b"),
+            "--train_data_dir",
+            str(tmp_path / "imgs"),
+            "--resolution",
+            "32",
+            "--batch_size",
+            "2",
+            "--lpips_weights",
+            str(lpips_dir),
+            "--fd",
+            "vgg16",
+            "--grid_images",
+            "4",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     a, b = (metrics["models"][str(tmp_path / n)] for n in ("a", "b"))

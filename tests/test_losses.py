@@ -164,8 +164,18 @@ def test_l2_and_logs_keys():
     assert all(k.startswith("val/") for k in logs)
 
 
-def latent_diffusion_generator_loss(inputs, reconstructions, posteriors, p_loss, logvar, kl_weight, disc_factor,
-                                    discriminator_weight, logits_fake, last_layer):  # fmt: skip
+def latent_diffusion_generator_loss(
+    inputs,
+    reconstructions,
+    posteriors,
+    p_loss,
+    logvar,
+    kl_weight,
+    disc_factor,
+    discriminator_weight,
+    logits_fake,
+    last_layer,
+):
     """latent-diffusion's LPIPSWithDiscriminator.forward, optimizer_idx 0, transcribed (ldm/modules/losses/contperceptual.py)."""
     rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
     rec_loss = rec_loss + 1.0 * p_loss  # perceptual_weight 1.0
@@ -177,7 +187,9 @@ def latent_diffusion_generator_loss(inputs, reconstructions, posteriors, p_loss,
     g_loss = -torch.mean(logits_fake)
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach() * discriminator_weight
+    d_weight = (
+        torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach() * discriminator_weight
+    )
     return weighted_nll_loss + kl_weight * kl_loss + d_weight * disc_factor * g_loss
 
 
@@ -193,14 +205,23 @@ def test_objective_equals_latent_diffusion_up_to_one_constant(size):
     """ours * N == latent-diffusion's generator loss (KL, learned logvar, LPIPS broadcast, adaptive GAN weight)."""
     torch.manual_seed(size)
     model, disc = tiny_model(), NLayerDiscriminator(channels=8, n_layers=2)
-    cfg = LossConfig(lpips_weight=1.0, kl_weight=1e-3, learn_logvar=True, logvar_init=0.3, disc_enabled=True,
-                     disc_start=0, disc_weight=0.5, disc_factor=0.7)  # fmt: skip
+    cfg = LossConfig(
+        lpips_weight=1.0,
+        kl_weight=1e-3,
+        learn_logvar=True,
+        logvar_init=0.3,
+        disc_enabled=True,
+        disc_start=0,
+        disc_weight=0.5,
+        disc_factor=0.7,
+    )
     loss_fn = VAELoss(cfg, lpips_model=FixedLPIPS())
     x = torch.rand(3, 3, size, size) * 2 - 1
     recon, post = model(x)
     ours, _ = loss_fn(x, recon, post, step=0, discriminator=disc, last_layer=model.last_layer())
-    theirs = latent_diffusion_generator_loss(x, recon, post, FixedLPIPS()(recon, x), loss_fn.logvar, 1e-3, 0.7, 0.5,
-                                             disc(recon), model.last_layer())  # fmt: skip
+    theirs = latent_diffusion_generator_loss(
+        x, recon, post, FixedLPIPS()(recon, x), loss_fn.logvar, 1e-3, 0.7, 0.5, disc(recon), model.last_layer()
+    )
     n = 3 * size * size
     assert torch.allclose(ours * n, theirs, rtol=1e-4)
     # and the gradients agree up to the same constant

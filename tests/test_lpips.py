@@ -91,7 +91,9 @@ def test_torchvision_cache_is_used(lpips_dir, tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    os.symlink(lpips_dir / "alexnet_features_imagenet.pth", tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    os.symlink(
+        lpips_dir / "alexnet_features_imagenet.pth", tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    )
     model = build_lpips("alex")
     expected = torch.load(lpips_dir / "alexnet_features_imagenet.pth", weights_only=True)["features.3.weight"]
     assert torch.equal(getattr(model.net.slice2, "3").weight, expected)

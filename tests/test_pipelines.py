@@ -37,8 +37,16 @@ def _images(n: int = 2, size: int = 16) -> torch.Tensor:
 
 def _dit(in_channels: int = 4, zero: bool = False) -> DiTTransformer2DModel:
     torch.manual_seed(0)
-    dit = DiTTransformer2DModel(in_channels=in_channels, out_channels=2 * in_channels, sample_size=8, patch_size=2,
-                                num_layers=1, num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=10)  # fmt: skip
+    dit = DiTTransformer2DModel(
+        in_channels=in_channels,
+        out_channels=2 * in_channels,
+        sample_size=8,
+        patch_size=2,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_embeds_ada_norm=10,
+    )
     if zero:  # predicts eps = 0: an Euler step then leaves the latents unchanged
         torch.nn.init.zeros_(dit.proj_out_2.weight)
         torch.nn.init.zeros_(dit.proj_out_2.bias)
@@ -55,8 +63,13 @@ def test_dit_pipeline_generates_images_with_our_vae():
     vae = _vae()
     pipe = DiTPipeline(transformer=_dit(), vae=vae, scheduler=EulerDiscreteScheduler())
     assert convention(pipe) == "sd"
-    out = pipe(class_labels=[0, 3], guidance_scale=1.0, num_inference_steps=4, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    out = pipe(
+        class_labels=[0, 3],
+        guidance_scale=1.0,
+        num_inference_steps=4,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (2, 3, 16, 16)  # 8x8 latents x our downsampling factor 2
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1 and out.std() > 0
 
@@ -64,9 +77,16 @@ def test_dit_pipeline_generates_images_with_our_vae():
 def test_dit_decodes_z_over_scaling_factor_and_ignores_shift():
     """DiT decodes latents / scaling_factor: with a zero denoiser its output is our decode of its final latents / scale."""
     vae = _vae()
-    pipe = DiTPipeline(transformer=_dit(zero=True), vae=vae, scheduler=DDIMScheduler(set_alpha_to_one=True, clip_sample=False))
-    out = pipe(class_labels=[1, 2], guidance_scale=1.0, num_inference_steps=2, output_type="pt",
-               generator=torch.Generator().manual_seed(5)).images  # fmt: skip
+    pipe = DiTPipeline(
+        transformer=_dit(zero=True), vae=vae, scheduler=DDIMScheduler(set_alpha_to_one=True, clip_sample=False)
+    )
+    out = pipe(
+        class_labels=[1, 2],
+        guidance_scale=1.0,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(5),
+    ).images
     eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))  # the pipeline's initial latents
     # DDIM with eps = 0 multiplies by sqrt(abar_prev / abar_t) per step: telescopes to 1 / sqrt(abar_t0).
     final = eps / pipe.scheduler.alphas_cumprod[pipe.scheduler.timesteps[0]].sqrt()
@@ -76,15 +96,29 @@ def test_dit_decodes_z_over_scaling_factor_and_ignores_shift():
 
 def _sd_pipeline(vae: AutoencoderKL) -> StableDiffusionPipeline:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=8)  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+    )
     torch.nn.init.zeros_(unet.conv_out.weight)  # predicts eps = 0: Euler steps leave the latents unchanged
     torch.nn.init.zeros_(unet.conv_out.bias)
-    return StableDiffusionPipeline(vae=vae, unet=unet.eval(), scheduler=EulerDiscreteScheduler(), text_encoder=None,
-                                   tokenizer=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)  # fmt: skip
+    return StableDiffusionPipeline(
+        vae=vae,
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def test_sd_convention_round_trip_through_stable_diffusion_pipeline():
@@ -95,21 +129,44 @@ def test_sd_convention_round_trip_through_stable_diffusion_pipeline():
         z = vae.encode(_images()).latent_dist.mode()
     latents = LatentScaling.from_config(vae.config, "sd").scale(z)  # SD convention: z * scale, no shift
     pipe.scheduler.set_timesteps(2)
-    out = pipe(prompt_embeds=torch.zeros(2, 4, 16), latents=latents / pipe.scheduler.init_noise_sigma,
-               num_inference_steps=2, guidance_scale=1.0, output_type="pt").images  # fmt: skip
+    out = pipe(
+        prompt_embeds=torch.zeros(2, 4, 16),
+        latents=latents / pipe.scheduler.init_noise_sigma,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="pt",
+    ).images
     assert torch.allclose(out, _expected_images(vae, z), atol=1e-5)
 
 
 def _sd3_pipeline(vae: AutoencoderKL) -> StableDiffusion3Pipeline:
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16)  # fmt: skip
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+    )
     torch.nn.init.zeros_(transformer.proj_out.weight)  # velocity 0: flow-matching steps leave the latents unchanged
     torch.nn.init.zeros_(transformer.proj_out.bias)
-    return StableDiffusion3Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
 
 
 def test_sd3_convention_round_trip_through_sd3_pipeline():
@@ -119,8 +176,16 @@ def test_sd3_convention_round_trip_through_sd3_pipeline():
     with torch.no_grad():
         z = vae.encode(_images()).latent_dist.mode()
     latents = LatentScaling.from_config(vae.config, "sd3").scale(z)  # (z - shift) * scale
-    out = pipe(prompt_embeds=torch.zeros(2, 4, 32), pooled_prompt_embeds=torch.zeros(2, 32), latents=latents,
-               height=16, width=16, num_inference_steps=2, guidance_scale=1.0, output_type="pt").images  # fmt: skip
+    out = pipe(
+        prompt_embeds=torch.zeros(2, 4, 32),
+        pooled_prompt_embeds=torch.zeros(2, 32),
+        latents=latents,
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="pt",
+    ).images
     assert torch.allclose(out, _expected_images(vae, z), atol=1e-5)
     # the SD convention's latents would decode to something else: the conventions are not interchangeable
     assert not torch.allclose(out, _expected_images(vae, z + SHIFT), atol=1e-3)
@@ -144,22 +209,46 @@ def test_shifted_pipeline_needs_a_shift_factor():
 
 def _sdxl_pipeline(vae: AutoencoderKL) -> StableDiffusionXLPipeline:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=6 * 8 + 32)  # 6 time ids x 8 + pooled 32
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )  # 6 time ids x 8 + pooled 32
     torch.nn.init.zeros_(unet.conv_out.weight)  # predicts eps = 0: Euler steps leave the latents unchanged
     torch.nn.init.zeros_(unet.conv_out.bias)
-    return StableDiffusionXLPipeline(vae=vae, unet=unet.eval(), scheduler=EulerDiscreteScheduler(), text_encoder=None,
-                                     text_encoder_2=None, tokenizer=None, tokenizer_2=None, add_watermarker=False)  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler(),
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        add_watermarker=False,
+    )
 
 
 def _run_sdxl(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> torch.Tensor:
     pipe.scheduler.set_timesteps(2)
-    return pipe(prompt_embeds=torch.zeros(2, 4, 16), pooled_prompt_embeds=torch.zeros(2, 32),
-                latents=latents / pipe.scheduler.init_noise_sigma, height=16, width=16, num_inference_steps=2,
-                guidance_scale=1.0, output_type="pt").images  # fmt: skip
+    return pipe(
+        prompt_embeds=torch.zeros(2, 4, 16),
+        pooled_prompt_embeds=torch.zeros(2, 32),
+        latents=latents / pipe.scheduler.init_noise_sigma,
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="pt",
+    ).images
 
 
 def test_sdxl_convention_round_trip_through_sdxl_pipeline():

@@ -45,21 +45,53 @@ def evaluated(tmp_path_factory, shared):
     acc.update(torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 + 0.5)
     write_stats(model, acc.result())
     _reset()
-    assert eval_main(["--model", str(model), "--train_data_dir", str(shared / "data" / "cbsd68"), "--num_images", "4",
-                      "--resolution", "32", "--batch_size", "2", "--lpips_weights", str(shared / "weights" / "lpips"),
-                      "--no_fid", "--no_half_check", "--no_tiling_check", "--output_dir", str(root / "eval")]) == 0  # fmt: skip
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(model),
+                "--train_data_dir",
+                str(shared / "data" / "cbsd68"),
+                "--num_images",
+                "4",
+                "--resolution",
+                "32",
+                "--batch_size",
+                "2",
+                "--lpips_weights",
+                str(shared / "weights" / "lpips"),
+                "--no_fid",
+                "--no_half_check",
+                "--no_tiling_check",
+                "--output_dir",
+                str(root / "eval"),
+            ]
+        )
+        == 0
+    )
     return model, root / "eval"
 
 
 def test_dry_run_folder_loads_in_diffusers_and_the_card_round_trips(evaluated, tmp_path, capsys):
     model, eval_dir = evaluated
     out = tmp_path / "repo"
-    assert bridge_main(["publish", "--model", str(model), "--repo_id", REPO_ID, "--eval_dir", str(eval_dir),
-                        "--dry_run", str(out)]) == 0  # fmt: skip
+    assert (
+        bridge_main(
+            ["publish", "--model", str(model), "--repo_id", REPO_ID, "--eval_dir", str(eval_dir), "--dry_run", str(out)]
+        )
+        == 0
+    )
     assert "dry run: nothing uploaded" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
-    assert names == {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                     "latent_stats.json", "eval_results.json", "reconstructions.png", "README.md"}  # fmt: skip
+    assert names == {
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "latent_stats.json",
+        "eval_results.json",
+        "reconstructions.png",
+        "README.md",
+    }
     fp32 = AutoencoderKL.from_pretrained(out)
     fp16 = AutoencoderKL.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
     original = AutoencoderKL.from_pretrained(model)
@@ -81,10 +113,22 @@ def test_dry_run_folder_loads_in_diffusers_and_the_card_round_trips(evaluated, t
         assert result.dataset_name == "cbsd68" and result.dataset_args == {"resolution": 32, "num_images": 4}
     # the eval results survive a round trip through ModelCardData's YAML
     again = ModelCardData(**card.data.to_dict()).eval_results
-    assert [(r.metric_type, r.metric_value) for r in again] == [(r.metric_type, r.metric_value) for r in card.data.eval_results]
+    assert [(r.metric_type, r.metric_value) for r in again] == [
+        (r.metric_type, r.metric_value) for r in card.data.eval_results
+    ]
     text = card.text
-    for needle in ("## Usage", 'variant="fp16"', "## Latent space", "scaling_factor", "## Evaluation", "rFID: not reported — skipped (--no_fid)",
-                   "## Rate, active units and prior gap", "bits per pixel", "channels active", "IWAE (k = "):
+    for needle in (
+        "## Usage",
+        'variant="fp16"',
+        "## Latent space",
+        "scaling_factor",
+        "## Evaluation",
+        "rFID: not reported — skipped (--no_fid)",
+        "## Rate, active units and prior gap",
+        "bits per pixel",
+        "channels active",
+        "IWAE (k = ",
+    ):
         assert needle in text, needle
 
 
@@ -162,8 +206,21 @@ def test_refusals_nan_weights_missing_stats_missing_eval(evaluated, tmp_path, ca
 
     assert bridge_main(["publish", "--repo_id", REPO_ID, "--model", str(model), "--dry_run", str(tmp_path / "o2")]) == 2
     assert "refusing to publish without an evaluation" in capsys.readouterr().err
-    assert bridge_main(["publish", "--repo_id", REPO_ID, "--model", str(model), "--dry_run", str(tmp_path / "o2"),
-                        "--allow_missing_eval"]) == 0  # fmt: skip
+    assert (
+        bridge_main(
+            [
+                "publish",
+                "--repo_id",
+                REPO_ID,
+                "--model",
+                str(model),
+                "--dry_run",
+                str(tmp_path / "o2"),
+                "--allow_missing_eval",
+            ]
+        )
+        == 0
+    )
     assert "published without an evaluation" in (tmp_path / "o2" / "README.md").read_text()
 
 
@@ -171,8 +228,16 @@ def test_refusals_nan_weights_missing_stats_missing_eval(evaluated, tmp_path, ca
 def test_training_push_to_hub_uploads_the_export_with_its_held_out_metrics(tmp_path, lpips_dir, monkeypatch, capsys):
     monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
     out = tmp_path / "run"
-    args = ["--config=tiny", f"--output_dir={out}", "--max_train_steps=4", "--checkpointing_steps=0",
-            "--validation_steps=0", "--push_to_hub", "--hub_model_id=me/tiny", "--hub_private"]  # fmt: skip
+    args = [
+        "--config=tiny",
+        f"--output_dir={out}",
+        "--max_train_steps=4",
+        "--checkpointing_steps=0",
+        "--validation_steps=0",
+        "--push_to_hub",
+        "--hub_model_id=me/tiny",
+        "--hub_private",
+    ]
     monkeypatch.setattr(train.run, "get_token", lambda: None)
     _reset()
     assert trainer.main(args) == 2

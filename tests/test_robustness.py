@@ -36,9 +36,20 @@ def test_two_processes_keep_identical_parameters(tmp_path, lpips_dir):
     out = tmp_path / "ddp"
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [
-        accelerate, "launch", "--num_processes", "2", "--main_process_port", free_port(), "--cpu", "-m", "train", *TINY_FAST, f"--output_dir={out}",
-        "--max_train_steps=4", "--checkpointing_steps=2",
-    ]  # fmt: skip
+        accelerate,
+        "launch",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        free_port(),
+        "--cpu",
+        "-m",
+        "train",
+        *TINY_FAST,
+        f"--output_dir={out}",
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = _metrics(out)
@@ -74,8 +85,14 @@ def deterministic_cudnn(monkeypatch) -> None:
 def test_resume_is_exact(tmp_path, lpips_dir, monkeypatch):
     """k steps -> checkpoint -> resume to n equals an uninterrupted n-step run, bit for bit (CPU; `same` on CUDA)."""
     deterministic_cudnn(monkeypatch)
-    args = ["--max_train_steps=6", "--checkpointing_steps=3", "--use_ema", "--learn_logvar",
-            "--checkpoints_total_limit=5", "--lr_scheduler=cosine"]  # fmt: skip
+    args = [
+        "--max_train_steps=6",
+        "--checkpointing_steps=3",
+        "--use_ema",
+        "--learn_logvar",
+        "--checkpoints_total_limit=5",
+        "--lr_scheduler=cosine",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert _run_inprocess(full, lpips_dir, monkeypatch, *args) == 0
     # "stop" after k=3: a fresh run directory holding only the step-3 checkpoint
@@ -87,12 +104,20 @@ def test_resume_is_exact(tmp_path, lpips_dir, monkeypatch):
     assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     ea, eb = (load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (full, resumed))  # EMA export
     assert all(same(ea[k], eb[k]) for k in ea)
-    oa, ob = (torch.load(d / "checkpoints" / "checkpoint-6" / "optimizer.bin", weights_only=False) for d in (full, resumed))
+    oa, ob = (
+        torch.load(d / "checkpoints" / "checkpoint-6" / "optimizer.bin", weights_only=False) for d in (full, resumed)
+    )
     for pa, pb in zip(oa["state"].values(), ob["state"].values()):
         assert all(same(pa[k], pb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
-    sa, sb = (torch.load(d / "checkpoints" / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=True) for d in (full, resumed))
+    sa, sb = (
+        torch.load(d / "checkpoints" / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=True)
+        for d in (full, resumed)
+    )
     assert sa == sb and sa["global_step"] == 6
-    ema_a, ema_b = (torch.load(d / "checkpoints" / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False) for d in (full, resumed))
+    ema_a, ema_b = (
+        torch.load(d / "checkpoints" / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
+        for d in (full, resumed)
+    )
     assert all(same(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
     # the EMA really differs from the raw weights (so the export above compared EMA weights)
     assert not torch.equal(ea["decoder.conv_out.weight"], a["vae.decoder.conv_out.weight"])
@@ -105,25 +130,38 @@ def test_workers_train_as_the_main_process_across_epochs_and_a_resume(tmp_path, 
     62 training photos in batches of 4: 15 steps per epoch, 20 steps cross into the second.
     """
     deterministic_cudnn(monkeypatch)
-    args = [f"--train_data_dir={shared / 'data' / 'cbsd68'}", "--resolution=32", "--max_train_steps=20",
-            "--checkpointing_steps=10", "--checkpoints_total_limit=5", "--latent_stats=false"]  # fmt: skip
+    args = [
+        f"--train_data_dir={shared / 'data' / 'cbsd68'}",
+        "--resolution=32",
+        "--max_train_steps=20",
+        "--checkpointing_steps=10",
+        "--checkpoints_total_limit=5",
+        "--latent_stats=false",
+    ]
     runs = {"main": "--dataloader_num_workers=0", "workers": "--dataloader_num_workers=2"}
     for name, workers in runs.items():
         assert _run_inprocess(tmp_path / name, lpips_dir, monkeypatch, *args, workers) == 0
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "workers" / "checkpoints" / "checkpoint-10", resumed / "checkpoints" / "checkpoint-10")
-    assert _run_inprocess(resumed, lpips_dir, monkeypatch, *args, runs["workers"], "--resume_from_checkpoint=latest") == 0
-    main, workers, again = (load_file(tmp_path / d / "checkpoints" / "checkpoint-20" / "model.safetensors")
-                            for d in ("main", "workers", "resumed"))  # fmt: skip
+    assert (
+        _run_inprocess(resumed, lpips_dir, monkeypatch, *args, runs["workers"], "--resume_from_checkpoint=latest") == 0
+    )
+    main, workers, again = (
+        load_file(tmp_path / d / "checkpoints" / "checkpoint-20" / "model.safetensors")
+        for d in ("main", "workers", "resumed")
+    )
     assert all(same(main[k], workers[k]) and same(workers[k], again[k]) for k in main)
 
 
 class HostReads(TorchDispatchMode):
     """Counts the ops that copy a tensor's value to the host: on a GPU each is a host synchronisation."""
 
-    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.is_nonzero.default)  # item()/bool()/float()/int(), nonzero, truth value  # fmt: skip
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.is_nonzero.default,
+    )  # item()/bool()/float()/int(), nonzero, truth value
 
     def __init__(self):
         super().__init__()
@@ -137,9 +175,19 @@ class HostReads(TorchDispatchMode):
 def _host_reads(tmp_path, lpips_dir, monkeypatch, steps: int) -> int:
     """Host reads of a whole run of ``steps`` steps that logs only at its last (loading in a worker process)."""
     with HostReads() as reads:
-        assert _run_inprocess(tmp_path / f"{steps}", lpips_dir, monkeypatch, f"--max_train_steps={steps}",
-                              "--checkpointing_steps=0", "--log_every=1000", "--dataloader_num_workers=1",
-                              "--latent_stats=false") == 0  # fmt: skip
+        assert (
+            _run_inprocess(
+                tmp_path / f"{steps}",
+                lpips_dir,
+                monkeypatch,
+                f"--max_train_steps={steps}",
+                "--checkpointing_steps=0",
+                "--log_every=1000",
+                "--dataloader_num_workers=1",
+                "--latent_stats=false",
+            )
+            == 0
+        )
     return reads.count
 
 
@@ -150,7 +198,9 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, lpips_dir, monkeypat
     The control: deciding the skip of a non-finite step on the host (``bool`` of the flag, as the
     loop did before) makes the count grow by exactly the three steps.
     """
-    assert _host_reads(tmp_path / "a", lpips_dir, monkeypatch, 3) == _host_reads(tmp_path / "a", lpips_dir, monkeypatch, 6)
+    assert _host_reads(tmp_path / "a", lpips_dir, monkeypatch, 3) == _host_reads(
+        tmp_path / "a", lpips_dir, monkeypatch, 6
+    )
     monkeypatch.setattr(train.step, "guarded_step", lambda optimizer, bad: bool(bad) or optimizer.step())
     on_host = [_host_reads(tmp_path / "b", lpips_dir, monkeypatch, n) for n in (3, 6)]
     assert on_host[1] - on_host[0] == 3
@@ -197,8 +247,14 @@ def test_compiled_run_updates_like_eager_and_resumes_eager(tmp_path, lpips_dir, 
 
     # the adaptive GAN weight differentiates w.r.t. the decoder's last layer with retain_graph: through
     # one whole-model graph this raised (AOTAutograd's donated buffers); validation runs mid-run too
-    args = ["--max_train_steps=4", "--checkpointing_steps=2", "--checkpoints_total_limit=5", "--validation_steps=2",
-            "--disc_enabled=true", "--disc_start=0"]  # fmt: skip
+    args = [
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+        "--checkpoints_total_limit=5",
+        "--validation_steps=2",
+        "--disc_enabled=true",
+        "--disc_start=0",
+    ]
     eager, compiled, resumed = tmp_path / "eager", tmp_path / "compiled", tmp_path / "resumed"
     assert _run_inprocess(eager, lpips_dir, monkeypatch, *args) == 0
     torch._dynamo.reset()
@@ -229,7 +285,9 @@ def test_compiled_run_updates_like_eager_and_resumes_eager(tmp_path, lpips_dir, 
 
 def _start(out, lpips_dir, *args):
     cmd = [sys.executable, "-m", "train", *TINY_FAST, f"--output_dir={out}", "--max_train_steps=100000", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(lpips_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(lpips_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for(predicate, proc, timeout=180):
@@ -250,10 +308,22 @@ def test_sigkill_then_resume_from_last_checkpoint(tmp_path, lpips_dir):
     last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
     assert last >= 10
     result = subprocess.run(
-        [sys.executable, "-m", "train", *TINY_FAST, f"--output_dir={out}", f"--max_train_steps={last + 3}",
-         "--checkpointing_steps=5", "--resume_from_checkpoint=latest"],
-        cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "train",
+            *TINY_FAST,
+            f"--output_dir={out}",
+            f"--max_train_steps={last + 3}",
+            "--checkpointing_steps=5",
+            "--resume_from_checkpoint=latest",
+        ],
+        cwd=REPO,
+        env=_env(lpips_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{last}'} at step {last}" in result.stderr
     assert _metrics(out)["step"] == last + 3
@@ -288,8 +358,18 @@ def test_bf16_keeps_fp32_master_and_exported_weights(tmp_path, lpips_dir, monkey
         return original(self, pixel_values, *args, **kwargs)
 
     monkeypatch.setattr(VAEForTraining, "forward", spy)
-    assert _run_inprocess(out, lpips_dir, monkeypatch, "--mixed_precision=bf16", "--max_train_steps=3",
-                          "--checkpointing_steps=2", "--validation_steps=2") == 0  # fmt: skip
+    assert (
+        _run_inprocess(
+            out,
+            lpips_dir,
+            monkeypatch,
+            "--mixed_precision=bf16",
+            "--max_train_steps=3",
+            "--checkpointing_steps=2",
+            "--validation_steps=2",
+        )
+        == 0
+    )
     assert seen and all(dtype == torch.bfloat16 for dtype in seen)  # every forward ran under bf16 autocast
     ckpt = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in ckpt.values())
@@ -313,18 +393,25 @@ def _nan_at(steps, monkeypatch):
 def test_nan_loss_step_is_skipped_and_counted(tmp_path, lpips_dir, monkeypatch):
     out = tmp_path / "nan"
     _nan_at({1}, monkeypatch)  # the second optimizer step (global_step 1 -> 2)
-    assert _run_inprocess(out, lpips_dir, monkeypatch, "--max_train_steps=3", "--checkpointing_steps=1",
-                          "--checkpoints_total_limit=5") == 0  # fmt: skip
+    assert (
+        _run_inprocess(
+            out, lpips_dir, monkeypatch, "--max_train_steps=3", "--checkpointing_steps=1", "--checkpoints_total_limit=5"
+        )
+        == 0
+    )
     assert _metrics(out)["nonfinite_steps"] == 1
     w1, w2, w3 = (load_file(out / "checkpoints" / f"checkpoint-{i}" / "model.safetensors") for i in (1, 2, 3))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 changed nothing
     assert not all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained again
-    s1, s2, s3 = (torch.load(out / "checkpoints" / f"checkpoint-{i}" / "scheduler.bin", weights_only=False)
-                  for i in (1, 2, 3))  # fmt: skip
+    s1, s2, s3 = (
+        torch.load(out / "checkpoints" / f"checkpoint-{i}" / "scheduler.bin", weights_only=False) for i in (1, 2, 3)
+    )
     # the LR schedule follows global_step (no host sync decides a skip); AdamW's own step count skipped with the update
     assert s1["last_epoch"] + 1 == s2["last_epoch"] == s3["last_epoch"] - 1
-    o1, o2, o3 = (torch.load(out / "checkpoints" / f"checkpoint-{i}" / "optimizer.bin", weights_only=False)["state"]
-                  for i in (1, 2, 3))  # fmt: skip
+    o1, o2, o3 = (
+        torch.load(out / "checkpoints" / f"checkpoint-{i}" / "optimizer.bin", weights_only=False)["state"]
+        for i in (1, 2, 3)
+    )
     assert [float(o[0]["step"]) for o in (o1, o2, o3)] == [1.0, 1.0, 2.0]
     assert all(torch.equal(o1[k]["exp_avg"], o2[k]["exp_avg"]) for k in o1)  # the moments did not move either
 
@@ -333,8 +420,9 @@ def test_nan_loss_step_is_skipped_and_counted(tmp_path, lpips_dir, monkeypatch):
 def test_consecutive_nan_steps_stop_the_run(tmp_path, lpips_dir, monkeypatch, capsys):
     out = tmp_path / "nan-stop"
     _nan_at(set(range(2, 100)), monkeypatch)
-    code = _run_inprocess(out, lpips_dir, monkeypatch, "--max_train_steps=50", "--checkpointing_steps=2",
-                          "--max_consecutive_nonfinite=3")  # fmt: skip
+    code = _run_inprocess(
+        out, lpips_dir, monkeypatch, "--max_train_steps=50", "--checkpointing_steps=2", "--max_consecutive_nonfinite=3"
+    )
     message = capsys.readouterr().err
     assert code == 2
     assert "3 consecutive steps with a non-finite loss" in message and "up to step 5" in message

@@ -11,8 +11,16 @@ import train.sweep as sweep
 def test_sweep_trains_evaluates_plots_and_skips_finished_runs(tmp_path, lpips_dir, monkeypatch, capsys):
     monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
     out = tmp_path / "sweep"
-    args = ["--config=tiny", "--kl_weight", "1e-6,1", "--max_train_steps=30", f"--sweep_dir={out}",
-            "--validation_steps=0", "--checkpointing_steps=0", "--iwae_samples=2"]  # fmt: skip
+    args = [
+        "--config=tiny",
+        "--kl_weight",
+        "1e-6,1",
+        "--max_train_steps=30",
+        f"--sweep_dir={out}",
+        "--validation_steps=0",
+        "--checkpointing_steps=0",
+        "--iwae_samples=2",
+    ]
     assert sweep.main(args) == 0
     result = json.loads((out / "sweep.json").read_text())
     rows = {r["kl_weight"]: r for r in result["runs"]}
@@ -34,11 +42,23 @@ def test_sweep_trains_evaluates_plots_and_skips_finished_runs(tmp_path, lpips_di
 
 
 def test_sweep_grid_names_runs_and_refuses_what_it_manages(tmp_path):
-    args = sweep.parse_args(["--config=tiny", "--kl_weight=1e-6,1e-4", "--latent_channels", "4,8",
-                             f"--sweep_dir={tmp_path}", "--max_train_steps=7"])  # fmt: skip
+    args = sweep.parse_args(
+        [
+            "--config=tiny",
+            "--kl_weight=1e-6,1e-4",
+            "--latent_channels",
+            "4,8",
+            f"--sweep_dir={tmp_path}",
+            "--max_train_steps=7",
+        ]
+    )
     runs = sweep.run_configs(args)
-    assert [sweep.run_name(p) for p, _ in runs] == ["kl_weight=1e-06,latent_channels=4", "kl_weight=1e-06,latent_channels=8",
-                                                    "kl_weight=0.0001,latent_channels=4", "kl_weight=0.0001,latent_channels=8"]
+    assert [sweep.run_name(p) for p, _ in runs] == [
+        "kl_weight=1e-06,latent_channels=4",
+        "kl_weight=1e-06,latent_channels=8",
+        "kl_weight=0.0001,latent_channels=4",
+        "kl_weight=0.0001,latent_channels=8",
+    ]
     point, cfg = runs[3]
     assert cfg.loss.kl_weight == 1e-4 and cfg.model.latent_channels == 8 and cfg.train.max_train_steps == 7
     assert cfg.train.output_dir == str(tmp_path / "kl_weight=0.0001,latent_channels=8")

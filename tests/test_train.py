@@ -40,8 +40,9 @@ def _metrics(out):
 
 @pytest.mark.slow
 def test_tiny_run_exports_a_loadable_vae(run):
-    code, out = run("--max_train_steps=6", "--checkpointing_steps=3", "--validation_steps=3",
-                    "--checkpoints_total_limit=1")  # fmt: skip
+    code, out = run(
+        "--max_train_steps=6", "--checkpointing_steps=3", "--validation_steps=3", "--checkpoints_total_limit=1"
+    )
     assert code == 0
     metrics = _metrics(out)
     assert metrics["step"] == 6 and metrics["n_images"] == 8
@@ -82,7 +83,11 @@ def test_tiny_run_exports_a_loadable_vae(run):
     with torch.no_grad():
         recon = vae(x, sample_posterior=False).sample
     assert recon.shape == x.shape and torch.isfinite(recon).all()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000000.png", "step_0000003.png", "step_0000006.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step_0000000.png",
+        "step_0000003.png",
+        "step_0000006.png",
+    ]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
@@ -91,8 +96,9 @@ def test_resume_latest_continues_the_step_count(run, caplog):
     caplog.set_level(logging.INFO)
     code, out = run("--max_train_steps=4", "--checkpointing_steps=2", "--validation_steps=0")
     assert code == 0 and _metrics(out)["step"] == 4
-    code, out = run("--max_train_steps=6", "--checkpointing_steps=2", "--validation_steps=0",
-                    "--resume_from_checkpoint=latest")  # fmt: skip
+    code, out = run(
+        "--max_train_steps=6", "--checkpointing_steps=2", "--validation_steps=0", "--resume_from_checkpoint=latest"
+    )
     assert code == 0
     metrics = _metrics(out)
     assert metrics["step"] == 6 and metrics["initial"] is None  # no step-0 baseline on a resumed run
@@ -121,26 +127,45 @@ def test_offline_without_lpips_weights_stops_before_training(run, monkeypatch, t
 
 @pytest.mark.slow
 def test_trains_on_parquet_and_image_folder(run, shared):
-    code, out = run(f"--train_data_dir={shared / 'data' / 'cifar10' / 'train.parquet'}", "--max_train_steps=2",
-                    "--num_validation_images=8", "--validation_steps=0", "--checkpointing_steps=0")  # fmt: skip
+    code, out = run(
+        f"--train_data_dir={shared / 'data' / 'cifar10' / 'train.parquet'}",
+        "--max_train_steps=2",
+        "--num_validation_images=8",
+        "--validation_steps=0",
+        "--checkpointing_steps=0",
+    )
     assert code == 0 and _metrics(out)["step"] == 2 and "8 images held out" in _metrics(out)["data"]
-    code, out = run(f"--train_data_dir={shared / 'data' / 'cbsd68'}", "--max_train_steps=2", "--resolution=64",
-                    "--num_validation_images=4", "--validation_steps=0", "--checkpointing_steps=0")  # fmt: skip
+    code, out = run(
+        f"--train_data_dir={shared / 'data' / 'cbsd68'}",
+        "--max_train_steps=2",
+        "--resolution=64",
+        "--num_validation_images=4",
+        "--validation_steps=0",
+        "--checkpointing_steps=0",
+    )
     assert code == 0 and _metrics(out)["n_images"] == 4 and _metrics(out)["resolution"] == 64
 
 
 def test_cli_help_and_bad_key():
     help_out = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, cwd=REPO)
     assert help_out.returncode == 0 and "--max_train_steps" in help_out.stdout and "--lpips_weights" in help_out.stdout
-    bad = subprocess.run([sys.executable, "-m", "train", "--max_train_step=3"], capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run(
+        [sys.executable, "-m", "train", "--max_train_step=3"], capture_output=True, text=True, cwd=REPO
+    )
     assert bad.returncode == 2 and "unknown config key 'max_train_step'" in bad.stderr
 
 
 @pytest.mark.slow
 def test_streaming_training_and_resume(run, shared):
     data = f"--train_data_dir={shared / 'data' / 'cifar10' / 'train.parquet'}"
-    common = [data, "--streaming", "--shuffle_buffer=64", "--num_validation_images=8", "--validation_steps=0",
-              "--checkpointing_steps=2"]  # fmt: skip
+    common = [
+        data,
+        "--streaming",
+        "--shuffle_buffer=64",
+        "--num_validation_images=8",
+        "--validation_steps=0",
+        "--checkpointing_steps=2",
+    ]
     code, out = run(*common, "--max_train_steps=2")
     assert code == 0 and "streaming" in _metrics(out)["data"]
     code, out = run(*common, "--max_train_steps=4", "--resume_from_checkpoint=latest")

@@ -20,8 +20,12 @@ from test_robustness import _metrics, _run_inprocess, deterministic_cudnn, same
 def test_short_run_improves_held_out_psnr_by_a_margin(tmp_path, lpips_dir, monkeypatch):
     """A sign-flipped or detached loss cannot pass: 40 steps must gain >= 2 dB over the untrained model."""
     out = tmp_path / "improve"
-    assert _run_inprocess(out, lpips_dir, monkeypatch, "--max_train_steps=40", "--checkpointing_steps=0",
-                          "--validate_at_start=true") == 0  # fmt: skip
+    assert (
+        _run_inprocess(
+            out, lpips_dir, monkeypatch, "--max_train_steps=40", "--checkpointing_steps=0", "--validate_at_start=true"
+        )
+        == 0
+    )
     m = _metrics(out)
     assert m["psnr"] >= m["initial"]["psnr"] + 2.0, (m["initial"], m["psnr"])
     assert m["lpips"] < m["initial"]["lpips"]
@@ -29,9 +33,18 @@ def test_short_run_improves_held_out_psnr_by_a_margin(tmp_path, lpips_dir, monke
 
 @pytest.mark.slow
 def test_gan_from_step_zero_with_ema_trains_checkpoints_and_resumes_exactly(tmp_path, lpips_dir, monkeypatch):
-    args = ["--disc_enabled", "--disc_start=0", "--disc_channels=8", "--disc_num_layers=2", "--use_ema",
-            "--max_train_steps=4", "--checkpointing_steps=2", "--checkpoints_total_limit=5",
-            "--lr_scheduler=cosine", "--lr_warmup_steps=1"]  # fmt: skip
+    args = [
+        "--disc_enabled",
+        "--disc_start=0",
+        "--disc_channels=8",
+        "--disc_num_layers=2",
+        "--use_ema",
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+        "--checkpoints_total_limit=5",
+        "--lr_scheduler=cosine",
+        "--lr_warmup_steps=1",
+    ]
     deterministic_cudnn(monkeypatch)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert _run_inprocess(full, lpips_dir, monkeypatch, *args) == 0
@@ -67,17 +80,37 @@ def _grad_norms(monkeypatch) -> list[float]:
 
 @pytest.mark.slow
 def test_two_micro_batches_of_four_equal_one_batch_of_eight(tmp_path, lpips_dir, monkeypatch):
-    common = ["--max_train_steps=2", "--checkpointing_steps=0", "--latent_stats=false", "--lpips_weight=0",
-              "--random_flip=false", "--max_grad_norm=0"]  # fmt: skip
+    common = [
+        "--max_train_steps=2",
+        "--checkpointing_steps=0",
+        "--latent_stats=false",
+        "--lpips_weight=0",
+        "--random_flip=false",
+        "--max_grad_norm=0",
+    ]
     norms = _grad_norms(monkeypatch)
     # CUDA's Philox draws differ for one [8,...] and two [4,...] tensors; draw the posterior noise on the
     # CPU (sequential there) so both runs see the same noise, and compare in full fp32 (no TF32)
-    monkeypatch.setattr(diffusers_vae, "randn_tensor", lambda shape, generator=None, device=None, dtype=None:
-                        torch.randn(shape, generator=generator, dtype=dtype).to(device))  # fmt: skip
+    monkeypatch.setattr(
+        diffusers_vae,
+        "randn_tensor",
+        lambda shape, generator=None, device=None, dtype=None: torch.randn(shape, generator=generator, dtype=dtype).to(
+            device
+        ),
+    )
     common.append("--allow_tf32=false")
     assert _run_inprocess(tmp_path / "b8", lpips_dir, monkeypatch, *common, "--train_batch_size=8") == 0
-    assert _run_inprocess(tmp_path / "b4x2", lpips_dir, monkeypatch, *common, "--train_batch_size=4",
-                          "--gradient_accumulation_steps=2") == 0  # fmt: skip
+    assert (
+        _run_inprocess(
+            tmp_path / "b4x2",
+            lpips_dir,
+            monkeypatch,
+            *common,
+            "--train_batch_size=4",
+            "--gradient_accumulation_steps=2",
+        )
+        == 0
+    )
     assert len(norms) == 4
     norms_8, norms_4x2 = norms[:2], norms[2:]
     assert norms_4x2 == pytest.approx(norms_8, rel=1e-4)  # the accumulated gradient is the batch-8 gradient

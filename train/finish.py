@@ -28,8 +28,10 @@ def interrupted(run: Run, loop: Loop) -> dict:
     """A stop request: checkpoint the last completed step and say how to continue."""
     step = run.state.global_step
     path = checkpoints.save(run.accelerator, run.model, run.cfg, step)
-    logger.warning(f"{signal.Signals(loop.interrupted).name} received: saved {path} at step {step}; "
-                   "continue with --resume_from_checkpoint latest")  # fmt: skip
+    logger.warning(
+        f"{signal.Signals(loop.interrupted).name} received: saved {path} at step {step}; "
+        "continue with --resume_from_checkpoint latest"
+    )
     end_run(run)
     return {"step": step, "interrupted": int(loop.interrupted), "checkpoint": str(path)}
 
@@ -175,8 +177,12 @@ def push_to_hub(cfg: Config, metrics: dict, vae_dir: Path) -> dict:
     (out / "eval" / "metrics.json").write_text(json.dumps(eval_payload(cfg, metrics, vae_dir), indent=2))
     try:
         folder = prepare_folder(vae_dir, out / "hub-upload", cfg.train.hub_model_id, eval_dir=str(out / "eval"))
-        url = upload(folder, cfg.train.hub_model_id, private=cfg.train.hub_private,
-                     commit_message=f"AutoencoderKL after {metrics['step']} steps")  # fmt: skip
+        url = upload(
+            folder,
+            cfg.train.hub_model_id,
+            private=cfg.train.hub_private,
+            commit_message=f"AutoencoderKL after {metrics['step']} steps",
+        )
     except PublishError as exc:
         logger.error(f"push_to_hub failed: {exc}")
         return {"error": str(exc)}

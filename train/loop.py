@@ -166,9 +166,16 @@ class Loop:
     def start(cls, run: Run) -> "Loop":
         """A loop continuing from the run's (resumed) state."""
         s, waits = run.state, WaitClock()
-        counters = DeviceCounters.start(s.nonfinite_steps, s.consecutive_nonfinite, s.skipped_images, run.accelerator.device)
-        progress = tqdm(total=run.cfg.train.max_train_steps, initial=s.global_step, desc="train", dynamic_ncols=True,
-                        disable=not run.accelerator.is_local_main_process)  # fmt: skip
+        counters = DeviceCounters.start(
+            s.nonfinite_steps, s.consecutive_nonfinite, s.skipped_images, run.accelerator.device
+        )
+        progress = tqdm(
+            total=run.cfg.train.max_train_steps,
+            initial=s.global_step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not run.accelerator.is_local_main_process,
+        )
         return cls(counters, waits, LaggedFlags(waits), progress)
 
 
@@ -211,8 +218,10 @@ def run_epoch(run: Run, loop: Loop, stop: StopRequest) -> bool:
             return False
     if not yielded and not run.state.batches_in_epoch:
         t = run.cfg.train
-        raise UsageError(f"the training data yielded no batch of {t.train_batch_size} images",
-                         "add images or lower --train_batch_size")  # fmt: skip
+        raise UsageError(
+            f"the training data yielded no batch of {t.train_batch_size} images",
+            "add images or lower --train_batch_size",
+        )
     return True
 
 
@@ -286,8 +295,10 @@ def note_flags(run: Run, loop: Loop, keep: int) -> None:
         s.skipped_images = flags.skipped_images
         if not flags.bad:
             continue
-        logger.warning(f"step {flags.step}: non-finite loss or gradient, update skipped "
-                       f"({flags.consecutive_nonfinite} in a row, {flags.nonfinite_steps} in total)")  # fmt: skip
+        logger.warning(
+            f"step {flags.step}: non-finite loss or gradient, update skipped "
+            f"({flags.consecutive_nonfinite} in a row, {flags.nonfinite_steps} in total)"
+        )
         if flags.consecutive_nonfinite >= limit:
             last = checkpoints.latest_checkpoint(Path(run.cfg.train.output_dir) / "checkpoints")
             end_run(run)

@@ -46,7 +46,14 @@ logger = get_logger(__name__)
 class TrainingState:
     """Counters, data position and loss-module state saved with every checkpoint."""
 
-    COUNTERS = ("global_step", "epoch", "batches_in_epoch", "skipped_images", "nonfinite_steps", "consecutive_nonfinite")
+    COUNTERS = (
+        "global_step",
+        "epoch",
+        "batches_in_epoch",
+        "skipped_images",
+        "nonfinite_steps",
+        "consecutive_nonfinite",
+    )
 
     def __init__(self, loss_fn: VAELoss):
         self.loss_fn = loss_fn
@@ -175,7 +182,9 @@ def build(cfg: Config, accelerator: Accelerator, called: float, keep_process_gro
     initial_checksum = param_checksum(parts.vae)
     workers, train_dl, val_dl = build_loaders(cfg, accelerator, parts)
     fused = fused_adamw_available(accelerator.device)  # a non-finite step is then skipped without a host sync
-    optimizer, disc_optimizer = build_optimizers(cfg, model, parts.loss_fn, parts.disc, accelerator.num_processes, fused)
+    optimizer, disc_optimizer = build_optimizers(
+        cfg, model, parts.loss_fn, parts.disc, accelerator.num_processes, fused
+    )
     scheduler = build_scheduler(cfg, optimizer, accelerator.num_processes)
     if t.compile:  # in place, block by block (see compile_regions): DDP sees plain modules, checkpoints plain keys
         compile_regions(parts.vae)
@@ -195,10 +204,26 @@ def build(cfg: Config, accelerator: Accelerator, called: float, keep_process_gro
             accelerator.register_for_checkpointing(saved)
     raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
     run = Run(
-        cfg=cfg, accelerator=accelerator, keep_process_group=keep_process_group, called=called, parts=parts,
-        model=model, disc=disc, optimizer=optimizer, disc_optimizer=disc_optimizer, scheduler=scheduler,
-        disc_scheduler=disc_scheduler, ema=ema, train_dl=train_dl, val_dl=val_dl, state=state,
-        initial_checksum=initial_checksum, workers=workers, fused=fused, vae_params=vae_params, raw_disc=raw_disc,
+        cfg=cfg,
+        accelerator=accelerator,
+        keep_process_group=keep_process_group,
+        called=called,
+        parts=parts,
+        model=model,
+        disc=disc,
+        optimizer=optimizer,
+        disc_optimizer=disc_optimizer,
+        scheduler=scheduler,
+        disc_scheduler=disc_scheduler,
+        ema=ema,
+        train_dl=train_dl,
+        val_dl=val_dl,
+        state=state,
+        initial_checksum=initial_checksum,
+        workers=workers,
+        fused=fused,
+        vae_params=vae_params,
+        raw_disc=raw_disc,
         last_layer=raw.last_layer(),
     )
     start_logging(run)
@@ -241,15 +266,25 @@ def build_datasets(cfg: Config, accelerator: Accelerator, splits) -> tuple[Any, 
     streaming = isinstance(splits.train, datasets.IterableDataset)
     flag = data_flag(cfg.data.dataset_name, cfg.data.train_data_dir)
     if streaming:  # sharded per rank here, so the loader is not prepared (no accelerate re-sharding)
-        train_ds = StreamingImageDataset(splits.train, splits.image_column, transform, t.seed, accelerator.process_index,
-                                         accelerator.num_processes, cfg.data.shuffle_buffer)  # fmt: skip
+        train_ds = StreamingImageDataset(
+            splits.train,
+            splits.image_column,
+            transform,
+            t.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            cfg.data.shuffle_buffer,
+        )
     else:
         # the embedded default crops 11 photographs ~700 times an epoch: decode each once per process
-        train_ds = ImageDataset(splits.train, splits.image_column, transform, seed=t.seed, cache_decoded=splits.embedded)
+        train_ds = ImageDataset(
+            splits.train, splits.image_column, transform, seed=t.seed, cache_decoded=splits.embedded
+        )
         check_enough_images(train_ds, t.train_batch_size * accelerator.num_processes, "training", flag)
     val_ds = ImageDataset(splits.validation, splits.image_column, eval_transform(cfg.data.resolution))
-    check_enough_images(val_ds, 1, "validation", flag, need="{n} image",
-                        fix="add images or choose another --validation_split")  # fmt: skip
+    check_enough_images(
+        val_ds, 1, "validation", flag, need="{n} image", fix="add images or choose another --validation_split"
+    )
     return train_ds, val_ds, streaming
 
 
@@ -262,10 +297,16 @@ def build_loaders(cfg: Config, accelerator: Accelerator, parts: Parts) -> tuple[
     t = cfg.train
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # ranks sharing this machine's CPUs
     workers = loader_workers(cfg.data.dataloader_num_workers, accelerator.device, per_node)
-    loader_kw = dict(collate_fn=collate, num_workers=workers, generator=torch.Generator().manual_seed(t.seed),
-                     pin_memory=accelerator.device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
-    train_dl = torch.utils.data.DataLoader(parts.train_ds, batch_size=t.train_batch_size, shuffle=not parts.streaming,
-                                           drop_last=True, **loader_kw)  # fmt: skip
+    loader_kw = dict(
+        collate_fn=collate,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(t.seed),
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+    train_dl = torch.utils.data.DataLoader(
+        parts.train_ds, batch_size=t.train_batch_size, shuffle=not parts.streaming, drop_last=True, **loader_kw
+    )
     val_dl = torch.utils.data.DataLoader(parts.val_ds, batch_size=t.validation_batch_size, shuffle=False, **loader_kw)
     return workers, train_dl, val_dl
 
@@ -275,8 +316,9 @@ def build_ema(cfg: Config, accelerator: Accelerator, params: list, vae: Autoenco
     t = cfg.train
     if not t.use_ema:
         return None
-    ema = EMAModel(params, decay=t.ema_decay, use_ema_warmup=t.ema_warmup, model_cls=AutoencoderKL,
-                   model_config=vae.config)  # fmt: skip
+    ema = EMAModel(
+        params, decay=t.ema_decay, use_ema_warmup=t.ema_warmup, model_cls=AutoencoderKL, model_config=vae.config
+    )
     ema.to(accelerator.device)
     return ema
 
@@ -318,8 +360,10 @@ def resolve_resume(cfg: Config) -> Optional[Path]:
         return checkpoints.latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
     path = Path(value)
     if not path.is_dir():
-        raise UsageError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder",
-                         "give a folder under OUTPUT_DIR/checkpoints, or 'latest'")  # fmt: skip
+        raise UsageError(
+            f"--resume_from_checkpoint {value!r} is not a checkpoint folder",
+            "give a folder under OUTPUT_DIR/checkpoints, or 'latest'",
+        )
     return path
 
 
@@ -332,8 +376,14 @@ def fused_adamw_available(device: torch.device) -> bool:
     return True
 
 
-def build_optimizers(cfg: Config, model: torch.nn.Module, loss_fn: VAELoss, disc: Optional[torch.nn.Module], world: int,
-                     fused: bool = False):  # fmt: skip
+def build_optimizers(
+    cfg: Config,
+    model: torch.nn.Module,
+    loss_fn: VAELoss,
+    disc: Optional[torch.nn.Module],
+    world: int,
+    fused: bool = False,
+):
     """AdamW for the VAE (+ learned logvar) and, if enabled, for the discriminator (fused where available)."""
     t = cfg.train
     lr = t.learning_rate
@@ -355,8 +405,12 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, world: int):
     Prepared schedulers step once per process per optimizer step, hence the scaling (as in diffusers).
     """
     t = cfg.train
-    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * world,
-                         num_training_steps=t.max_train_steps * world)  # fmt: skip
+    return get_scheduler(
+        t.lr_scheduler,
+        optimizer,
+        num_warmup_steps=t.lr_warmup_steps * world,
+        num_training_steps=t.max_train_steps * world,
+    )
 
 
 def check_disk_space(path: Path, n_params: int, cfg: Config) -> None:
@@ -368,8 +422,9 @@ def check_disk_space(path: Path, n_params: int, cfg: Config) -> None:
     if free < ckpt + n_params * 4:
         raise UsageError(
             f"only {free / 1e9:.2f} GB free under {str(path)!r}, but one checkpoint plus the export needs "
-            f"~{(ckpt + n_params * 4) / 1e9:.2f} GB", "free space or choose another --output_dir"
-        )  # fmt: skip
+            f"~{(ckpt + n_params * 4) / 1e9:.2f} GB",
+            "free space or choose another --output_dir",
+        )
     every = math.ceil(t.max_train_steps / t.checkpointing_steps) if t.checkpointing_steps else 0
     kept = t.checkpoints_total_limit or every
     if free < (kept + 1) * ckpt + n_params * 4:

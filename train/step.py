@@ -123,7 +123,9 @@ def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: C
     return grad_norm
 
 
-def train_step(run: "Run", counters: DeviceCounters, window: Window, batch: dict) -> Optional[tuple[dict, torch.Tensor]]:
+def train_step(
+    run: "Run", counters: DeviceCounters, window: Window, batch: dict
+) -> Optional[tuple[dict, torch.Tensor]]:
     """One micro-batch: forward and backward, and at the end of its accumulation window the guarded updates.
 
     Returns the step's logs (device tensors) and its flag ``bad`` when an optimizer step was taken,
@@ -141,8 +143,15 @@ def train_step(run: "Run", counters: DeviceCounters, window: Window, batch: dict
     with acc.accumulate(*run.trained_modules()):
         recon, posterior = run.model(x)
         with acc.autocast():  # LPIPS in the run's precision (its accuracy: tests/test_lpips.py)
-            loss, logs = run.loss_fn(x, recon, posterior, step, discriminator=run.raw_disc if use_disc else None,
-                                     last_layer=run.last_layer, grad_scale=grad_scale)  # fmt: skip
+            loss, logs = run.loss_fn(
+                x,
+                recon,
+                posterior,
+                step,
+                discriminator=run.raw_disc if use_disc else None,
+                last_layer=run.last_layer,
+                grad_scale=grad_scale,
+            )
         counters.note_loss(loss)
         acc.backward(loss)  # a non-finite loss gives non-finite gradients: skipped in update_vae
         if acc.sync_gradients:

@@ -59,8 +59,9 @@ def parse_args(argv: list[str]) -> SweepArgs:
             try:
                 grid[key] = [SWEPT[key](v) for v in value.split(",") if v.strip()]
             except ValueError:
-                raise UsageError(f"--{key} {value!r} is not a list of {SWEPT[key].__name__}s",
-                                 f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4") from None  # fmt: skip
+                raise UsageError(
+                    f"--{key} {value!r} is not a list of {SWEPT[key].__name__}s", f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4"
+                ) from None
         elif key in OWN:
             if value is None:
                 raise UsageError(f"--{key} needs a value", f"write --{key}=VALUE")
@@ -68,8 +69,10 @@ def parse_args(argv: list[str]) -> SweepArgs:
         elif key == "output_dir":
             raise UsageError("--output_dir is set per run by the sweep", "use --sweep_dir to choose the sweep's folder")
         elif key == "resume_from_checkpoint":
-            raise UsageError("--resume_from_checkpoint is managed by the sweep (unfinished runs resume)",
-                             "rerun the same sweep command to continue it")  # fmt: skip
+            raise UsageError(
+                "--resume_from_checkpoint is managed by the sweep (unfinished runs resume)",
+                "rerun the same sweep command to continue it",
+            )
         else:
             train_argv += _tokens(key, value)
     if "kl_weight" not in grid:
@@ -128,9 +131,17 @@ def eval_argv(args: SweepArgs, runs: list[tuple[dict, Config]]) -> list[str]:
         argv.append(f"--train_data_dir={d.train_data_dir}")
     if d.validation_split:
         argv.append(f"--split={d.validation_split}")
-    argv += [f"--image_column={d.image_column}", f"--resolution={d.resolution}", f"--num_images={d.num_validation_images}",
-             f"--batch_size={cfg.train.validation_batch_size}", f"--iwae_samples={args.iwae_samples}",
-             f"--seed={cfg.train.seed}", f"--output_dir={args.sweep_dir / 'eval'}", "--no_fid", "--no_tiling_check"]  # fmt: skip
+    argv += [
+        f"--image_column={d.image_column}",
+        f"--resolution={d.resolution}",
+        f"--num_images={d.num_validation_images}",
+        f"--batch_size={cfg.train.validation_batch_size}",
+        f"--iwae_samples={args.iwae_samples}",
+        f"--seed={cfg.train.seed}",
+        f"--output_dir={args.sweep_dir / 'eval'}",
+        "--no_fid",
+        "--no_tiling_check",
+    ]
     if cfg.loss.lpips_weights:
         argv.append(f"--lpips_weights={cfg.loss.lpips_weights}")
     return argv
@@ -142,33 +153,78 @@ def sweep_table(args: SweepArgs, runs: list[tuple[dict, Config]], evaluation: di
     for point, cfg in runs:
         m = evaluation["models"][str(Path(cfg.train.output_dir) / "vae")]
         lat = m["latent"]
-        rows.append({
-            "run": run_name(point), **point, "latent_channels": lat["latent_shape"][0],
-            "psnr": m["psnr"], "ssim": m["ssim"], "lpips": m["lpips"], "rate_bpp": lat["rate_bpp"],
-            "kl_per_latent_nats": lat["kl_per_latent_nats"], "active_units": lat["active_units"], "units": lat["units"],
-            "active_channels": lat["active_channels"], "collapsed_channels": lat["collapsed_channels"],
-            "prior_fd": lat["prior_fd"], "neg_elbo_bpd": lat.get("neg_elbo_bpd"), "iwae_nll_bpd": lat.get("iwae_nll_bpd"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": run_name(point),
+                **point,
+                "latent_channels": lat["latent_shape"][0],
+                "psnr": m["psnr"],
+                "ssim": m["ssim"],
+                "lpips": m["lpips"],
+                "rate_bpp": lat["rate_bpp"],
+                "kl_per_latent_nats": lat["kl_per_latent_nats"],
+                "active_units": lat["active_units"],
+                "units": lat["units"],
+                "active_channels": lat["active_channels"],
+                "collapsed_channels": lat["collapsed_channels"],
+                "prior_fd": lat["prior_fd"],
+                "neg_elbo_bpd": lat.get("neg_elbo_bpd"),
+                "iwae_nll_bpd": lat.get("iwae_nll_bpd"),
+            }
+        )
     return rows
 
 
 def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
     """sweep.md: the table and how it was made."""
-    head = ["run", "β", "C", "PSNR ↑", "SSIM ↑", f"LPIPS-{evaluation['lpips_net']} ↓", "rate (bits/px)",
-            "KL/elem (nats)", "active units", "active channels", "prior FD", "−ELBO (bpd)", "IWAE NLL (bpd)"]  # fmt: skip
-    lines = ["# β sweep", "", f"- held-out images: {evaluation['data']}, {evaluation['n_images']} at "
-             f"{evaluation['resolution']} px; same seed, data and steps for every run", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    head = [
+        "run",
+        "β",
+        "C",
+        "PSNR ↑",
+        "SSIM ↑",
+        f"LPIPS-{evaluation['lpips_net']} ↓",
+        "rate (bits/px)",
+        "KL/elem (nats)",
+        "active units",
+        "active channels",
+        "prior FD",
+        "−ELBO (bpd)",
+        "IWAE NLL (bpd)",
+    ]
+    lines = [
+        "# β sweep",
+        "",
+        f"- held-out images: {evaluation['data']}, {evaluation['n_images']} at "
+        f"{evaluation['resolution']} px; same seed, data and steps for every run",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = [f"`{r['run']}`", f"{r['kl_weight']:g}", str(r["latent_channels"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
-                 f"{r['lpips']:.4f}", f"{r['rate_bpp']:.4f}", f"{r['kl_per_latent_nats']:.4f}",
-                 f"{r['active_units']}/{r['units']}", f"{r['active_channels']}/{r['latent_channels']}", f"{r['prior_fd']:.3f}",
-                 "–" if r["neg_elbo_bpd"] is None else f"{r['neg_elbo_bpd']:.4f}",
-                 "–" if r["iwae_nll_bpd"] is None else f"{r['iwae_nll_bpd']:.4f}"]  # fmt: skip
+        cells = [
+            f"`{r['run']}`",
+            f"{r['kl_weight']:g}",
+            str(r["latent_channels"]),
+            f"{r['psnr']:.2f}",
+            f"{r['ssim']:.4f}",
+            f"{r['lpips']:.4f}",
+            f"{r['rate_bpp']:.4f}",
+            f"{r['kl_per_latent_nats']:.4f}",
+            f"{r['active_units']}/{r['units']}",
+            f"{r['active_channels']}/{r['latent_channels']}",
+            f"{r['prior_fd']:.3f}",
+            "–" if r["neg_elbo_bpd"] is None else f"{r['neg_elbo_bpd']:.4f}",
+            "–" if r["iwae_nll_bpd"] is None else f"{r['iwae_nll_bpd']:.4f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Definitions: `eval/report.md` (rate = KL in bits per input pixel; active units after Burda et al. "
-              "2016; prior FD = Gaussian Fréchet distance of the aggregate posterior to N(0, I)). Picture: "
-              "`rate_distortion.png`; per-run latent pictures: `eval/latent_*.png`.", ""]  # fmt: skip
+    lines += [
+        "",
+        "Definitions: `eval/report.md` (rate = KL in bits per input pixel; active units after Burda et al. "
+        "2016; prior FD = Gaussian Fréchet distance of the aggregate posterior to N(0, I)). Picture: "
+        "`rate_distortion.png`; per-run latent pictures: `eval/latent_*.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -186,13 +242,22 @@ def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
         for c, marker in zip(channels, "osD^v"):
             pts = sorted((r for r in rows if r["latent_channels"] == c), key=lambda r: r["kl_weight"])
             # joined in β order: the path the trade-off takes as β grows
-            ax.plot([r["rate_bpp"] for r in pts], [r[key] for r in pts], marker=marker, linestyle=":",
-                    label=f"{c} latent channels (β increasing along the dotted line)")  # fmt: skip
+            ax.plot(
+                [r["rate_bpp"] for r in pts],
+                [r[key] for r in pts],
+                marker=marker,
+                linestyle=":",
+                label=f"{c} latent channels (β increasing along the dotted line)",
+            )
             for i, r in enumerate(pts):
                 collapsed = f", {len(r['collapsed_channels'])} collapsed" if r["collapsed_channels"] else ""
-                ax.annotate(f"β={r['kl_weight']:g} ({r['active_channels']}/{r['latent_channels']} ch{collapsed})",
-                            (r["rate_bpp"], r[key]), textcoords="offset points", fontsize=6.5,
-                            xytext=(4, 6 if i % 2 else -10))  # alternate above/below: neighbours do not overlap
+                ax.annotate(
+                    f"β={r['kl_weight']:g} ({r['active_channels']}/{r['latent_channels']} ch{collapsed})",
+                    (r["rate_bpp"], r[key]),
+                    textcoords="offset points",
+                    fontsize=6.5,
+                    xytext=(4, 6 if i % 2 else -10),
+                )  # alternate above/below: neighbours do not overlap
         if max(rates) > 5 * min(rates):
             ax.set_xscale("log")
         ax.margins(x=0.2, y=0.15)  # room for the labels
@@ -221,7 +286,11 @@ def _main(argv: list[str]) -> int:
     n = requested_cpu_processes()
     if n > 1:
         return relaunch_cpu(n, "train.sweep", argv)
-    say = (lambda text: print(f"sweep: {text}", file=sys.stderr)) if int(os.environ.get("RANK", "0")) == 0 else (lambda text: None)
+    say = (
+        (lambda text: print(f"sweep: {text}", file=sys.stderr))
+        if int(os.environ.get("RANK", "0")) == 0
+        else (lambda text: None)
+    )
     for point, cfg in runs:
         if finished(cfg):
             say(f"{run_name(point)} finished earlier, skipped")
@@ -238,9 +307,12 @@ def _main(argv: list[str]) -> int:
     if PartialState().is_main_process:
         evaluation = json.loads((args.sweep_dir / "eval" / "metrics.json").read_text())
         rows = sweep_table(args, runs, evaluation)
-        (args.sweep_dir / "sweep.json").write_text(json.dumps({"grid": args.grid, "train_argv": args.train_argv,
-                                                               "eval": str(args.sweep_dir / "eval"), "runs": rows},
-                                                              indent=2))  # fmt: skip
+        (args.sweep_dir / "sweep.json").write_text(
+            json.dumps(
+                {"grid": args.grid, "train_argv": args.train_argv, "eval": str(args.sweep_dir / "eval"), "runs": rows},
+                indent=2,
+            )
+        )
         (args.sweep_dir / "sweep.md").write_text(render_markdown(rows, evaluation, args))
         plot_rate_distortion(rows, evaluation["lpips_net"], args.sweep_dir / "rate_distortion.png")
         print(render_markdown(rows, evaluation, args))

@@ -113,6 +113,8 @@ def summary(results: dict) -> str:
     line = ", ".join(parts)
     if "latent" in results:
         lat = results["latent"]
-        line += (f", rate={lat['rate_bpp']:.4f} bits/px, active channels {lat['active_channels']}/"
-                 f"{lat['latent_shape'][0]}, prior FD {lat['prior_fd']:.3g}")  # fmt: skip
+        line += (
+            f", rate={lat['rate_bpp']:.4f} bits/px, active channels {lat['active_channels']}/"
+            f"{lat['latent_shape'][0]}, prior FD {lat['prior_fd']:.3g}"
+        )
     return line
