@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -33,14 +33,14 @@ def opt(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     preset: str = opt("cpu-small", "architecture preset: tiny, cpu-small, sd-f8c4 or f8c16 (autoencoder/models.py)")
-    latent_channels: Optional[int] = opt(None, "override the preset's latent channels")
-    block_out_channels: Optional[list[int]] = opt(None, "override the preset's block widths (one per resolution level)")
-    layers_per_block: Optional[int] = opt(None, "override the preset's ResNet layers per block")
-    pretrained_model_name_or_path: Optional[str] = opt(
+    latent_channels: int | None = opt(None, "override the preset's latent channels")
+    block_out_channels: list[int] | None = opt(None, "override the preset's block widths (one per resolution level)")
+    layers_per_block: int | None = opt(None, "override the preset's ResNet layers per block")
+    pretrained_model_name_or_path: str | None = opt(
         None, "initialise from a diffusers AutoencoderKL (local folder or Hub id) instead of the preset"
     )
-    pretrained_subfolder: Optional[str] = opt(None, "subfolder of the pretrained repo, e.g. 'vae' for a pipeline repo")
-    revision: Optional[str] = opt(None, "Hub revision of the pretrained model")
+    pretrained_subfolder: str | None = opt(None, "subfolder of the pretrained repo, e.g. 'vae' for a pipeline repo")
+    revision: str | None = opt(None, "Hub revision of the pretrained model")
     train_decoder_only: bool = opt(
         False, "freeze encoder + quant_conv and train the decoder only (sd-vae-ft-mse style)"
     )
@@ -53,7 +53,7 @@ class LossConfig:
     rec_weight: float = opt(1.0, "weight of the pixel reconstruction loss")
     lpips_weight: float = opt(0.5, "weight of the LPIPS perceptual loss (0 disables it)")
     lpips_net: Literal["vgg", "alex"] = opt("vgg", "LPIPS backbone used for training")
-    lpips_weights: Optional[str] = opt(
+    lpips_weights: str | None = opt(
         None,
         "torchvision-format backbone weights for LPIPS (a .pth file or a folder holding one); "
         "falls back to $LPIPS_WEIGHTS, then torchvision's cache/download",
@@ -84,21 +84,19 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset_name: Optional[str] = opt(
-        None, "Hub dataset id (or a local dataset script/folder) for datasets.load_dataset"
-    )
-    dataset_config_name: Optional[str] = opt(None, "config name of the Hub dataset")
-    train_data_dir: Optional[str] = opt(
+    dataset_name: str | None = opt(None, "Hub dataset id (or a local dataset script/folder) for datasets.load_dataset")
+    dataset_config_name: str | None = opt(None, "config name of the Hub dataset")
+    train_data_dir: str | None = opt(
         None, "local image folder, parquet file(s) or folder of them; neither this nor dataset_name = embedded photos"
     )
     image_column: str = opt("image", "column holding the images")
-    validation_split: Optional[str] = opt(
+    validation_split: str | None = opt(
         None, "split used for validation; default: 'validation' or 'test' if present, else held out from train"
     )
     num_validation_images: int = opt(
         64, "validation images: the first N of the validation split, else N held out of train (at most 10%)"
     )
-    max_train_samples: Optional[int] = opt(None, "truncate the training set (debugging)")
+    max_train_samples: int | None = opt(None, "truncate the training set (debugging)")
     resolution: int = opt(64, "training resolution (square crops, pixels)")
     train_crop: Literal["auto", "random", "center", "multiscale"] = opt(
         "auto",
@@ -109,12 +107,12 @@ class DataConfig:
     multiscale_min: float = opt(2.0, "multiscale: smallest shorter side, as a multiple of the resolution")
     multiscale_max: float = opt(6.0, "multiscale: largest shorter side, as a multiple of the resolution")
     random_flip: bool = opt(True, "random horizontal flips during training")
-    dataloader_num_workers: Union[int, Literal["auto"]] = opt(
+    dataloader_num_workers: int | Literal["auto"] = opt(
         "auto",
         "DataLoader worker processes; auto = 0 on CPU (the main process's cores are the compute), on a "
         "GPU min(8, CPU cores per process - 1) so decoding never starves it; 0 = load in the main process",
     )
-    cache_dir: Optional[str] = opt(None, "datasets cache directory")
+    cache_dir: str | None = opt(None, "datasets cache directory")
     streaming: bool = opt(
         False, "stream the dataset (datasets IterableDataset, sharded per rank) instead of downloading it"
     )
@@ -139,7 +137,7 @@ class TrainConfig:
     adam_weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    disc_learning_rate: Optional[float] = opt(None, "discriminator learning rate (default: learning_rate)")
+    disc_learning_rate: float | None = opt(None, "discriminator learning rate (default: learning_rate)")
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "autocast precision; master weights stay fp32")
     allow_tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (off: exact fp32)")
     compile: bool = opt(
@@ -149,8 +147,8 @@ class TrainConfig:
         "yet (README 'Speed')",
     )
     checkpointing_steps: int = opt(500, "save a resumable checkpoint every N steps (0 disables)")
-    checkpoints_total_limit: Optional[int] = opt(3, "keep at most this many checkpoints (None keeps all)")
-    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint folder to resume from")
+    checkpoints_total_limit: int | None = opt(3, "keep at most this many checkpoints (None keeps all)")
+    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to resume from")
     validation_steps: int = opt(100, "validate (PSNR/SSIM/LPIPS + grid) every N steps (0: only at the end)")
     validation_batch_size: int = opt(16, "batch size per device for validation")
     validate_at_start: bool = opt(True, "also validate the untrained model at step 0 (the baseline figure)")
@@ -172,7 +170,7 @@ class TrainConfig:
         "at the end, publish the exported VAE (fp32 + fp16 variant, model card with the held-out metrics) "
         "to the Hub; the token (HF_TOKEN or `hf auth login`) is checked before training starts",
     )
-    hub_model_id: Optional[str] = opt(None, "USER/NAME repository for push_to_hub")
+    hub_model_id: str | None = opt(None, "USER/NAME repository for push_to_hub")
     hub_private: bool = opt(False, "create the push_to_hub repository as private")
     latent_stats: bool = opt(
         True,
@@ -346,9 +344,9 @@ def resolve_config_path(value: str) -> Path:
     return path
 
 
-def split_argv(argv: list[str]) -> list[tuple[str, Optional[str]]]:
+def split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
     """Split ``--k=v``, ``--k v`` and bare ``--flag`` arguments into (key, text-or-None) pairs."""
-    pairs: list[tuple[str, Optional[str]]] = []
+    pairs: list[tuple[str, str | None]] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -367,7 +365,7 @@ def split_argv(argv: list[str]) -> list[tuple[str, Optional[str]]]:
     return pairs
 
 
-def apply_overrides(cfg: Config, pairs: list[tuple[str, Optional[str]]]) -> None:
+def apply_overrides(cfg: Config, pairs: list[tuple[str, str | None]]) -> None:
     """Apply command-line (key, text) pairs onto ``cfg``; a bare flag means True for booleans."""
     index = key_index()
     for key, text in pairs:
@@ -384,7 +382,7 @@ def apply_overrides(cfg: Config, pairs: list[tuple[str, Optional[str]]]) -> None
         setattr(getattr(cfg, section), name, value)
 
 
-def check_one_source(dataset_name: Optional[str], train_data_dir: Optional[str]) -> None:
+def check_one_source(dataset_name: str | None, train_data_dir: str | None) -> None:
     """Refuse both data flags at once (train, eval and the bridge)."""
     if dataset_name and train_data_dir:
         raise UsageError("both --dataset_name and --train_data_dir are set", "give only one of them")
@@ -470,7 +468,7 @@ def reference_markdown() -> str:
     return "\n".join(out).replace("' | '", "'\\|'")
 
 
-def parse_config(argv: Optional[list[str]] = None, default_config: Path = DEFAULT_CONFIG) -> Config:
+def parse_config(argv: list[str] | None = None, default_config: Path = DEFAULT_CONFIG) -> Config:
     """Build a Config from defaults, the YAML file named by --config (default cpu-small) and overrides."""
     pairs = split_argv(list(argv or []))
     config_paths = [text for key, text in pairs if key == "config"]

@@ -8,9 +8,10 @@ converted to 8-bit RGB the same way.
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import datasets
 import numpy as np
@@ -189,7 +190,7 @@ class ImageDataset(SharedEpoch, torch.utils.data.Dataset):
         hf_dataset: datasets.Dataset,
         image_column: str,
         transform: Callable,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         cache_decoded: bool = False,
     ):
         super().__init__()
@@ -197,7 +198,7 @@ class ImageDataset(SharedEpoch, torch.utils.data.Dataset):
         self.column = image_column
         self.transform = transform
         self.seed = seed
-        self.decoded: Optional[dict[str, Image.Image]] = {} if cache_decoded else None
+        self.decoded: dict[str, Image.Image] | None = {} if cache_decoded else None
 
     def _decode(self, value: Any) -> Image.Image:
         """``decode_image``, from the per-process cache of decoded sources when enabled."""
@@ -342,7 +343,7 @@ def embedded_splits(cfg: DataConfig) -> ImageSplits:
     return ImageSplits(train, validation, "image", description, embedded=True)
 
 
-def load_local_dataset(path_text: str, cache_dir: Optional[str], streaming: bool = False):
+def load_local_dataset(path_text: str, cache_dir: str | None, streaming: bool = False):
     """``--train_data_dir``: an image folder, a folder of parquet files, or parquet file(s)."""
     path = require_local("--train_data_dir", path_text)
     with about("--train_data_dir", path_text):
@@ -360,7 +361,7 @@ def load_local_dataset(path_text: str, cache_dir: Optional[str], streaming: bool
         return datasets.load_dataset(str(path), cache_dir=cache_dir, streaming=streaming)
 
 
-def load_hub_dataset(name: str, config_name: Optional[str] = None, **kwargs):
+def load_hub_dataset(name: str, config_name: str | None = None, **kwargs):
     """``--dataset_name``: a Hub dataset (or its local cache); errors name the flag and the offline remedy."""
     if looks_like_path(name):
         require_local("--dataset_name", name)
@@ -463,12 +464,12 @@ def _streaming_splits(cfg: DataConfig, dd, source: str) -> ImageSplits:
 
 
 def load_image_source(
-    dataset_name: Optional[str],
-    train_data_dir: Optional[str],
+    dataset_name: str | None,
+    train_data_dir: str | None,
     image_column: str = "image",
-    split: Optional[str] = None,
+    split: str | None = None,
     resolution: int = 256,
-    num_images: Optional[int] = None,
+    num_images: int | None = None,
 ) -> tuple[datasets.Dataset, str, str]:
     """(undecoded image dataset, its image column, a description) for evaluation and latent tools.
 
@@ -499,12 +500,12 @@ def load_image_source(
     return ds, image_column, source
 
 
-def data_flag(dataset_name: Optional[str], train_data_dir: Optional[str]) -> str:
+def data_flag(dataset_name: str | None, train_data_dir: str | None) -> str:
     """The flag that chose the data, for error messages."""
     return "--dataset_name" if dataset_name else "--train_data_dir" if train_data_dir else "the embedded data"
 
 
-def count_readable(ds: ImageDataset, limit: int = PROBE_IMAGES) -> tuple[int, int, Optional[str]]:
+def count_readable(ds: ImageDataset, limit: int = PROBE_IMAGES) -> tuple[int, int, str | None]:
     """(readable, probed, first decode error) over up to ``limit`` images spread evenly over ``ds``."""
     n = len(ds)
     picks = sorted({i * n // min(n, limit) for i in range(min(n, limit))}) if n else []

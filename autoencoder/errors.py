@@ -19,8 +19,9 @@ import errno
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_OOM = 0, 1, 2, 3
 DEBUG_ENV = "AUTOENCODER_DEBUG"
@@ -31,7 +32,7 @@ class UsageError(ValueError):
 
     exit_code = EXIT_USAGE
 
-    def __init__(self, problem: str, fix: Optional[str] = None):
+    def __init__(self, problem: str, fix: str | None = None):
         self.problem, self.fix = problem, fix
         super().__init__(f"{problem}; {fix}" if fix else problem)
 
@@ -64,10 +65,10 @@ class CatchOutOfMemory:
     """Context manager: suppresses an out-of-memory error raised in its block and keeps its first line."""
 
     def __enter__(self) -> "CatchOutOfMemory":
-        self.message: Optional[str] = None
+        self.message: str | None = None
         return self
 
-    def __exit__(self, tp: Any, exc: Optional[BaseException], tb: Any) -> bool:
+    def __exit__(self, tp: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is None or not is_oom(exc):
             return False
         self.message = _first_line(exc)
@@ -95,7 +96,7 @@ def _is_offline(exc: BaseException) -> bool:
     return False
 
 
-def translate(exc: BaseException, flag: Optional[str] = None, value: Any = None) -> Optional[UsageError]:
+def translate(exc: BaseException, flag: str | None = None, value: Any = None) -> UsageError | None:
     """Our sentence for a library error we can foresee (naming ``flag``), or None for a real crash."""
     from datasets.data_files import EmptyDatasetError
     from datasets.exceptions import DatasetNotFoundError
@@ -168,7 +169,7 @@ def looks_like_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value
 
 
-def check_model_source(flag: str, value: str, subfolder: Optional[str] = None) -> None:
+def check_model_source(flag: str, value: str, subfolder: str | None = None) -> None:
     """Fail in seconds on a model path that does not exist or is not a diffusers VAE folder or checkpoint."""
     path = Path(value).expanduser()
     if path.exists():
@@ -200,7 +201,9 @@ def check_output_writable(flag: str, path: str | os.PathLike) -> None:
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:
-        raise UsageError(f"{flag} {str(path)!r} is not writable ({exc.strerror or exc})", f"choose another {flag}")
+        raise UsageError(
+            f"{flag} {str(path)!r} is not writable ({exc.strerror or exc})", f"choose another {flag}"
+        ) from None
 
 
 def _rank() -> tuple[int, int]:
@@ -208,7 +211,7 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def agree(error: Optional[BaseException]) -> None:
+def agree(error: BaseException | None) -> None:
     """Collective: if any rank failed, raise on every rank (the lowest failing rank's message, one printer).
 
     Called by all ranks at the same point, after checks that contain no collective, so a mistake
@@ -279,7 +282,7 @@ def report(exc: BaseException, debug: bool) -> int:
     return EXIT_CRASH
 
 
-def run_cli(main: Callable[[list[str]], int], argv: Optional[list[str]]) -> int:
+def run_cli(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     """Run an entry point's body with the contract above: one line per error, documented exit statuses."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")

@@ -21,7 +21,7 @@ forward passes, so its BatchNorm statistics never mix the two, and learns from
 
 import contextlib
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +155,7 @@ class NLayerDiscriminator(nn.Module):
         return logits[0] if len(logits) == 1 else logits
 
 
-def build_discriminator(cfg: LossConfig) -> Optional[NLayerDiscriminator]:
+def build_discriminator(cfg: LossConfig) -> NLayerDiscriminator | None:
     """The PatchGAN discriminator if enabled, else None."""
     if not cfg.disc_enabled:
         return None
@@ -170,7 +170,7 @@ class VAELoss(nn.Module):
     reconstruction.
     """
 
-    def __init__(self, cfg: LossConfig, lpips_model: Optional[nn.Module] = None):
+    def __init__(self, cfg: LossConfig, lpips_model: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         if lpips_model is None and cfg.lpips_weight > 0:
@@ -195,8 +195,8 @@ class VAELoss(nn.Module):
         reconstructions: torch.Tensor,
         posterior: DiagonalGaussianDistribution,
         step: int,
-        discriminator: Optional[nn.Module] = None,
-        last_layer: Optional[torch.Tensor] = None,
+        discriminator: nn.Module | None = None,
+        last_layer: torch.Tensor | None = None,
         split: str = "train",
         grad_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

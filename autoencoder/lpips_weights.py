@@ -10,7 +10,6 @@ stop with a message naming the remedies.
 import inspect
 import os
 from pathlib import Path
-from typing import Optional
 
 import lpips
 import torch
@@ -48,7 +47,7 @@ def _remedies(net: str) -> str:
     )
 
 
-def resolve_local_weights(net: str, weights: Optional[str] = None) -> Optional[Path]:
+def resolve_local_weights(net: str, weights: str | None = None) -> Path | None:
     """The local backbone file from the config key or $LPIPS_WEIGHTS (file or folder), or None."""
     source = weights or os.environ.get(ENV_VAR)
     if not source:
@@ -67,7 +66,7 @@ def resolve_local_weights(net: str, weights: Optional[str] = None) -> Optional[P
     raise LPIPSWeightsError(f"LPIPS weights path {str(path)!r} does not exist. " + _remedies(net))
 
 
-def backbone_features(net: str, weights: Optional[str] = None) -> dict[str, torch.Tensor]:
+def backbone_features(net: str, weights: str | None = None) -> dict[str, torch.Tensor]:
     """The ``features.*`` tensors of the ImageNet backbone for ``net`` ('vgg' or 'alex')."""
     path = resolve_local_weights(net, weights)
     if path is not None:
@@ -88,7 +87,7 @@ def head_weights(net: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_lpips(net: str = "vgg", weights: Optional[str] = None) -> lpips.LPIPS:
+def build_lpips(net: str = "vgg", weights: str | None = None) -> lpips.LPIPS:
     """A frozen (eval, no grad to its weights) LPIPS that is still differentiable w.r.t. its inputs."""
     # Built on the meta device, then every tensor assigned from a file with a strict key check:
     # torchvision would otherwise random-initialise the whole network first, the classifier LPIPS

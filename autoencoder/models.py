@@ -2,7 +2,6 @@
 
 import copy
 from pathlib import Path
-from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -82,7 +81,7 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 
 def load_vae(
-    model: str, subfolder: Optional[str] = None, revision: Optional[str] = None, flag: str = "--model"
+    model: str, subfolder: str | None = None, revision: str | None = None, flag: str = "--model"
 ) -> AutoencoderKL:
     """A diffusers VAE (local folder or Hub id), or the trained weights of a training checkpoint folder.
 
@@ -108,8 +107,8 @@ def load_vae(
         return AutoencoderKL.from_pretrained(model, subfolder=subfolder, revision=revision)
 
 
-def load_vae_config(model: str, subfolder: Optional[str] = None, flag: str = "--model") -> dict:
-    """The config of a VAE (folder, Hub id or training checkpoint), loaded without its weights: a seconds-cheap check."""
+def load_vae_config(model: str, subfolder: str | None = None, flag: str = "--model") -> dict:
+    """The config of a VAE (folder, Hub id or training checkpoint), without its weights: a check of seconds."""
     check_model_source(flag, model, subfolder)
     with about(flag, model):
         config = AutoencoderKL.load_config(model, subfolder=subfolder)
@@ -200,9 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in PRESETS:
         vae = build_vae(ModelConfig(preset=name))
         quant = "yes" if vae.quant_conv is not None else "no"
-        print(
-            f"| {name} | {count_parameters(vae):,} | {downsampling_factor(vae)} | {vae.config.latent_channels} | {quant} |"
-        )
+        cells = [name, f"{count_parameters(vae):,}", downsampling_factor(vae), vae.config.latent_channels, quant]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     return 0
 
 

@@ -39,8 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 
@@ -119,7 +119,7 @@ def _setup(cfg, device) -> None:
 
 
 @contextlib.contextmanager
-def _profiled(args, phase: Optional[str], steps: int, device) -> Iterator[dict]:
+def _profiled(args, phase: str | None, steps: int, device) -> Iterator[dict]:
     """Under ``--profile`` (and a ``phase`` name): record the block with torch.profiler, write its tables."""
     result: dict = {}
     if not args.profile or phase is None:
@@ -148,7 +148,7 @@ def _profiled(args, phase: Optional[str], steps: int, device) -> Iterator[dict]:
     )
 
 
-def _time_steps(step, args, device, phase: Optional[str] = None) -> tuple[float, float, dict]:
+def _time_steps(step, args, device, phase: str | None = None) -> tuple[float, float, dict]:
     """Seconds per step after warm-up, FLOPs of one step, and the warm-up's seconds and profile (``--profile``)."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -19,7 +19,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import datasets
 import numpy as np
@@ -104,7 +103,7 @@ def encode_dataset(
     seed: int = 0,
     store_moments: bool = False,
     num_workers: int = 0,
-    info: Optional[dict] = None,
+    info: dict | None = None,
 ) -> dict:
     """Encode ``dataset`` into ``output_dir`` as ``scaling.scale(z)`` (a collective call); returns what was done."""
     n = len(dataset)
@@ -113,7 +112,7 @@ def encode_dataset(
     if accelerator.is_main_process:
         data_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    mine = [k for k in range(accelerator.process_index, num_shards, accelerator.num_processes)]
+    mine = list(range(accelerator.process_index, num_shards, accelerator.num_processes))
     todo = [k for k in mine if not (data_dir / shard_name(k, num_shards)).is_file()]
     todo_images = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
     progress = tqdm(total=todo_images, desc="encode", unit="img", disable=not accelerator.is_local_main_process)

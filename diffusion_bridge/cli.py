@@ -7,15 +7,14 @@ diffusion training), ``publish`` (a Hub repo with model card).
 
 import json
 import types
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
-from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.config import DataConfig, check_one_source, opt, options_help, parse_options, required
 from autoencoder.data import (
     ImageDataset,
@@ -27,6 +26,7 @@ from autoencoder.data import (
     train_transform,
 )
 from autoencoder.errors import UsageError, agreement, check_output_writable, run_cli
+from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.models import check_resolution, count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
 from .cache import encode_dataset
@@ -54,7 +54,7 @@ class InfoOptions:
     """``info``: print the latent-space facts of a diffusers VAE."""
 
     model: str = required("diffusers VAE folder or Hub id")
-    subfolder: Optional[str] = opt(None, "subfolder inside the model repo, e.g. 'vae'")
+    subfolder: str | None = opt(None, "subfolder inside the model repo, e.g. 'vae'")
 
 
 @dataclass(kw_only=True)
@@ -62,12 +62,12 @@ class DataOptions(InfoOptions):
     """The model and image-source options shared by ``stats`` and ``encode``."""
 
     model: str = required("diffusers VAE folder, Hub id, or training checkpoint folder")
-    dataset_name: Optional[str] = opt(None, "Hub dataset id")
-    train_data_dir: Optional[str] = opt(None, "local image folder or parquet file(s)")
+    dataset_name: str | None = opt(None, "Hub dataset id")
+    train_data_dir: str | None = opt(None, "local image folder or parquet file(s)")
     image_column: str = opt("image", "column holding the images")
-    split: Optional[str] = opt(None, "split (default: validation, test, then train)")
+    split: str | None = opt(None, "split (default: validation, test, then train)")
     resolution: int = opt(256, "image resolution (resize shorter side, then crop)")
-    num_images: Optional[int] = opt(None, "first N images (default: all)")
+    num_images: int | None = opt(None, "first N images (default: all)")
     batch_size: int = opt(16, "images per batch")
     crop: Literal["center", "random"] = opt(
         "center", "center: the evaluation policy (resize shorter side, antialiased, centre crop); random crops"
@@ -86,14 +86,14 @@ class StatsOptions(DataOptions):
         "config keys --write sets: sd = scaling_factor; sd3 (default) = scaling_factor + shift_factor (serves "
         "SD/DiT and SD3/FLUX); sdxl = latents_mean/latents_std per channel with scaling_factor 1 (SDXL)",
     )
-    output: Optional[str] = opt(None, "also write the statistics to this JSON file")
+    output: str | None = opt(None, "also write the statistics to this JSON file")
 
 
 @dataclass(kw_only=True)
 class EncodeOptions(DataOptions):
     """``encode``: encode a dataset into a sharded latent cache for diffusion training."""
 
-    split: Optional[str] = opt("train", "split to encode")
+    split: str | None = opt("train", "split to encode")
     output_dir: str = required("folder of the latent cache (parquet shards)")
     shard_size: int = opt(1000, "images per parquet shard")
     convention: Literal["sd", "sd3", "sdxl"] = opt(
@@ -101,8 +101,8 @@ class EncodeOptions(DataOptions):
         "sd: latents = z*scale (SD/DiT); sd3: (z-shift)*scale (SD3/FLUX); sdxl: (z-latents_mean)/latents_std*scale "
         "(StableDiffusionXLPipeline)",
     )
-    scaling_factor: Optional[float] = opt(None, "override the config's scaling_factor")
-    shift_factor: Optional[float] = opt(None, "override the config's shift_factor (sd3)")
+    scaling_factor: float | None = opt(None, "override the config's scaling_factor")
+    shift_factor: float | None = opt(None, "override the config's shift_factor (sd3)")
     mode: bool = opt(False, "store the posterior mean instead of a posterior sample")
     store_moments: bool = opt(False, "also store posterior mean and log-variance")
     num_workers: int = opt(0, "DataLoader workers for image decoding")
@@ -115,11 +115,11 @@ class PublishOptions:
     model: str = required("exported diffusers VAE folder, e.g. outputs/vae-cpu-small/vae")
     repo_id: str = required("USER/NAME on the Hugging Face Hub")
     private: bool = opt(False, "create the repo as private")
-    revision: Optional[str] = opt(None, "branch to upload to (created if missing)")
-    commit_message: Optional[str] = opt(None, "the commit message on the Hub")
-    eval_dir: Optional[str] = opt(None, "output folder of `python -m eval` for this model")
-    dry_run: Optional[str] = opt(None, "write the repo folder to this folder, upload nothing")
-    folder: Optional[str] = opt(None, "where to prepare the folder (default: MODEL/../hub-upload)")
+    revision: str | None = opt(None, "branch to upload to (created if missing)")
+    commit_message: str | None = opt(None, "the commit message on the Hub")
+    eval_dir: str | None = opt(None, "output folder of `python -m eval` for this model")
+    dry_run: str | None = opt(None, "write the repo folder to this folder, upload nothing")
+    folder: str | None = opt(None, "where to prepare the folder (default: MODEL/../hub-upload)")
     license: str = opt("apache-2.0", "license tag of the model card")
     allow_missing_stats: bool = opt(False, "publish without latent statistics")
     allow_missing_eval: bool = opt(False, "publish without an evaluation")
@@ -172,9 +172,8 @@ def cmd_stats(args: StatsOptions) -> int:
     loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
     stats = collect_latent_stats(vae, loader, accelerator, sample_posterior=not args.mode, seed=args.seed)
     if accelerator.is_main_process:
-        print(
-            f"{source}, {args.resolution} px, {args.crop} crops, {'posterior mode' if args.mode else 'posterior samples'}"
-        )
+        drawn = "posterior mode" if args.mode else "posterior samples"
+        print(f"{source}, {args.resolution} px, {args.crop} crops, {drawn}")
         print(describe(stats))
         for name in ("sd", "sd3", "sdxl"):  # how the model's current config would scale these latents
             try:
@@ -182,7 +181,8 @@ def cmd_stats(args: StatsOptions) -> int:
             except ValueError:
                 continue
             print(
-                f"under the model's current config, the {name} convention gives latents of mean {mean:.4f}, std {std:.4f}"
+                f"under the model's current config, the {name} convention gives latents of mean {mean:.4f}, "
+                f"std {std:.4f}"
             )
         if args.output:
             Path(args.output).write_text(json.dumps(stats.to_json(), indent=2))
@@ -268,7 +268,7 @@ def cmd_publish(args: PublishOptions) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m diffusion_bridge``; exit 0 done, 1 crash, 2 bad input, 3 out of memory."""
     return run_cli(_main, argv)
 

@@ -13,7 +13,6 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -63,7 +62,7 @@ def check_finite(vae: AutoencoderKL) -> None:
         )
 
 
-def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) -> Optional[dict]:
+def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) -> dict | None:
     """``latent_stats.json`` of the model; refuse (unless allowed) a model with no computed statistics."""
     path = model_dir / "latent_stats.json"
     if path.is_file():
@@ -77,7 +76,7 @@ def read_latent_stats(model_dir: Path, vae: AutoencoderKL, allow_missing: bool) 
     )
 
 
-def read_eval(eval_dir: Optional[str], model_dir: Path, allow_missing: bool) -> Optional[EvalEntry]:
+def read_eval(eval_dir: str | None, model_dir: Path, allow_missing: bool) -> EvalEntry | None:
     """This model's entry in ``eval_dir/metrics.json``; refuse (unless allowed) when there is none."""
     how = (
         f"run `python -m eval --model {model_dir} --train_data_dir/--dataset_name ... --output_dir DIR` and pass "
@@ -126,7 +125,7 @@ def eval_results(entry: EvalEntry, model_name: str) -> list[EvalResult]:
     return out
 
 
-def _stats_section(vae: AutoencoderKL, stats: Optional[dict]) -> list[str]:
+def _stats_section(vae: AutoencoderKL, stats: dict | None) -> list[str]:
     """The latent-space facts and the three scaling conventions, with the one this config is written for."""
     c = vae.config
     lines = [
@@ -134,7 +133,8 @@ def _stats_section(vae: AutoencoderKL, stats: Optional[dict]) -> list[str]:
         "",
         f"- {c.latent_channels} latent channels, {downsampling_factor(vae)}× spatial downsampling "
         f"(an H×W image → {c.latent_channels}×H/{downsampling_factor(vae)}×W/{downsampling_factor(vae)} latents)",
-        f"- `scaling_factor` = {c.scaling_factor:.6g}, `shift_factor` = {c.shift_factor if c.shift_factor is None else f'{c.shift_factor:.6g}'}",
+        f"- `scaling_factor` = {c.scaling_factor:.6g}, `shift_factor` = "
+        f"{c.shift_factor if c.shift_factor is None else f'{c.shift_factor:.6g}'}",
         f"- `force_upcast` = {c.force_upcast} (pipelines decode in fp32 when true)",
     ]
     if stats is None:
@@ -175,7 +175,8 @@ def _scaling_line(vae: AutoencoderKL) -> str:
     c = vae.config
     if c.latents_mean is not None and c.latents_std is not None:
         return (
-            "mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))\n"
+            "mean, std = (torch.tensor(v).view(1, -1, 1, 1)\n"
+            "             for v in (vae.config.latents_mean, vae.config.latents_std))\n"
             "latents = (z - mean) / std * vae.config.scaling_factor  # sdxl convention"
         )
     if c.latent_channels == 16 and c.shift_factor is not None:
@@ -212,7 +213,7 @@ def _usage_section(repo_id: str, vae: AutoencoderKL) -> list[str]:
     ]
 
 
-def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
+def _eval_section(entry: EvalEntry | None) -> list[str]:
     """The reconstruction table and how it was measured."""
     if entry is None:
         return ["## Evaluation", "", "**This VAE was published without an evaluation.**", ""]
@@ -261,7 +262,7 @@ def _eval_section(entry: Optional[EvalEntry]) -> list[str]:
     return lines
 
 
-def _latent_section(entry: Optional[EvalEntry], train_metrics: Optional[dict]) -> list[str]:
+def _latent_section(entry: EvalEntry | None, train_metrics: dict | None) -> list[str]:
     """Rate, active units and prior gap of the latent space (the evaluation's, else the training validation's)."""
     latent, where = None, ""
     if entry is not None and entry.metrics.get("latent"):
@@ -289,7 +290,7 @@ def _latent_section(entry: Optional[EvalEntry], train_metrics: Optional[dict]) -
     return lines + [""]
 
 
-def _training_section(vae: AutoencoderKL, training_config: Optional[dict], train_metrics: Optional[dict]) -> list[str]:
+def _training_section(vae: AutoencoderKL, training_config: dict | None, train_metrics: dict | None) -> list[str]:
     """Preset, steps, data, objective, hardware and wall time, from the run's own files."""
     lines = ["## Training", ""]
     if training_config is None:
@@ -304,7 +305,8 @@ def _training_section(vae: AutoencoderKL, training_config: Optional[dict], train
         f"- data: {data}, {d['resolution']} px crops",
         f"- objective: {lo['rec_loss'].upper()} × {lo['rec_weight']} + LPIPS-{lo['lpips_net']} × {lo['lpips_weight']} "
         f"+ KL × β={lo['kl_weight']:g} ({lo['kl_schedule']}){disc}",
-        f"- optimisation: {t['max_train_steps']} steps, batch {t['train_batch_size']} × {t['gradient_accumulation_steps']} "
+        f"- optimisation: {t['max_train_steps']} steps, batch {t['train_batch_size']} × "
+        f"{t['gradient_accumulation_steps']} "
         f"accumulation per process, AdamW lr {t['learning_rate']:g} ({t['lr_scheduler']}), mixed precision "
         f"{t['mixed_precision']}, EMA {t['use_ema']}",
     ]
@@ -329,10 +331,10 @@ def _training_section(vae: AutoencoderKL, training_config: Optional[dict], train
 def render_card(
     repo_id: str,
     vae: AutoencoderKL,
-    stats: Optional[dict],
-    entry: Optional[EvalEntry],
-    training_config: Optional[dict],
-    train_metrics: Optional[dict],
+    stats: dict | None,
+    entry: EvalEntry | None,
+    training_config: dict | None,
+    train_metrics: dict | None,
     license: str,
 ) -> ModelCard:
     """The model card: metadata (library, tags, license, datasets, model-index) and a readable body."""
@@ -379,12 +381,12 @@ def render_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
-def _read_yaml(path: Path) -> Optional[dict]:
+def _read_yaml(path: Path) -> dict | None:
     """A YAML file's content, or None if absent."""
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def _training_metrics(model_dir: Path) -> Optional[dict]:
+def _training_metrics(model_dir: Path) -> dict | None:
     """The training run's metrics.json (``<output_dir>/metrics.json`` beside ``<output_dir>/vae``), if any."""
     path = model_dir.parent / "metrics.json"
     if not path.is_file():
@@ -410,7 +412,7 @@ def prepare_folder(
     model_dir: str | Path,
     folder: str | Path,
     repo_id: str,
-    eval_dir: Optional[str] = None,
+    eval_dir: str | None = None,
     allow_missing_stats: bool = False,
     allow_missing_eval: bool = False,
     license: str = "apache-2.0",
@@ -453,10 +455,10 @@ def upload(
     folder: str | Path,
     repo_id: str,
     private: bool = False,
-    revision: Optional[str] = None,
-    commit_message: Optional[str] = None,
-    token: Optional[str] = None,
-    api: Optional[HfApi] = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
 ) -> str:
     """Create the repo (exist_ok) and upload ``folder``; returns the commit URL. Failures keep the folder."""
     token = token or get_token()  # HF_TOKEN or the saved `hf auth login`

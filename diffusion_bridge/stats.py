@@ -13,11 +13,10 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL
-
 
 Convention = Literal["sd", "sd3", "sdxl"]
 
@@ -36,9 +35,9 @@ class LatentScaling:
 
     convention: Convention
     scaling_factor: float
-    shift_factor: Optional[float] = None  # sd3 only
-    latents_mean: Optional[tuple[float, ...]] = None  # sdxl only, one per channel
-    latents_std: Optional[tuple[float, ...]] = None
+    shift_factor: float | None = None  # sd3 only
+    latents_mean: tuple[float, ...] | None = None  # sdxl only, one per channel
+    latents_std: tuple[float, ...] | None = None
 
     @classmethod
     def from_config(cls, config, convention: Convention) -> "LatentScaling":
@@ -266,7 +265,7 @@ def collect_latent_stats(
 
 
 def write_stats(
-    model_dir: Path, stats: LatentStats, vae: Optional[AutoencoderKL] = None, convention: Convention = "sd3"
+    model_dir: Path, stats: LatentStats, vae: AutoencoderKL | None = None, convention: Convention = "sd3"
 ) -> None:
     """Store the scaling of ``convention`` in the model's config (save_pretrained) and latent_stats.json."""
     model_dir = Path(model_dir)

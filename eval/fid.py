@@ -12,7 +12,6 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -37,8 +36,8 @@ class FIDWeightsError(UsageError):
 class FIDWeights:
     """Where the Inception weights are, or why they are unavailable (exactly one is set)."""
 
-    path: Optional[Path] = None
-    unavailable: Optional[str] = None
+    path: Path | None = None
+    unavailable: str | None = None
 
 
 def sha256_of(path: Path) -> str:
@@ -66,7 +65,7 @@ def hub_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILENAME
 
 
-def resolve_fid_weights(path: Optional[str] = None, download: bool = True) -> FIDWeights:
+def resolve_fid_weights(path: str | None = None, download: bool = True) -> FIDWeights:
     """Find (or download) and verify the FID Inception weights; report why not when impossible."""
     source = path or os.environ.get(FID_WEIGHTS_ENV)
     if source:  # an explicit choice must exist and be right: that is an error, not "unavailable"

@@ -19,7 +19,6 @@ Definitions (each stated in ``report.md`` next to its numbers):
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -47,12 +46,12 @@ class LatentAccumulator:
 
     def __init__(self) -> None:
         self.n = 0  # images
-        self.kl_sum: Optional[torch.Tensor] = None  # [C] Σ KL over images and positions
+        self.kl_sum: torch.Tensor | None = None  # [C] Σ KL over images and positions
         self.mu_sum = self.mu_sq_sum = None  # [C, h, w] Σ μ and Σ μ² over images (active units)
-        self.std_sum: Optional[torch.Tensor] = None  # [C] Σ posterior σ
+        self.std_sum: torch.Tensor | None = None  # [C] Σ posterior σ
         self.z_sum = self.z_outer = None  # [C], [C, C] Σ z and Σ z zᵀ of posterior samples (aggregate)
         self.positions = 0  # samples in the aggregate: images × h × w
-        self.image_hw: Optional[tuple[int, int]] = None
+        self.image_hw: tuple[int, int] | None = None
 
     def update(
         self, mean: torch.Tensor, logvar: torch.Tensor, image_hw: tuple[int, int], generator: torch.Generator
@@ -116,7 +115,7 @@ class LatentAccumulator:
         }
 
 
-def collapse_warning(latent: dict) -> Optional[str]:
+def collapse_warning(latent: dict) -> str | None:
     """A warning naming the collapsed channels, or None."""
     bad = latent["collapsed_channels"]
     if not bad:
@@ -286,7 +285,7 @@ def save_latent_figure(rows: dict[str, torch.Tensor], latent: dict, path, title:
     panels = [
         (
             "traversals",
-            "traversal: channel c moved by −2σ … +2σ (rows c = 0…%d)" % (channels - 1),
+            f"traversal: channel c moved by −2σ … +2σ (rows c = 0…{channels - 1})",
             [
                 f"c{c} (KL {kl:.2g})" + (" collapsed" if c in latent["collapsed_channels"] else "")
                 for c, kl in enumerate(latent["kl_per_channel_nats"])

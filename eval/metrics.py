@@ -5,8 +5,6 @@ over images.  PSNR and SSIM come from torchmetrics (SSIM: 11x11 Gaussian window,
 LPIPS from the ``lpips`` package with real ImageNet backbones (``autoencoder.lpips_weights``).
 """
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torchmetrics.functional.image import (
@@ -50,7 +48,7 @@ def ms_ssim_per_image(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def reconstruction_metrics(
-    reconstructions: torch.Tensor, inputs: torch.Tensor, lpips_model: Optional[nn.Module] = None
+    reconstructions: torch.Tensor, inputs: torch.Tensor, lpips_model: nn.Module | None = None
 ) -> dict[str, torch.Tensor]:
     """Per-image psnr/ssim(/ms_ssim/lpips) for [-1,1] batches [B,3,H,W]; each value is a [B] tensor.
 

@@ -12,16 +12,17 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Union
+from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from torchvision.utils import make_grid, save_image
 
-from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
+from autoencoder.config import check_one_source, opt, options_help, parse_options, required
 from autoencoder.data import (
     ImageDataset,
     check_enough_images,
@@ -32,8 +33,8 @@ from autoencoder.data import (
     loader_workers,
 )
 from autoencoder.errors import OutOfMemory, UsageError, agreement, check_output_writable, is_oom, run_cli
+from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.lpips_weights import backbone_features, build_lpips
-from autoencoder.config import check_one_source, opt, options_help, parse_options, required
 from autoencoder.models import (
     check_resolution,
     downsampling_factor,
@@ -43,6 +44,7 @@ from autoencoder.models import (
     load_vae_config,
 )
 
+from .fid import FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
 from .latent import (
     LEVELS,
     LatentAccumulator,
@@ -53,7 +55,6 @@ from .latent import (
     save_latent_figure,
     to_levels,
 )
-from .fid import FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
 from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstruction_metrics
 
 METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
@@ -64,19 +65,17 @@ class EvalOptions:
     """Command-line options of the evaluation runner."""
 
     model: list[str] = required("diffusers VAE folder, Hub id, or training checkpoint folder (repeatable)")
-    subfolder: Optional[str] = opt(None, "subfolder inside each model repo, e.g. 'vae'")
-    dataset_name: Optional[str] = opt(None, "Hub dataset id")
-    train_data_dir: Optional[str] = opt(None, "local image folder or parquet file(s)")
+    subfolder: str | None = opt(None, "subfolder inside each model repo, e.g. 'vae'")
+    dataset_name: str | None = opt(None, "Hub dataset id")
+    train_data_dir: str | None = opt(None, "local image folder or parquet file(s)")
     image_column: str = opt("image", "column holding the images")
-    split: Optional[str] = opt(None, "split to evaluate (default: validation/test if present, else train)")
+    split: str | None = opt(None, "split to evaluate (default: validation/test if present, else train)")
     resolution: int = opt(256, "evaluation resolution (resize shorter side, centre crop)")
-    num_images: Optional[int] = opt(None, "evaluate the first N images (default: all)")
-    batch_size: Union[int, Literal["auto"]] = opt(
-        "auto", "images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU"
-    )
+    num_images: int | None = opt(None, "evaluate the first N images (default: all)")
+    batch_size: int | Literal["auto"] = opt("auto", "images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU")
     lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone; AlexNet as in the LPIPS paper")
-    lpips_weights: Optional[str] = opt(None, "local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
-    fid_weights: Optional[str] = opt(None, "FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
+    lpips_weights: str | None = opt(None, "local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
+    fid_weights: str | None = opt(None, "FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
     no_fid: bool = opt(False, "skip rFID")
     no_fid_download: bool = opt(False, "never try to download the Inception weights")
     fd: list[Literal["vgg16"]] = opt(
@@ -316,7 +315,7 @@ def _fmt(value, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _half_cell(check: Optional[dict]) -> str:
+def _half_cell(check: dict | None) -> str:
     """'finite (NN dB)' / 'NON-FINITE' / 'error' for the fp16/bf16 columns."""
     if check is None:
         return "–"
@@ -349,7 +348,8 @@ def render_report(payload: dict) -> str:
         "",
         f"- data: {payload['data']} — {payload['n_images']} images at {payload['resolution']} px "
         f"(resize shorter side, bicubic antialiased, centre crop)",
-        "- PSNR/SSIM/MS-SSIM on 8-bit images (data range 255), mean over images; reconstructions use the posterior mode",
+        "- PSNR/SSIM/MS-SSIM on 8-bit images (data range 255), mean over images; reconstructions use the "
+        "posterior mode",
         f"- rFID: {payload['rfid_status']}",
         "",
         "| " + " | ".join(head) + " |",
@@ -378,8 +378,9 @@ def render_report(payload: dict) -> str:
     lines += [
         "",
         f"Throughput is per process ({first['num_processes']}), including host-to-device time; peak memory is "
-        f"{first['peak_memory_kind'].replace('_', ' ')}. fp16/bf16 decode: real latents of the first batch decoded in that "
-        "dtype (finite? PSNR vs fp32; on CPU one 8x8-latent crop, as CPUs emulate fp16 slowly). Tiled vs untiled: one image at twice the resolution decoded with "
+        f"{first['peak_memory_kind'].replace('_', ' ')}. fp16/bf16 decode: real latents of the first batch decoded "
+        "in that dtype (finite? PSNR vs fp32; on CPU one 8x8-latent crop, as CPUs emulate fp16 slowly). Tiled vs "
+        "untiled: one image at twice the resolution decoded with "
         "`enable_tiling()` and without (PSNR between the two; higher = fewer seams).",
         "",
         "`reconstructions.png`: first row the originals, then one row per model in the order above.",
@@ -448,8 +449,9 @@ def latent_section(models: dict) -> list[str]:
         lat = r["latent"]
         lines += [
             f"`{name}` per channel: KL (nats/elem) {_per_channel(lat['kl_per_channel_nats'])}; active fraction "
-            f"{_per_channel(lat['active_fraction_per_channel'], 2)}; posterior std {_per_channel(lat['posterior_std_per_channel'])}; "
-            f"aggregate mean {_per_channel(lat['aggregate_mean_per_channel'])}, std {_per_channel(lat['aggregate_std_per_channel'])}"
+            f"{_per_channel(lat['active_fraction_per_channel'], 2)}; posterior std "
+            f"{_per_channel(lat['posterior_std_per_channel'])}; aggregate mean "
+            f"{_per_channel(lat['aggregate_mean_per_channel'])}, std {_per_channel(lat['aggregate_std_per_channel'])}"
             + (f"; Laplace scale {lat['laplace_scale_levels']:.3g} levels" if "laplace_scale_levels" in lat else "")
             + (f". Pictures: `{lat['figure']}`" if "figure" in lat else ""),
             "",
@@ -461,7 +463,7 @@ def latent_section(models: dict) -> list[str]:
     return lines
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m eval``; exit 0 done, 1 crash, 2 bad input, 3 out of memory (autoencoder.errors)."""
     return run_cli(_main, argv)
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SHARED, free_port
 from PIL import Image
 
 import train.trainer as trainer
 from autoencoder.config import ModelConfig
 from autoencoder.errors import EXIT_OOM, EXIT_USAGE
 from autoencoder.models import build_vae
-from conftest import REPO, SHARED, free_port
 
 CIFAR = SHARED / "data" / "cifar10" / "train.parquet"
 TRAIN = ("train", "--config=tiny", "--max_train_steps=2")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from conftest import REPO, free_port
 from diffusers import AutoencoderKL
 
 from autoencoder.config import ModelConfig
 from autoencoder.data import ImageDataset, eval_transform, load_image_source
 from autoencoder.models import build_vae
-from conftest import REPO, free_port
 from diffusion_bridge.cli import main as bridge_main
 from diffusion_bridge.stats import LatentScaling, LatentStatsAccumulator, Moments
 

@@ -14,10 +14,10 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
+from test_robustness import _metrics, _nan_at, _run_inprocess
 
 from diffusion_bridge.cli import main as bridge_main
 from eval.runner import main as eval_main
-from test_robustness import _metrics, _nan_at, _run_inprocess
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 

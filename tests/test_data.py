@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from autoencoder.errors import UsageError
 from autoencoder.config import DataConfig
 from autoencoder.data import (
     EMBEDDED_TRAIN,
@@ -19,6 +18,7 @@ from autoencoder.data import (
     to_rgb,
     train_transform,
 )
+from autoencoder.errors import UsageError
 
 
 def test_grayscale_to_rgb():

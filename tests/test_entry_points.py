@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from autoencoder.config import ModelConfig
 from autoencoder.models import build_vae
-from conftest import REPO
 
 
 def _python_m(*args):

@@ -50,9 +50,9 @@ def test_discretised_laplace_is_a_distribution_over_the_256_levels():
             assert torch.isfinite(logp).all()
             assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9), (loc, scale)
             # interior bins against the CDF difference computed directly
-            cdf = lambda t: torch.where(
+            cdf = lambda t, loc=loc, scale=scale: torch.where(
                 t < loc, 0.5 * torch.exp((t - loc) / scale), 1 - 0.5 * torch.exp(-(t - loc) / scale)
-            )  # noqa: E731
+            )
             direct = cdf(levels[1:-1] + 0.5) - cdf(levels[1:-1] - 0.5)
             keep = direct > 1e-12
             assert torch.allclose(logp[1:-1][keep], direct[keep].log(), atol=1e-6)

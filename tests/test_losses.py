@@ -176,7 +176,10 @@ def latent_diffusion_generator_loss(
     logits_fake,
     last_layer,
 ):
-    """latent-diffusion's LPIPSWithDiscriminator.forward, optimizer_idx 0, transcribed (ldm/modules/losses/contperceptual.py)."""
+    """latent-diffusion's LPIPSWithDiscriminator.forward, optimizer_idx 0, transcribed.
+
+    From ldm/modules/losses/contperceptual.py.
+    """
     rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
     rec_loss = rec_loss + 1.0 * p_loss  # perceptual_weight 1.0
     nll_loss = rec_loss / torch.exp(logvar) + logvar

@@ -75,7 +75,7 @@ def test_dit_pipeline_generates_images_with_our_vae():
 
 
 def test_dit_decodes_z_over_scaling_factor_and_ignores_shift():
-    """DiT decodes latents / scaling_factor: with a zero denoiser its output is our decode of its final latents / scale."""
+    """DiT decodes latents / scaling_factor: with a zero denoiser it outputs our decode of its final latents / scale."""
     vae = _vae()
     pipe = DiTPipeline(
         transformer=_dit(zero=True), vae=vae, scheduler=DDIMScheduler(set_alpha_to_one=True, clip_sample=False)
@@ -252,7 +252,7 @@ def _run_sdxl(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> torch.T
 
 
 def test_sdxl_convention_round_trip_through_sdxl_pipeline():
-    """Latents cached as (z - mean_c) / std_c * s decode in StableDiffusionXLPipeline's own code to our vae.decode(z)."""
+    """Latents cached as (z - mean_c) / std_c * s decode in StableDiffusionXLPipeline's code to our vae.decode(z)."""
     vae = _vae()
     stats_mean, stats_std = [0.3, -0.2, 0.1, 0.05], [1.5, 0.5, 2.0, 1.0]
     vae.register_to_config(scaling_factor=0.8, shift_factor=None, latents_mean=stats_mean, latents_std=stats_std)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, free_port
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -17,7 +18,6 @@ import train.step
 import train.trainer as trainer
 from autoencoder.losses import VAELoss
 from autoencoder.models import VAEForTraining
-from conftest import REPO, free_port
 
 TINY_FAST = ["--config=tiny", "--report_to=none", "--validation_steps=0", "--validate_at_start=false"]
 
@@ -498,7 +498,7 @@ def test_ema_step_equals_diffusers_ema_step_and_skips_where_bad():
 
 
 def test_accumulate_counts_micro_batches_in_accelerator_step_and_save_state_keeps_it(tmp_path, fresh_accelerator):
-    """``rewind_accumulation``: ``Accelerator.step`` is accumulate's micro-batch counter, saved and loaded with the state."""
+    """``rewind_accumulation``: ``Accelerator.step`` counts accumulate's micro-batches; save_state keeps it."""
     acc = fresh_accelerator(gradient_accumulation_steps=2)
     model = acc.prepare(torch.nn.Linear(2, 1))
     syncs = []

@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from conftest import REPO
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
+from test_lpips import _offline
 
 import train.run
 import train.trainer as trainer
-from autoencoder.data import ImageDataset, eval_transform, load_splits
 from autoencoder.config import DataConfig
-from conftest import REPO
-from test_lpips import _offline
+from autoencoder.data import ImageDataset, eval_transform, load_splits
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ import diffusers.models.autoencoders.vae as diffusers_vae
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_robustness import _metrics, _run_inprocess, deterministic_cudnn, same
 
 import train.step
-import train.trainer as trainer
 from autoencoder.config import LossConfig, ModelConfig
 from autoencoder.losses import VAELoss
 from autoencoder.models import VAEForTraining, build_vae
-from test_robustness import _metrics, _run_inprocess, deterministic_cudnn, same
 
 
 @pytest.mark.slow

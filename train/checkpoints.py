@@ -8,7 +8,6 @@ checkpoints intact and never a half-written one that looks finished.
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -28,7 +27,7 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
+def latest_checkpoint(root: Path) -> Path | None:
     """The completed checkpoint with the highest step, or None."""
     found = checkpoint_dirs(root)
     return found[-1][1] if found else None
@@ -59,7 +58,7 @@ def publish(root: Path, step: int) -> Path:
     return final
 
 
-def prune(root: Path, total_limit: Optional[int]) -> list[Path]:
+def prune(root: Path, total_limit: int | None) -> list[Path]:
     """Delete the oldest completed checkpoints beyond ``total_limit``; returns what was removed."""
     if total_limit is None:
         return []

@@ -11,10 +11,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from autoencoder.config import Config, save_config
+from autoencoder.data import collate
 from autoencoder.models import half_check_latents, half_precision_decode_check, needs_force_upcast
 from diffusion_bridge.publish import PublishError, prepare_folder, upload
 from diffusion_bridge.stats import collect_latent_stats, describe, process_shard
-from autoencoder.data import collate
 
 from . import checkpoints
 from .loop import Loop

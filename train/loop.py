@@ -8,9 +8,10 @@ import itertools
 import signal
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import skip_first_batches
@@ -74,7 +75,7 @@ class LaggedFlags:
     """
 
     def __init__(self, clock: WaitClock) -> None:
-        self.queue: list[tuple[int, torch.Tensor, Optional[torch.cuda.Event]]] = []
+        self.queue: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
         self.clock = clock
 
     def push(self, step: int, values: torch.Tensor) -> None:
@@ -103,7 +104,7 @@ class StopRequest:
     """Records SIGINT/SIGTERM so the loop can checkpoint and exit at the next step boundary."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -159,7 +160,7 @@ class Loop:
     # (step, seconds into the loop, seconds waited on data, on the device) at logging steps, after their host sync
     log_marks: list[tuple[int, float, float, float]] = field(default_factory=list)
     results: dict = field(default_factory=dict)  # the last validation's
-    interrupted: Optional[int] = None  # the signal that stopped the run
+    interrupted: int | None = None  # the signal that stopped the run
     seconds: float = 0.0  # the loop's wall time, when it is over
 
     @classmethod

@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 import torch
@@ -35,8 +35,14 @@ from autoencoder.errors import UsageError, agreement, check_output_writable
 from autoencoder.launch import use_cpu_backend
 from autoencoder.losses import VAELoss, build_discriminator
 from autoencoder.lpips_weights import build_lpips
-from autoencoder.models import VAEForTraining, build_vae, check_resolution, compile_regions, count_parameters
-from autoencoder.models import downsampling_factor
+from autoencoder.models import (
+    VAEForTraining,
+    build_vae,
+    check_resolution,
+    compile_regions,
+    count_parameters,
+    downsampling_factor,
+)
 
 from . import checkpoints
 
@@ -83,7 +89,7 @@ class Parts:
     val_lpips: torch.nn.Module
     vae: AutoencoderKL
     factor: int  # the VAE's spatial downsampling
-    disc: Optional[torch.nn.Module]
+    disc: torch.nn.Module | None
     splits: Any  # autoencoder.data.ImageSplits
     train_ds: torch.utils.data.Dataset
     val_ds: ImageDataset
@@ -100,12 +106,12 @@ class Run:
     called: float  # perf_counter when train() was called (start-up time in metrics.json)
     parts: Parts  # what preflight built (the raw VAE, datasets, losses)
     model: torch.nn.Module  # VAEForTraining around ``parts.vae``, prepared (DDP on many ranks)
-    disc: Optional[torch.nn.Module]  # prepared discriminator
+    disc: torch.nn.Module | None  # prepared discriminator
     optimizer: Any
     disc_optimizer: Any
     scheduler: Any
     disc_scheduler: Any
-    ema: Optional[EMAModel]
+    ema: EMAModel | None
     train_dl: Any  # prepared unless streaming (a stream is sharded per rank by the dataset)
     val_dl: Any
     state: TrainingState
@@ -113,7 +119,7 @@ class Run:
     workers: int  # loader worker processes
     fused: bool  # fused AdamW: a non-finite step is skipped on the device
     vae_params: list[torch.nn.Parameter]  # the prepared VAE's parameters in order (what the EMA shadows)
-    raw_disc: Optional[torch.nn.Module]  # the discriminator outside DDP, for the generator's adversarial term
+    raw_disc: torch.nn.Module | None  # the discriminator outside DDP, for the generator's adversarial term
     last_layer: torch.nn.Parameter  # the decoder's output conv weight (the adaptive GAN weight)
 
     @property
@@ -311,7 +317,7 @@ def build_loaders(cfg: Config, accelerator: Accelerator, parts: Parts) -> tuple[
     return workers, train_dl, val_dl
 
 
-def build_ema(cfg: Config, accelerator: Accelerator, params: list, vae: AutoencoderKL) -> Optional[EMAModel]:
+def build_ema(cfg: Config, accelerator: Accelerator, params: list, vae: AutoencoderKL) -> EMAModel | None:
     """diffusers' EMAModel over the prepared VAE's parameters, on the device (None without --use_ema)."""
     t = cfg.train
     if not t.use_ema:
@@ -351,7 +357,7 @@ def resume(run: Run) -> None:
         logger.info("no checkpoint to resume from yet; starting a new run")
 
 
-def resolve_resume(cfg: Config) -> Optional[Path]:
+def resolve_resume(cfg: Config) -> Path | None:
     """The checkpoint to resume from: 'latest' (None if there is none yet) or an explicit folder."""
     value = cfg.train.resume_from_checkpoint
     if not value:
@@ -380,7 +386,7 @@ def build_optimizers(
     cfg: Config,
     model: torch.nn.Module,
     loss_fn: VAELoss,
-    disc: Optional[torch.nn.Module],
+    disc: torch.nn.Module | None,
     world: int,
     fused: bool = False,
 ):

@@ -6,8 +6,9 @@ scheduler-independent counters and EMA skip their update on the device (``guarde
 """
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -123,9 +124,7 @@ def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: C
     return grad_norm
 
 
-def train_step(
-    run: "Run", counters: DeviceCounters, window: Window, batch: dict
-) -> Optional[tuple[dict, torch.Tensor]]:
+def train_step(run: "Run", counters: DeviceCounters, window: Window, batch: dict) -> tuple[dict, torch.Tensor] | None:
     """One micro-batch: forward and backward, and at the end of its accumulation window the guarded updates.
 
     Returns the step's logs (device tensors) and its flag ``bad`` when an optimizer step was taken,
@@ -179,7 +178,7 @@ def update_vae(run: "Run", counters: DeviceCounters, window: Window, logs: dict)
     return bad
 
 
-def discriminator_step(run: "Run", window: Window, x, recon, step: int, bad: Optional[torch.Tensor]) -> dict:
+def discriminator_step(run: "Run", window: Window, x, recon, step: int, bad: torch.Tensor | None) -> dict:
     """The discriminator's backward and, at the window's end, its update (none where the VAE's was skipped)."""
     acc = run.accelerator
     d_loss, d_logs = run.loss_fn.discriminator_loss(x, recon, run.disc, step)

@@ -17,7 +17,6 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -42,7 +41,7 @@ class SweepArgs:
     train_argv: list[str]
 
 
-def _tokens(key: str, value: Optional[str]) -> list[str]:
+def _tokens(key: str, value: str | None) -> list[str]:
     """The train flag for a (key, value) pair of ``split_argv``."""
     return [f"--{key}" if value is None else f"--{key}={value}"]
 
@@ -271,7 +270,7 @@ def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m train.sweep``; exit statuses as ``python -m train``."""
     return run_cli(_main, argv)
 

@@ -8,7 +8,6 @@ to export (fp32, safetensors; ``train.finish``).
 """
 
 import time
-from typing import Optional
 
 from accelerate.logging import get_logger
 
@@ -44,7 +43,7 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     return finish(run, loop, initial)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m train [--config PRESET|PATH] [--key=value ...] [--debug]``.
 
     Exit status: 0 done, 1 crash, 2 bad input, 3 out of memory, 128+signal if interrupted (see autoencoder.errors).

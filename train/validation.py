@@ -1,8 +1,8 @@
 """Held-out validation during training: PSNR/SSIM/LPIPS, loss terms and the latent report, gathered over ranks."""
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ logger = get_logger(__name__)
 
 
 @contextlib.contextmanager
-def ema_weights(ema: Optional[EMAModel], params: list[torch.nn.Parameter]) -> Iterator[None]:
+def ema_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Temporarily swap the EMA weights into ``params`` (no-op without EMA)."""
     if ema is None:
         yield
