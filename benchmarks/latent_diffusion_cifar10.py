@@ -133,61 +133,33 @@ def load_images(parquet: Path, n: int, offset: int = 0) -> torch.Tensor:
     return torch.stack([ds[i]["pixel_values"] for i in range(n)])
 
 
-def main(argv=None) -> int:
-    """Cache, train, sample, measure; writes samples.png, dit/ and results.json to --output_dir."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
-
-    from autoencoder.lpips_weights import backbone_features
+def encode_cache(args, out: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The training latents [N,C,h,w] and labels through ``diffusion_bridge encode``, and its seconds."""
     from diffusion_bridge.cache import load_latent_cache
     from diffusion_bridge.cli import main as bridge_main
-    from eval.fid import VGG16Features
-
-    args = parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cifar = Path(args.cifar_dir)
-    vae = AutoencoderKL.from_pretrained(args.vae).eval()
-    if vae.config.scaling_factor == 1.0:
-        raise SystemExit(f"{args.vae} has no latent statistics: run `python -m diffusion_bridge stats --write` first")
 
     t0 = time.perf_counter()
-    code = bridge_main(
-        [
-            "encode",
-            "--model",
-            args.vae,
-            "--train_data_dir",
-            str(cifar / "train.parquet"),
-            "--resolution",
-            "32",
-            "--num_images",
-            str(args.num_train_images),
-            "--batch_size",
-            "250",
-            "--shard_size",
-            "5000",
-            "--output_dir",
-            str(out / "latent-cache"),
-            "--seed",
-            str(args.seed),
-        ]
-    )
-    assert code == 0, "encoding failed"
+    train_file = Path(args.cifar_dir) / "train.parquet"
+    argv = [
+        "encode",
+        f"--model={args.vae}",
+        f"--train_data_dir={train_file}",
+        "--resolution=32",
+        f"--num_images={args.num_train_images}",
+        "--batch_size=250",
+        "--shard_size=5000",
+        f"--output_dir={out / 'latent-cache'}",
+        f"--seed={args.seed}",
+    ]
+    assert bridge_main(argv) == 0, "encoding failed"
     cache = load_latent_cache(out / "latent-cache")[:]  # all rows as torch tensors
-    latents, labels = cache["latents"], cache["label"].long()
-    encode_s = time.perf_counter() - t0
-    print(
-        f"latent cache: {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f} ({encode_s:.0f} s)"
-    )
+    return cache["latents"], cache["label"].long(), time.perf_counter() - t0
 
-    dit, ddpm, train_info = train_dit(latents, labels, args)
-    dit.save_pretrained(out / "dit")
-    pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler.from_config(ddpm.config))
-    pipe.set_progress_bar_config(disable=True)
-    n = args.num_fd_images
+
+def sample(pipe, args) -> tuple[torch.Tensor, float]:
+    """``num_fd_images`` class-conditional samples [N,3,32,32] in [-1,1] (classes in turn), and the seconds."""
+    n, t1, samples = args.num_fd_images, time.perf_counter(), []
     class_labels = [i % 10 for i in range(n)]
-    t1 = time.perf_counter()
-    samples = []
     for i in range(0, n, 100):
         gen = torch.Generator().manual_seed(args.seed + i)
         imgs = pipe(
@@ -196,24 +168,59 @@ def main(argv=None) -> int:
             generator=gen,
             num_inference_steps=args.sampling_steps,
             output_type="pt",
-        ).images  # [B,3,32,32] in [0,1]
-        samples.append(imgs * 2 - 1)
-    samples = torch.cat(samples)
-    sample_s = time.perf_counter() - t1
+        ).images
+        samples.append(imgs * 2 - 1)  # [B,3,32,32] in [0,1] -> [-1,1]
+    return torch.cat(samples), time.perf_counter() - t1
+
+
+def fd_table(vae, samples: torch.Tensor, args) -> dict:
+    """Fréchet distances on VGG16 features against real test images: samples, VAE reconstructions, real images."""
+    from autoencoder.lpips_weights import backbone_features
+    from eval.fid import VGG16Features
+
+    n, cifar = args.num_fd_images, Path(args.cifar_dir)
+    extractor = VGG16Features(backbone_features("vgg", args.lpips_weights))
+    real_test, real_train = load_images(cifar / "test.parquet", n), load_images(cifar / "train.parquet", n)
+    with torch.no_grad():
+        recons = [vae.decode(vae.encode(real_train[i : i + 100]).latent_dist.mode()).sample for i in range(0, n, 100)]
+    f_test = features(extractor, real_test)
+    return {
+        "samples_vs_test": frechet(f_test, features(extractor, samples)),
+        "vae_reconstructions_of_train_vs_test": frechet(f_test, features(extractor, torch.cat(recons).clamp(-1, 1))),
+        "real_train_vs_test": frechet(f_test, features(extractor, real_train)),
+        "n_images_per_set": n,
+        "extractor": "ImageNet VGG16 conv5_3, global average pool (512-d), inputs resized to 224 px; not FID",
+    }
+
+
+def main(argv=None) -> int:
+    """Cache, train, sample, measure; writes samples.png, dit/ and results.json to --output_dir."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    if vae.config.scaling_factor == 1.0:
+        raise SystemExit(f"{args.vae} has no latent statistics: run `python -m diffusion_bridge stats --write` first")
+    latents, labels, encode_s = encode_cache(args, out)
+    print(
+        f"latent cache: {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f} ({encode_s:.0f} s)"
+    )
+    dit, ddpm, train_info = train_dit(latents, labels, args)
+    dit.save_pretrained(out / "dit")
+    pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler.from_config(ddpm.config))
+    pipe.set_progress_bar_config(disable=True)
+    samples, sample_s = sample(pipe, args)
     # 10 x 10 grid: column = class (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck)
     save_image(make_grid(samples[:100] * 0.5 + 0.5, nrow=10, padding=1), out / "samples.png")
-
-    extractor = VGG16Features(backbone_features("vgg", args.lpips_weights))
-    real_test = load_images(cifar / "test.parquet", n)
-    real_train = load_images(cifar / "train.parquet", n)
-    with torch.no_grad():
-        recon_train = torch.cat(
-            [
-                vae.decode(vae.encode(real_train[i : i + 100]).latent_dist.mode()).sample.clamp(-1, 1)
-                for i in range(0, n, 100)
-            ]
-        )
-    f_test = features(extractor, real_test)
+    sampling = {
+        "scheduler": "DDIM",
+        "steps": args.sampling_steps,
+        "guidance_scale": args.guidance_scale,
+        "images": args.num_fd_images,
+        "seconds": sample_s,
+    }
     results = {
         "vae": args.vae,
         "latent_shape": list(latents.shape[1:]),
@@ -221,20 +228,8 @@ def main(argv=None) -> int:
         "encode_seconds": encode_s,
         "dit_parameters": sum(p.numel() for p in dit.parameters()),
         "train": train_info,
-        "sampling": {
-            "scheduler": "DDIM",
-            "steps": args.sampling_steps,
-            "guidance_scale": args.guidance_scale,
-            "images": n,
-            "seconds": sample_s,
-        },
-        "fd_vgg16": {
-            "samples_vs_test": frechet(f_test, features(extractor, samples)),
-            "vae_reconstructions_of_train_vs_test": frechet(f_test, features(extractor, recon_train)),
-            "real_train_vs_test": frechet(f_test, features(extractor, real_train)),
-            "n_images_per_set": n,
-            "extractor": "ImageNet VGG16 conv5_3, global average pool (512-d), inputs resized to 224 px; not FID",
-        },
+        "sampling": sampling,
+        "fd_vgg16": fd_table(vae, samples, args),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
