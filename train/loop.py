@@ -189,11 +189,12 @@ def train_loop(run: Run) -> Loop:
             if run_epoch(run, loop, stop):  # the epoch ran to its end
                 run.state.batches_in_epoch = 0
                 run.state.epoch += 1
-    # the failed step's tensors were released with the exception
-    note_flags(run, loop, keep=0)  # the completed steps, for the checkpoint
-    loop.progress.close()
-    if oom.message is not None:
+        note_flags(run, loop, keep=0)  # the last steps' counters, still under the signal handlers
+    if oom.message is not None:  # the failed step's tensors were released with the exception
+        note_flags(run, loop, keep=0)  # the completed steps, for the checkpoint
+        loop.progress.close()
         stop_after_oom(run, loop.window, oom.message)
+    loop.progress.close()
     loop.seconds = time.perf_counter() - loop.started
     return loop
 
@@ -268,11 +269,10 @@ def stop_agreed(run: Run, stop: StopRequest, exact: bool) -> bool:
 
 def log_step(run: Run, loop: Loop, logs: dict) -> None:
     """The logging step's host sync: loss terms, LR, throughput and where the host's time went since the last."""
-    now = time.perf_counter()
-    elapsed = max(now - loop.interval_start, 1e-9)
+    elapsed = max(time.perf_counter() - loop.interval_start, 1e-9)
     s, waits, since = run.state, loop.waits, loop.interval_waits
     logs = {k: float(v) for k, v in logs.items()}  # the host sync of a logging step
-    loop.log_marks.append((s.global_step, now - loop.started, waits.data, waits.device))
+    loop.log_marks.append((s.global_step, time.perf_counter() - loop.started, waits.data, waits.device))
     # where the host's time went: waiting for a batch (the data too slow) or for the device
     logs["train/data_wait_frac"] = (waits.data - since.data) / elapsed
     logs["train/device_wait_frac"] = (waits.device - since.device) / elapsed

@@ -167,7 +167,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if accelerator.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convolutions left by autocast
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("train").setLevel(logging.INFO)
+    for name in ("train.trainer", "train.run", "train.loop", "train.validation", "train.finish", "train.checkpoints"):
+        logging.getLogger(name).setLevel(logging.INFO)  # get_logger set ACCELERATE_LOG_LEVEL's level on each
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # we log one line per checkpoint
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return accelerator
