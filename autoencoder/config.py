@@ -456,14 +456,29 @@ def help_text() -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference as a Markdown table per section (pasted into the README)."""
-    out = []
+    """docs/config.md: every key per section, with its type, dataclass default, the default run's value and help."""
+    run = parse_config([])  # what `python -m train` uses: the dataclass defaults under configs/cpu-small.yaml
+    out = [
+        "# Config reference",
+        "",
+        "Generated from the dataclasses in `autoencoder/config.py` by `python -m autoencoder --config-reference`;",
+        "a test fails when it is out of date. Precedence: dataclass defaults < the YAML file (`--config PATH` or",
+        f"a preset name; default `configs/{DEFAULT_CONFIG.name}`) < the command line. Options are `--key=value` or",
+        "`--key value` (also `--section.key`); a bare boolean flag means true. Unknown keys and wrong types are",
+        "errors. **default** is the dataclass's; **`python -m train`** is what the default run uses",
+        f"({DEFAULT_CONFIG.stem}), in bold where the preset changes it.",
+        "",
+    ]
     for section, cls in _section_types().items():
-        out += [f"**{section}** (`{cls.__name__}`)", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"## {section} (`{cls.__name__}`)", "", "| key | type | default | `python -m train` | meaning |"]
+        out.append("|---|---|---|---|---|")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(f"| `--{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {f.metadata['help']} |")
+            used = getattr(getattr(run, section), f.name)
+            shown = f"`{used!r}`" if used == default else f"**`{used!r}`**"
+            row = [f"`--{f.name}`", _type_name(hints[f.name]), f"`{default!r}`", shown, f.metadata["help"]]
+            out.append("| " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out).replace("' | '", "'\\|'")
 

@@ -1,6 +1,7 @@
 """Model presets: diffusers ``AutoencoderKL`` built from constructor kwargs, or loaded for fine-tuning."""
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -193,8 +194,13 @@ def compile_regions(vae: AutoencoderKL, **compile_kwargs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print each preset's parameter count, downsampling and latent channels."""
-    del argv  # no options
+    """Print each preset's parameter count, downsampling and latent channels; ``--config-reference``: docs/config.md."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--config-reference" in argv:
+        from autoencoder.config import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
     print("| preset | parameters | downsampling | latent channels | quant convs |\n|---|---|---|---|---|")
     for name in PRESETS:
         vae = build_vae(ModelConfig(preset=name))
