@@ -1,5 +1,6 @@
 """Shared fixtures: the verified assets in ../shared (LPIPS backbones, real images)."""
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -48,3 +49,58 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def reset_accelerate() -> None:
+    """Forget the Accelerator singletons of an earlier run in this process (as accelerate's own tests do)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# --- shared helpers of the end-to-end tests ------------------------------------------------------
+
+TINY_FAST = ["--config=tiny", "--report_to=none", "--validation_steps=0", "--validate_at_start=false"]
+
+
+def _metrics(out: Path) -> dict:
+    """A run's metrics.json."""
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _run_inprocess(out: Path, lpips_dir: Path, monkeypatch, *args: str) -> int:
+    """``python -m train`` in this process on the tiny preset, into ``out``; its exit status."""
+    import train.trainer
+
+    monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
+    reset_accelerate()
+    return train.trainer.main([*TINY_FAST, f"--output_dir={out}", *args])
+
+
+def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit-identical on CPU; on CUDA within 1e-3 relative (cuDNN's backward kernels are not bit-reproducible)."""
+    if not torch.cuda.is_available():  # the in-process runs train on the GPU where there is one
+        return torch.equal(x, y)
+    return torch.allclose(x.double(), y.double(), rtol=1e-3, atol=1e-6)
+
+
+def deterministic_cudnn(monkeypatch) -> None:
+    """Deterministic cuDNN algorithms for resume comparisons on a GPU (no effect on CPU)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
+def _nan_at(steps: set[int], monkeypatch) -> None:
+    """Make the training loss NaN at the given optimizer steps."""
+    from autoencoder.losses import VAELoss
+
+    original = VAELoss.forward
+
+    def poisoned(self, inputs, reconstructions, posterior, step, *args, **kwargs):
+        loss, logs = original(self, inputs, reconstructions, posterior, step, *args, **kwargs)
+        if kwargs.get("split", "train") == "train" and step in steps:
+            loss = loss * float("nan")
+        return loss, logs
+
+    monkeypatch.setattr(VAELoss, "forward", poisoned)

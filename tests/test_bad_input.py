@@ -6,6 +6,7 @@ point ``train`` at an output folder holding an earlier run check that nothing in
 """
 
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED, free_port
+from conftest import REPO, SHARED, free_port, reset_accelerate
 from PIL import Image
 
 import train.trainer as trainer
@@ -143,19 +144,51 @@ def _env(lpips_dir: Path) -> dict[str, str]:
     }
 
 
+# Rows run through the real ``python -m`` path in a subprocess: the Hub must look offline from the
+# start (huggingface_hub and datasets read HF_HUB_OFFLINE at import), and a cold start proves the CLI.
+SUBPROCESS_ROWS = {
+    "train-offline-hub-dataset",
+    "train-offline-hub-model",
+    "eval-offline-hub-model",
+    "bridge-stats-offline-dataset",
+    "sweep-bad-train-flag",
+}
+MAINS = {
+    "train": "train.trainer",
+    "train.sweep": "train.sweep",
+    "eval": "eval.runner",
+    "diffusion_bridge": "diffusion_bridge.cli",
+}
+
+
+def _run(args: list[str], in_process: bool, lpips_dir: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``python -m ARGS``: in this process (``main(argv)``) or a fresh one."""
+    if not in_process:
+        result = subprocess.run(
+            [sys.executable, "-m", *args], cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300
+        )
+        return result.returncode, result.stdout, result.stderr
+    for key, value in _env(lpips_dir).items():
+        if key in ("LPIPS_WEIGHTS", "AUTOENCODER_DEBUG"):
+            monkeypatch.setenv(key, value)
+    reset_accelerate()
+    capsys.readouterr()
+    code = importlib.import_module(MAINS[args[0]]).main(args[1:])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
-def test_mistake_gives_one_line_and_exit_status(row, places, earlier_run, lpips_dir):
+def test_mistake_gives_one_line_and_exit_status(row, places, earlier_run, lpips_dir, monkeypatch, capsys):
     name, command, status, fragment = row
     args = [a.format(**places) for a in command]
     if args[0] == "train" and not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={earlier_run}")
     before = _snapshot(earlier_run)
-    result = subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300
-    )
-    output = result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == status, output[-3000:]
+    code, stdout, stderr = _run(args, name not in SUBPROCESS_ROWS, lpips_dir, monkeypatch, capsys)
+    output = stdout + stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == status, output[-3000:]
     assert "Traceback" not in output
     assert len(errors) == 1 and fragment in errors[0], output[-3000:]
     assert "; " in errors[0]  # what is wrong; how to fix it
@@ -207,7 +240,6 @@ def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
 @pytest.mark.slow
 def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, lpips_dir, monkeypatch, capsys):
     """An OOM in step 6's forward: the run saves step 5, exits 3 with the failing batch, and resumes from it."""
-    from accelerate.state import AcceleratorState, GradientState
 
     from autoencoder.losses import VAELoss
 
@@ -229,8 +261,7 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
         "--checkpointing_steps=4",
         "--validation_steps=0",
     ]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert trainer.main(args) == EXIT_OOM
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the in-process run trains where the GPU is
@@ -241,8 +272,7 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
     assert not (out / "vae").exists()
 
     monkeypatch.setattr(VAELoss, "forward", real_forward)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert trainer.main([*args, "--resume_from_checkpoint=latest"]) == 0
     assert (out / "vae").is_dir()
 

@@ -15,11 +15,22 @@ def _python_m(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("package", ["train", "train.sweep", "eval", "diffusion_bridge"])
-def test_python_m_help(package):
-    result = _python_m(package, "--help")
+# what each --help must say: an option of its own with its help text
+HELP = {
+    "train": ["--kl_weight  [loss] float = 1e-06", "beta, as in latent-diffusion", "--resume_from_checkpoint"],
+    "train.sweep": ["--kl_weight 1e-7,1e-6,1e-5,1e-4", "--sweep_dir", "rate_distortion.png"],
+    "eval": ["--model  list of str (required), repeatable", "--fd  list of 'vgg16' = [], repeatable", "rFID"],
+    "diffusion_bridge": ["stats  latent statistics over a dataset", "encode", "publish", "COMMAND --help"],
+    "diffusion_bridge stats": ["--write  bool = False", "--convention  'sd' | 'sd3' | 'sdxl' = 'sd3'"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP))
+def test_python_m_help_lists_the_commands_options(command):
+    result = _python_m(*command.split(), "--help")
     assert result.returncode == 0, result.stderr
-    assert "--" in result.stdout
+    missing = [text for text in HELP[command] if text not in result.stdout]
+    assert not missing, (missing, result.stdout[:2000])
 
 
 def test_presets_table():

@@ -113,19 +113,65 @@ def test_active_units_find_channels_forced_to_collapse_and_spare_a_healthy_model
     assert "[1, 3]" in warning and "posterior collapse" in warning
 
 
-def test_importance_weighted_bound_is_above_the_elbo_and_equals_it_at_k1():
+class _KnownLikelihoodVAE(torch.nn.Module):
+    """q(z|x) = N(m, s²) per latent element; the decoder ignores z and outputs ``image``.
+
+    So p(x|z) = p(x): the discretised Laplace probability of x around ``image``, in closed form, and
+    ELBO = log p(x) − KL(q ‖ N(0, I)) in expectation, IWAE(k) → log p(x) as k grows.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, image: torch.Tensor, m: float, s: float, latent_shape=(2, 1, 1)):
+        super().__init__()
+        self.image, self.m, self.s, self.latent_shape = image, m, s, latent_shape
+
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        mean = torch.full((x.shape[0], *self.latent_shape), self.m)
+        logvar = torch.full_like(mean, 2 * math.log(self.s))
+        return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(torch.cat([mean, logvar], 1)))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.image.expand(z.shape[0], *self.image.shape[1:]))
+
+
+def _laplace_log_px(levels: torch.Tensor, loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """log p(x) per image from torch's Laplace CDF: bins [k − ½, k + ½], the end bins open to ±∞."""
+    laplace = torch.distributions.Laplace(loc.double(), scale)
+    upper = torch.where(levels >= 255, torch.ones_like(loc.double()), laplace.cdf(levels.double() + 0.5))
+    lower = torch.where(levels <= 0, torch.zeros_like(loc.double()), laplace.cdf(levels.double() - 0.5))
+    return (upper - lower).log().flatten(1).sum(1)
+
+
+def test_elbo_and_iwae_match_a_model_whose_likelihood_is_known_in_closed_form():
+    """ELBO = log p(x) − KL(q‖p) (closed form); IWAE(k) rises with k and reaches log p(x).
+
+    A wrong log p(z), log q(z|x) or log p(x|z) term moves the ELBO off its closed form; the old
+    checks (IWAE ≥ ELBO, equality at k = 1) held for any log-weights.
+    """
     torch.manual_seed(0)
-    vae = build_vae(ModelConfig(preset="tiny")).eval()
-    x = _photos(3, size=16)
-    weights = log_weights(vae, x, k=32, scale=8.0, generator=_gen(3))  # [32, 3]
-    elbo, iwae = elbo_and_iwae(weights)
-    assert (iwae >= elbo).all() and (iwae > elbo).any()
-    one = log_weights(vae, x, k=1, scale=8.0, generator=_gen(4))
-    elbo1, iwae1 = elbo_and_iwae(one)
-    assert torch.allclose(elbo1, iwae1)
-    # in expectation the bound tightens with k: IWAE(32) above the mean of many IWAE(1) = ELBO estimates
-    many = log_weights(vae, x, k=256, scale=8.0, generator=_gen(5))
-    assert (iwae > many.mean(0)).all()
+    m, s, scale, dims = 0.3, 0.8, 40.0, 2  # a scale at which the CDF differences keep their digits
+    decoded = torch.rand(1, 3, 4, 4) * 2 - 1  # the decoder's output, in [-1, 1]
+    vae = _KnownLikelihoodVAE(decoded, m, s)
+    x = torch.rand(64, 3, 4, 4) * 2 - 1  # 64 images: independent estimates of each bound
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = -1.0, 1.0  # the open end bins are used too
+    log_px = _laplace_log_px(((x + 1) * 127.5).round(), (decoded + 1) * 127.5, scale)  # [64]
+    kl = dims * (0.5 * (s**2 + m**2 - 1) - math.log(s))
+
+    big = log_weights(vae, x, k=4000, scale=scale, generator=_gen(1)).double()  # [4000, 64]
+    elbo, iwae = elbo_and_iwae(big)
+    assert elbo.mean().item() == pytest.approx((log_px - kl).mean().item(), abs=0.01)
+    assert torch.allclose(iwae, log_px, atol=0.1)  # each image's estimate, k = 4000
+    assert iwae.mean().item() == pytest.approx(log_px.mean().item(), abs=0.01)
+    iwae_by_k = [elbo_and_iwae(log_weights(vae, x, k, scale, _gen(k)).double())[1].mean().item() for k in (1, 8, 64)]
+    assert iwae_by_k[0] < iwae_by_k[1] < iwae_by_k[2] < log_px.mean().item()
+    assert iwae_by_k[0] == pytest.approx((log_px - kl).mean().item(), abs=0.1)  # k = 1 is one ELBO sample
 
 
 def test_sampled_kl_term_matches_the_closed_form():

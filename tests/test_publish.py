@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from diffusers import AutoencoderKL
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -27,8 +27,7 @@ def _device_name() -> str:
 
 
 def _reset():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Training that holds: DDP sync, exact resume, kill/terminate, mixed precision, non-finite steps."""
 
-import json
 import os
 import shutil
 import signal
@@ -10,24 +9,26 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, free_port
+from conftest import (
+    REPO,
+    TINY_FAST,
+    _metrics,
+    _nan_at,
+    _run_inprocess,
+    deterministic_cudnn,
+    free_port,
+    reset_accelerate,
+    same,
+)
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train.step
-import train.trainer as trainer
-from autoencoder.losses import VAELoss
 from autoencoder.models import VAEForTraining
-
-TINY_FAST = ["--config=tiny", "--report_to=none", "--validation_steps=0", "--validate_at_start=false"]
 
 
 def _env(lpips_dir):
     return {**os.environ, "LPIPS_WEIGHTS": str(lpips_dir), "PYTHONUNBUFFERED": "1"}
-
-
-def _metrics(out):
-    return json.loads((out / "metrics.json").read_text())
 
 
 @pytest.mark.slow
@@ -57,28 +58,6 @@ def test_two_processes_keep_identical_parameters(tmp_path, lpips_dir):
     rank0, rank1 = metrics["param_checksum_per_rank"]
     assert rank0 == rank1  # bit-identical: gradients were all-reduced through the prepared model
     assert rank0 != metrics["param_checksum_initial"]  # and training moved them
-
-
-def _run_inprocess(out, lpips_dir, monkeypatch, *args):
-    from accelerate.state import AcceleratorState, GradientState
-
-    monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return trainer.main([*TINY_FAST, f"--output_dir={out}", *args])
-
-
-def same(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Bit-identical on CPU; on CUDA within 1e-3 relative (cuDNN's backward kernels are not bit-reproducible)."""
-    if not torch.cuda.is_available():  # the in-process runs train on the GPU where there is one
-        return torch.equal(x, y)
-    return torch.allclose(x.double(), y.double(), rtol=1e-3, atol=1e-6)
-
-
-def deterministic_cudnn(monkeypatch) -> None:
-    """Deterministic cuDNN algorithms for resume comparisons on a GPU (no effect on CPU)."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
 
 @pytest.mark.slow
@@ -121,6 +100,31 @@ def test_resume_is_exact(tmp_path, lpips_dir, monkeypatch):
     assert all(same(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
     # the EMA really differs from the raw weights (so the export above compared EMA weights)
     assert not torch.equal(ea["decoder.conv_out.weight"], a["vae.decoder.conv_out.weight"])
+
+
+@pytest.mark.slow
+def test_streamed_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, lpips_dir, shared, monkeypatch):
+    """A stream cannot seek: the resumed run re-reads and drops the batches trained on, and ends bit-equal."""
+    deterministic_cudnn(monkeypatch)
+    data = f"--train_data_dir={shared / 'data' / 'cifar10' / 'train.parquet'}"
+    args = [
+        data,
+        "--streaming",
+        "--shuffle_buffer=64",
+        "--num_validation_images=8",
+        "--max_train_steps=4",
+        "--checkpointing_steps=2",
+        "--latent_stats=false",
+    ]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert _run_inprocess(full, lpips_dir, monkeypatch, *args) == 0
+    assert "streaming" in _metrics(full)["data"]
+    (resumed / "checkpoints").mkdir(parents=True)  # stopped after step 2
+    shutil.copytree(full / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    assert _run_inprocess(resumed, lpips_dir, monkeypatch, *args, "--resume_from_checkpoint=latest") == 0
+    assert _metrics(resumed)["step"] == 4
+    a, b = (load_file(d / "checkpoints" / "checkpoint-4" / "model.safetensors") for d in (full, resumed))
+    assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -298,15 +302,34 @@ def _wait_for(predicate, proc, timeout=180):
         time.sleep(0.2)
 
 
+def _newest_checkpoint(out) -> int:
+    return max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_from_last_checkpoint(tmp_path, lpips_dir):
-    out = tmp_path / "killed"
-    proc = _start(out, lpips_dir, "--checkpointing_steps=5", "--checkpoints_total_limit=2")
-    _wait_for(lambda: (out / "checkpoints" / "checkpoint-10").is_dir(), proc)
+def test_sigterm_checkpoints_then_a_sigkilled_resume_resumes_from_its_last_checkpoint(tmp_path, lpips_dir):
+    """One long run: SIGTERM writes a fresh checkpoint and exits 143; its resume, killed with SIGKILL
+    two checkpoints later, resumes again from the last complete checkpoint."""
+    out, ckpt = tmp_path / "run", ["--checkpointing_steps=5", "--checkpoints_total_limit=5"]
+    proc = _start(out, lpips_dir, *ckpt)
+    _wait_for(lambda: (out / "checkpoints" / "checkpoint-5").is_dir(), proc)  # training is under way
+    signalled_at = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output
+    newest = _newest_checkpoint(out)
+    fresh = out / "checkpoints" / f"checkpoint-{newest}"
+    assert newest >= 5 and fresh.stat().st_mtime >= signalled_at  # written in response to the signal
+    assert f"SIGTERM received: saved {fresh} at step {newest}" in output
+
+    proc = _start(out, lpips_dir, *ckpt, "--resume_from_checkpoint=latest")
+    target = (newest // 5 + 2) * 5
+    _wait_for(lambda: (out / "checkpoints" / f"checkpoint-{target}").is_dir(), proc)
     proc.kill()
     proc.wait()
-    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
-    assert last >= 10
+    last = _newest_checkpoint(out)
+    assert last >= target
     result = subprocess.run(
         [
             sys.executable,
@@ -315,7 +338,7 @@ def test_sigkill_then_resume_from_last_checkpoint(tmp_path, lpips_dir):
             *TINY_FAST,
             f"--output_dir={out}",
             f"--max_train_steps={last + 3}",
-            "--checkpointing_steps=5",
+            *ckpt,
             "--resume_from_checkpoint=latest",
         ],
         cwd=REPO,
@@ -327,22 +350,6 @@ def test_sigkill_then_resume_from_last_checkpoint(tmp_path, lpips_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{last}'} at step {last}" in result.stderr
     assert _metrics(out)["step"] == last + 3
-
-
-@pytest.mark.slow
-def test_sigterm_writes_a_fresh_checkpoint(tmp_path, lpips_dir):
-    out = tmp_path / "terminated"
-    proc = _start(out, lpips_dir, "--checkpointing_steps=5", "--checkpoints_total_limit=5")
-    _wait_for(lambda: (out / "checkpoints" / "checkpoint-5").is_dir(), proc)  # training is under way
-    signalled_at = time.time()
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "Traceback" not in output
-    newest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
-    fresh = out / "checkpoints" / f"checkpoint-{newest}"
-    assert newest >= 5 and fresh.stat().st_mtime >= signalled_at  # written in response to the signal
-    assert f"SIGTERM received: saved {fresh} at step {newest}" in output
 
 
 @pytest.mark.slow
@@ -375,18 +382,6 @@ def test_bf16_keeps_fp32_master_and_exported_weights(tmp_path, lpips_dir, monkey
     assert all(v.dtype == torch.float32 for v in ckpt.values())
     exported = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(v.dtype == torch.float32 for v in exported.values())
-
-
-def _nan_at(steps, monkeypatch):
-    original = VAELoss.forward
-
-    def poisoned(self, inputs, reconstructions, posterior, step, *args, **kwargs):
-        loss, logs = original(self, inputs, reconstructions, posterior, step, *args, **kwargs)
-        if kwargs.get("split", "train") == "train" and step in steps:
-            loss = loss * float("nan")
-        return loss, logs
-
-    monkeypatch.setattr(VAELoss, "forward", poisoned)
 
 
 @pytest.mark.slow
@@ -437,16 +432,13 @@ def test_consecutive_nan_steps_stop_the_run(tmp_path, lpips_dir, monkeypatch, ca
 def fresh_accelerator():
     """An Accelerator on the CPU, made after forgetting earlier ones (accelerate keeps process-wide state)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     def make(**kwargs) -> Accelerator:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         return Accelerator(cpu=True, **kwargs)
 
     yield make
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def test_fused_adamw_skips_its_update_and_step_count_where_found_inf_is_set(fresh_accelerator):
