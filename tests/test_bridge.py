@@ -247,7 +247,8 @@ def test_latent_cache_loads_with_datasets_and_resumes(tiny_model, shared, tmp_pa
     # seeded per image: another batch size draws the same samples
     reset_accelerate()
     assert bridge_main([*_encode_args(tiny_model, shared, tmp_path / "batch10"), "--batch_size", "10"]) == 0
-    assert torch.equal(load_latent_cache(tmp_path / "batch10")[:]["latents"], ds["latents"])
+    batch10 = load_latent_cache(tmp_path / "batch10")[:]["latents"]  # equal up to the encoder's batched rounding
+    assert torch.allclose(batch10, ds["latents"], atol=1e-4), (batch10 - ds["latents"]).abs().max()
     src, col, _ = load_image_source(
         None, str(shared / "data" / "cifar10" / "test.parquet"), split="train", num_images=10
     )

@@ -188,7 +188,8 @@ def _mode_reconstructions(model_dir: Path, images: Path, resolution: int) -> tup
     from autoencoder.data import ImageDataset, eval_transform, load_image_source
 
     ds, column, _ = load_image_source(None, str(images), "image", None, resolution, None)
-    x = torch.stack([item["pixel_values"] for item in ImageDataset(ds, column, eval_transform(resolution))])
+    dataset = ImageDataset(ds, column, eval_transform(resolution))
+    x = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     vae = AutoencoderKL.from_pretrained(model_dir).eval()
     with torch.no_grad():
         return x, vae(x, sample_posterior=False).sample
