@@ -206,6 +206,32 @@ def check_output_writable(flag: str, path: str | os.PathLike) -> None:
         ) from None
 
 
+def check_own_folder(
+    flag: str, folder: str | os.PathLike, writes: tuple[str, ...], command: str, error: type = UsageError
+) -> None:
+    """Refuse an output ``folder`` holding anything ``command`` does not write (``writes``: names or globs).
+
+    Such a command replaces its files (and ``publish`` its whole folder): pointed at a training run or
+    any other folder of the user's, it would overwrite or delete what it did not write.
+    """
+    import fnmatch
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    foreign = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in folder.iterdir()
+        if not any(fnmatch.fnmatch(p.name, pattern) for pattern in (*writes, ".write-test-*"))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise error(
+            f"{flag} {str(folder)!r} holds files {command} did not write ({shown}); it would overwrite or delete them",
+            f"give {flag} an empty or new folder",
+        )
+
+
 def _rank() -> tuple[int, int]:
     """(rank, world size) of this process (from the launcher's environment)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from autoencoder.errors import UsageError
+from autoencoder.errors import UsageError, check_own_folder
 from autoencoder.models import count_parameters, downsampling_factor
 
 # model-index metric types and display names, in table order.
@@ -408,6 +408,31 @@ def check_repo_id(repo_id: str) -> None:
         ) from None
 
 
+# Everything a prepared repo folder holds (what prepare_folder writes; .cache: huggingface_hub's upload state).
+PUBLISH_WRITES = (
+    "README.md",
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "latent_stats.json",
+    "training_config.yaml",
+    "eval_results.json",
+    "reconstructions.png",
+    ".cache",
+)
+
+
+def check_publish_folder(folder: Path, model_dir: Path) -> None:
+    """The repo folder is replaced whole: refuse the model folder itself, a folder above it, or anyone else's."""
+    source, target = model_dir.resolve(), folder.resolve()
+    if target == source or target in source.parents:
+        raise PublishError(
+            f"the folder to prepare, {str(folder)!r}, is or holds the model folder {str(model_dir)!r} being published",
+            "give --dry_run/--folder a new folder, e.g. OUT/hub-upload",
+        )
+    check_own_folder("--dry_run/--folder", folder, PUBLISH_WRITES, "publish", PublishError)
+
+
 def prepare_folder(
     model_dir: str | Path,
     folder: str | Path,
@@ -432,6 +457,7 @@ def prepare_folder(
     training_config = _read_yaml(model_dir / "training_config.yaml")
     train_metrics = _training_metrics(model_dir)
 
+    check_publish_folder(folder, model_dir)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

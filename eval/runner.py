@@ -32,7 +32,15 @@ from autoencoder.data import (
     load_image_source,
     loader_workers,
 )
-from autoencoder.errors import OutOfMemory, UsageError, agreement, check_output_writable, is_oom, run_cli
+from autoencoder.errors import (
+    OutOfMemory,
+    UsageError,
+    agreement,
+    check_output_writable,
+    check_own_folder,
+    is_oom,
+    run_cli,
+)
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.lpips_weights import backbone_features, build_lpips
 from autoencoder.models import (
@@ -58,6 +66,7 @@ from .latent import (
 from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstruction_metrics
 
 METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
+EVAL_WRITES = ("metrics.json", "report.md", "reconstructions.png", "latent_*.png")  # all --output_dir holds
 
 
 @dataclass(kw_only=True)
@@ -122,6 +131,7 @@ def check_args(args: EvalOptions) -> None:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num_images must be >= 1, got {args.num_images}", "set it to 1 or more, or leave it out")
+    check_own_folder("--output_dir", args.output_dir, EVAL_WRITES, "python -m eval")  # never a training run's folder
     check_output_writable("--output_dir", args.output_dir)
     for model_id in args.model:
         config = load_vae_config(model_id, args.subfolder)

@@ -76,6 +76,10 @@ ROWS = [
     ("bridge-info-model-file", ("diffusion_bridge", "info", "--model={FILE}"), 2, "is a file, not a model folder"),
     ("bridge-publish-bad-repo-id", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=bad id!!", "--dry_run={TMP}/p"),
      2, "is not a Hub repository id"),
+    ("bridge-publish-into-a-run", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "holds files publish did not write (checkpoints/, config.yaml"),
+    ("bridge-publish-above-its-source", ("diffusion_bridge", "publish", "--model={OUT}/vae", "--repo_id=me/x", "--folder={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "is or holds the model folder"),
+    ("bridge-publish-into-its-source", ("diffusion_bridge", "publish", "--model={OUT}/vae", "--repo_id=me/x", "--dry_run={OUT}/vae", "--allow_missing_eval", "--allow_missing_stats"), 2, "is or holds the model folder"),
+    ("eval-into-a-run", ("eval", "--model={M}", "--output_dir={OUT}"), 2, "holds files python -m eval did not write"),
     ("bridge-publish-no-eval", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={TMP}/p",
                                 "--allow_missing_stats"), 2, "refusing to publish without an evaluation"),
 ]
@@ -181,7 +185,7 @@ def _run(args: list[str], in_process: bool, lpips_dir: Path, monkeypatch, capsys
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
 def test_mistake_gives_one_line_and_exit_status(row, places, earlier_run, lpips_dir, monkeypatch, capsys):
     name, command, status, fragment = row
-    args = [a.format(**places) for a in command]
+    args = [a.format(**places, OUT=str(earlier_run)) for a in command]
     if args[0] == "train" and not any(a.startswith("--output_dir") for a in args):
         args.append(f"--output_dir={earlier_run}")
     before = _snapshot(earlier_run)
