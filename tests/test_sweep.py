@@ -15,7 +15,7 @@ def test_sweep_trains_evaluates_plots_and_skips_finished_runs(tmp_path, lpips_di
         "--config=tiny",
         "--kl_weight",
         "1e-6,1",
-        "--max_train_steps=30",
+        "--max_train_steps=15",
         f"--sweep_dir={out}",
         "--validation_steps=0",
         "--checkpointing_steps=0",

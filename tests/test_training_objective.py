@@ -21,7 +21,7 @@ def test_short_run_improves_held_out_psnr_by_a_margin(tmp_path, lpips_dir, monke
     out = tmp_path / "improve"
     assert (
         _run_inprocess(
-            out, lpips_dir, monkeypatch, "--max_train_steps=40", "--checkpointing_steps=0", "--validate_at_start=true"
+            out, lpips_dir, monkeypatch, "--max_train_steps=25", "--checkpointing_steps=0", "--validate_at_start=true"
         )
         == 0
     )
