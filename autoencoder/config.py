@@ -373,13 +373,16 @@ def apply_overrides(cfg: Config, pairs: list[tuple[str, str | None]]) -> None:
         if name not in index or ("." in key and index[name][0] != key.split(".", 1)[0]):
             raise _unknown_key_error(key, "the command line")
         section, _, tp = index[name]
-        if text is None:
-            if tp is not bool:
-                raise UsageError(f"config key '{name}' needs a value", f"write --{name}=<{_type_name(tp)}>")
-            value = True
-        else:
-            value = parse_cli_value(name, text, tp)
-        setattr(getattr(cfg, section), name, value)
+        setattr(getattr(cfg, section), name, flag_value(name, text, tp, "config key"))
+
+
+def flag_value(key: str, text: str | None, tp: Any, what: str) -> Any:
+    """The value of ``--key[=text]`` for type ``tp``: a bare flag is True for booleans and an error otherwise."""
+    if text is not None:
+        return parse_cli_value(key, text, tp)
+    if tp is not bool:
+        raise UsageError(f"{what} '{key}' needs a value", f"write --{key}=<{_type_name(tp)}>")
+    return True
 
 
 def check_one_source(dataset_name: str | None, train_data_dir: str | None) -> None:
@@ -544,12 +547,7 @@ def parse_options(cls: type, argv: list[str]) -> Any:
         tp = hints[key]
         repeated = typing.get_origin(tp) is list
         item_tp = typing.get_args(tp)[0] if repeated else tp
-        if text is None:
-            if item_tp is not bool:
-                raise UsageError(f"option --{key} needs a value", f"write --{key}=<{_type_name(item_tp)}>")
-            value = True
-        else:
-            value = parse_cli_value(key, text, item_tp)
+        value = flag_value(key, text, item_tp, "option")
         if repeated:
             values.setdefault(key, []).append(value)
         else:
