@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,17 @@ def _nan_at(steps: set[int], monkeypatch) -> None:
         return loss, logs
 
     monkeypatch.setattr(VAELoss, "forward", poisoned)
+
+
+def stopped_at(run: Path, step: int, into: Path) -> Path:
+    """A run "stopped" after ``step``: a fresh output folder ``into`` holding only ``run``'s checkpoint of that step."""
+    (into / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / f"checkpoint-{step}", into / "checkpoints" / f"checkpoint-{step}")
+    return into
+
+
+def accelerate_launch(module: str, *args: str, processes: int = 2) -> list[str]:
+    """The command ``accelerate launch --num_processes N --cpu -m MODULE ARGS`` on a free port."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    launch = ["launch", "--num_processes", str(processes), "--main_process_port", free_port(), "--cpu"]
+    return [accelerate, *launch, "-m", module, *args]

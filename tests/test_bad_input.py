@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED, free_port, reset_accelerate
+from conftest import REPO, SHARED, accelerate_launch, reset_accelerate
 from PIL import Image
 
 import train.trainer as trainer
@@ -215,21 +215,12 @@ def test_debug_flag_shows_the_traceback(places, lpips_dir):
 @pytest.mark.slow
 def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
     """Under ``accelerate launch`` with 2 processes a data mistake ends both ranks, with one line from our code."""
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cmd = [
-        accelerate,
-        "launch",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        free_port(),
-        "--cpu",
-        "-m",
+    cmd = accelerate_launch(
         "train",
         "--config=tiny",
         f"--train_data_dir={places['CORRUPT']}",
         f"--output_dir={tmp_path / 'out'}",
-    ]
+    )
     result = subprocess.run(cmd, cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "could be read" in errors[0], result.stderr[-3000:]

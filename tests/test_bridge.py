@@ -1,14 +1,12 @@
 """diffusion_bridge: latent statistics (closed forms, merging, 2 processes), --write, and the CLI."""
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, free_port, reset_accelerate
+from conftest import REPO, accelerate_launch, reset_accelerate
 from diffusers import AutoencoderKL
 
 from autoencoder.config import ModelConfig
@@ -143,19 +141,10 @@ def _stats_args(model, shared, out, *extra):
 def test_two_process_stats_equal_single_process(tiny_model, shared, tmp_path):
     reset_accelerate()
     assert bridge_main(_stats_args(tiny_model, shared, tmp_path / "one.json", "--mode")) == 0
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [
-        accelerate,
-        "launch",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        free_port(),
-        "--cpu",
-        "-m",
+    cmd = accelerate_launch(
         "diffusion_bridge",
         *_stats_args(tiny_model, shared, tmp_path / "two.json", "--mode"),
-    ]
+    )
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting 2 CPU ranks" in result.stderr

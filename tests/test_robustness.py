@@ -1,7 +1,6 @@
 """Training that holds: DDP sync, exact resume, kill/terminate, mixed precision, non-finite steps."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +14,11 @@ from conftest import (
     _metrics,
     _nan_at,
     _run_inprocess,
+    accelerate_launch,
     deterministic_cudnn,
-    free_port,
     reset_accelerate,
     same,
+    stopped_at,
 )
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,22 +35,13 @@ def _env(lpips_dir):
 def test_two_processes_keep_identical_parameters(tmp_path, lpips_dir):
     """accelerate launch --num_processes 2 --cpu: ranks see different data, yet end with equal weights."""
     out = tmp_path / "ddp"
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [
-        accelerate,
-        "launch",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        free_port(),
-        "--cpu",
-        "-m",
+    cmd = accelerate_launch(
         "train",
         *TINY_FAST,
         f"--output_dir={out}",
         "--max_train_steps=4",
         "--checkpointing_steps=2",
-    ]
+    )
     result = subprocess.run(cmd, cwd=REPO, env=_env(lpips_dir), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = _metrics(out)
@@ -75,8 +66,7 @@ def test_resume_is_exact(tmp_path, lpips_dir, monkeypatch):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert _run_inprocess(full, lpips_dir, monkeypatch, *args) == 0
     # "stop" after k=3: a fresh run directory holding only the step-3 checkpoint
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    stopped_at(full, 3, resumed)
     assert _run_inprocess(resumed, lpips_dir, monkeypatch, *args, "--resume_from_checkpoint=latest") == 0
 
     a, b = (load_file(d / "checkpoints" / "checkpoint-6" / "model.safetensors") for d in (full, resumed))
@@ -119,8 +109,7 @@ def test_streamed_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tm
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert _run_inprocess(full, lpips_dir, monkeypatch, *args) == 0
     assert "streaming" in _metrics(full)["data"]
-    (resumed / "checkpoints").mkdir(parents=True)  # stopped after step 2
-    shutil.copytree(full / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    stopped_at(full, 2, resumed)
     assert _run_inprocess(resumed, lpips_dir, monkeypatch, *args, "--resume_from_checkpoint=latest") == 0
     assert _metrics(resumed)["step"] == 4
     a, b = (load_file(d / "checkpoints" / "checkpoint-4" / "model.safetensors") for d in (full, resumed))
@@ -146,8 +135,7 @@ def test_workers_train_as_the_main_process_across_epochs_and_a_resume(tmp_path, 
     for name, workers in runs.items():
         assert _run_inprocess(tmp_path / name, lpips_dir, monkeypatch, *args, workers) == 0
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "workers" / "checkpoints" / "checkpoint-10", resumed / "checkpoints" / "checkpoint-10")
+    stopped_at(tmp_path / "workers", 10, resumed)
     assert (
         _run_inprocess(resumed, lpips_dir, monkeypatch, *args, runs["workers"], "--resume_from_checkpoint=latest") == 0
     )
@@ -280,8 +268,7 @@ def test_compiled_run_updates_like_eager_and_resumes_eager(tmp_path, lpips_dir, 
     assert 0 < apart < 0.01 * update, (apart, update)
     assert _metrics(compiled)["psnr"] == pytest.approx(_metrics(eager)["psnr"], abs=0.05)
 
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(compiled / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    stopped_at(compiled, 2, resumed)
     assert _run_inprocess(resumed, lpips_dir, monkeypatch, *args, "--resume_from_checkpoint=latest") == 0
     r4 = weights(resumed, 4)
     assert sum((r4[k] - e4[k]).abs().sum().item() for k in e4) < 0.01 * update

@@ -1,12 +1,10 @@
 """Training that is *right*, not only running: it improves, the GAN trains and resumes, accumulation and
 gradient checkpointing change nothing but memory and batching."""
 
-import shutil
-
 import diffusers.models.autoencoders.vae as diffusers_vae
 import pytest
 import torch
-from conftest import _metrics, _run_inprocess, deterministic_cudnn, same
+from conftest import _metrics, _run_inprocess, deterministic_cudnn, same, stopped_at
 from safetensors.torch import load_file
 
 import train.step
@@ -55,8 +53,7 @@ def test_gan_from_step_zero_with_ema_trains_checkpoints_and_resumes_exactly(tmp_
     assert s_vae["_last_lr"] == s_disc["_last_lr"] and s_vae["last_epoch"] == s_disc["last_epoch"] == 4
     assert _metrics(full)["step"] == 4 and _metrics(full)["psnr"] == _metrics(full)["val"]["val/psnr"]
 
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ck2, resumed / "checkpoints" / "checkpoint-2")
+    stopped_at(full, 2, resumed)
     assert _run_inprocess(resumed, lpips_dir, monkeypatch, *args, "--resume_from_checkpoint=latest") == 0
     for name in ("model.safetensors", "model_1.safetensors"):  # VAE and discriminator, bit for bit on CPU
         a, b = (load_file(d / "checkpoints" / "checkpoint-4" / name) for d in (full, resumed))
