@@ -37,7 +37,9 @@ class ModelConfig:
     block_out_channels: list[int] | None = opt(None, "override the preset's block widths (one per resolution level)")
     layers_per_block: int | None = opt(None, "override the preset's ResNet layers per block")
     pretrained_model_name_or_path: str | None = opt(
-        None, "initialise from a diffusers AutoencoderKL (local folder or Hub id) instead of the preset"
+        None,
+        "initialise from a diffusers AutoencoderKL (local folder or Hub id), or the trained weights of a "
+        "training checkpoint folder, instead of the preset",
     )
     pretrained_subfolder: str | None = opt(None, "subfolder of the pretrained repo, e.g. 'vae' for a pipeline repo")
     revision: str | None = opt(None, "Hub revision of the pretrained model")
@@ -331,8 +333,22 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise UsageError(f"config file {str(path)!r} not found", f"give a path, or a preset name: {presets}")
-    with open(path) as fh:
-        data = yaml.safe_load(fh)
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(
+            f"config file {where}: not valid YAML ({getattr(exc, 'context', None) or problem}: {problem})",
+            "fix the YAML at that place (sections model/loss/data/train, each a mapping of key: value)",
+        ) from None
+    if data is not None and not isinstance(data, dict):
+        raise UsageError(
+            f"config file {path}, line 1, column 1: a YAML {type(data).__name__}, not a mapping of sections",
+            "write it as sections (model:, loss:, data:, train:), each a mapping of key: value",
+        )
     return data or {}
 
 

@@ -426,9 +426,12 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
                 f"{source} has {len(train)} image(s): too few to hold out a validation image",
                 "add images, or give a separate validation/test split",
             )
+        total = len(train)
         parts = train.train_test_split(test_size=n_val, seed=seed)
         train, validation = parts["train"], parts["test"]
         held = f"{len(validation)} images held out of '{train_name}' (seed {seed})"
+        if n_val < cfg.num_validation_images:  # said aloud: the held-out figures rest on these few
+            held += f"; {cfg.num_validation_images} asked, but at most a tenth of the {total} images is held out"
     if cfg.max_train_samples is not None:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     description = f"{source}: {len(train)} training images of '{train_name}'; validation: {held}"

@@ -75,6 +75,15 @@ class CatchOutOfMemory:
         return True
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed write for lack of space: ENOSPC, torch's zip writer, safetensors' IoError."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    zip_writer = "inline_container.cc" in text or "PytorchStreamWriter failed" in text  # torch.save's writer
+    return zip_writer or "No space left on device" in text or "StorageFull" in text
+
+
 def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message (library messages run to many lines)."""
     text = str(exc).strip().splitlines()
@@ -126,9 +135,9 @@ def translate(exc: BaseException, flag: str | None = None, value: Any = None) ->
             f"download it where there is network (`{fetch}`) and pass DIR to "
             f"{'--train_data_dir' if dataset else flag or 'the flag'}",
         )
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if is_disk_full(exc):
         return UsageError(
-            f"no space left on the device ({exc.filename or _first_line(exc)})",
+            f"no space left on the device ({getattr(exc, 'filename', None) or _first_line(exc)})",
             "free space or choose another output folder",
         )
     if isinstance(exc, PermissionError):
@@ -204,32 +213,6 @@ def check_output_writable(flag: str, path: str | os.PathLike) -> None:
         raise UsageError(
             f"{flag} {str(path)!r} is not writable ({exc.strerror or exc})", f"choose another {flag}"
         ) from None
-
-
-def check_own_folder(
-    flag: str, folder: str | os.PathLike, writes: tuple[str, ...], command: str, error: type = UsageError
-) -> None:
-    """Refuse an output ``folder`` holding anything ``command`` does not write (``writes``: names or globs).
-
-    Such a command replaces its files (and ``publish`` its whole folder): pointed at a training run or
-    any other folder of the user's, it would overwrite or delete what it did not write.
-    """
-    import fnmatch
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        return
-    foreign = sorted(
-        p.name + ("/" if p.is_dir() else "")
-        for p in folder.iterdir()
-        if not any(fnmatch.fnmatch(p.name, pattern) for pattern in (*writes, ".write-test-*"))
-    )
-    if foreign:
-        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
-        raise error(
-            f"{flag} {str(folder)!r} holds files {command} did not write ({shown}); it would overwrite or delete them",
-            f"give {flag} an empty or new folder",
-        )
 
 
 def _rank() -> tuple[int, int]:

@@ -59,12 +59,10 @@ def preset_kwargs(cfg: ModelConfig) -> dict:
 
 
 def build_vae(cfg: ModelConfig) -> AutoencoderKL:
-    """The VAE to train: a pretrained diffusers VAE if configured, else a fresh preset."""
+    """The VAE to train: a pretrained diffusers VAE or training checkpoint if configured, else a fresh preset."""
     if cfg.pretrained_model_name_or_path:
-        source = cfg.pretrained_model_name_or_path
-        check_model_source("--pretrained_model_name_or_path", source, cfg.pretrained_subfolder)
-        with about("--pretrained_model_name_or_path", source):
-            vae = AutoencoderKL.from_pretrained(source, subfolder=cfg.pretrained_subfolder, revision=cfg.revision)
+        source, flag = cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"
+        vae = load_vae(source, cfg.pretrained_subfolder, cfg.revision, flag)  # a diffusers VAE or a checkpoint
         vae = vae.to(torch.float32)  # train in fp32 whatever the checkpoint's storage dtype
     else:
         vae = AutoencoderKL(**preset_kwargs(cfg))

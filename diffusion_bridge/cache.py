@@ -27,6 +27,8 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from autoencoder.data import ImageDataset, collate
+from autoencoder.errors import agreement
+from autoencoder.folders import write_atomic, write_guard
 
 from .stats import DECODE, LatentScaling
 
@@ -117,25 +119,27 @@ def encode_dataset(
     todo_images = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
     progress = tqdm(total=todo_images, desc="encode", unit="img", disable=not accelerator.is_local_main_process)
     t0 = time.perf_counter()
-    for k in todo:
-        start, stop = k * shard_size, min(n, (k + 1) * shard_size)
-        shard = encode_shard(
-            vae,
-            dataset,
-            start,
-            stop,
-            batch_size=batch_size,
-            scaling=scaling,
-            sample=sample,
-            seed=seed,
-            store_moments=store_moments,
-            num_workers=num_workers,
-            progress=progress,
-        )
-        final = data_dir / shard_name(k, num_shards)
-        tmp = final.with_name(f".tmp-{accelerator.process_index}-{final.name}")
-        shard.to_parquet(str(tmp))
-        os.replace(tmp, final)  # atomic: a shard file exists only when complete
+    with agreement():  # no collective inside: a full disk on one rank ends every rank with its message
+        for k in todo:
+            start, stop = k * shard_size, min(n, (k + 1) * shard_size)
+            shard = encode_shard(
+                vae,
+                dataset,
+                start,
+                stop,
+                batch_size=batch_size,
+                scaling=scaling,
+                sample=sample,
+                seed=seed,
+                store_moments=store_moments,
+                num_workers=num_workers,
+                progress=progress,
+            )
+            final = data_dir / shard_name(k, num_shards)
+            tmp = final.with_name(f".tmp-{accelerator.process_index}-{final.name}")
+            with write_guard(tmp, lambda: complete_shards(data_dir, num_shards), RERUN, partial=tmp):
+                shard.to_parquet(str(tmp))
+            os.replace(tmp, final)  # atomic: a shard file exists only when complete
     progress.close()
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
@@ -167,8 +171,18 @@ def encode_dataset(
             "posterior_moments_stored": store_moments,
             "load": f'datasets.load_dataset("parquet", data_files="{data_dir}/*.parquet", split="train")',
         }
-        (Path(output_dir) / "cache_info.json").write_text(json.dumps(meta, indent=2))
+        with write_guard(Path(output_dir) / "cache_info.json", lambda: complete_shards(data_dir, num_shards), RERUN):
+            write_atomic(Path(output_dir) / "cache_info.json", json.dumps(meta, indent=2))
     return done
+
+
+RERUN = "rerun the same command: it continues with the missing shards"
+
+
+def complete_shards(data_dir: Path, num_shards: int) -> str:
+    """'3 of 10 shards are complete in DIR' (what a full disk leaves)."""
+    done = len(list(data_dir.glob("shard-*.parquet")))
+    return f"{done} of {num_shards} shards are complete in {data_dir}"
 
 
 def load_latent_cache(output_dir: Path) -> datasets.Dataset:

@@ -6,6 +6,7 @@ diffusion training), ``publish`` (a Hub repo with model card).
 """
 
 import json
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,13 @@ from autoencoder.data import (
     train_transform,
 )
 from autoencoder.errors import UsageError, agreement, check_output_writable, run_cli
+from autoencoder.folders import check_folder, mark_folder
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.models import check_resolution, count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
 from .cache import encode_dataset
 from .publish import prepare_folder, upload
-from .stats import LatentScaling, collect_latent_stats, describe, process_shard, write_stats
+from .stats import LatentScaling, collect_latent_stats, describe, process_shard, too_few_images, write_stats
 
 
 def vae_info(vae: AutoencoderKL) -> dict:
@@ -175,6 +177,8 @@ def cmd_stats(args: StatsOptions) -> int:
         drawn = "posterior mode" if args.mode else "posterior samples"
         print(f"{source}, {args.resolution} px, {args.crop} crops, {drawn}")
         print(describe(stats))
+        if warning := too_few_images(stats.num_images):
+            print(f"warning: {warning}", file=sys.stderr)
         for name in ("sd", "sd3", "sdxl"):  # how the model's current config would scale these latents
             try:
                 mean, std = LatentScaling.from_config(vae.config, name).scaled_moments(stats)
@@ -198,6 +202,9 @@ def cmd_stats(args: StatsOptions) -> int:
     return 0
 
 
+ENCODE = "python -m diffusion_bridge encode"  # the marker of a latent cache folder (autoencoder.folders)
+
+
 def cmd_encode(args: EncodeOptions) -> int:
     """``encode``: write the latent cache a diffusion trainer consumes."""
     if args.shift_factor is not None and args.convention != "sd3":
@@ -206,8 +213,11 @@ def cmd_encode(args: EncodeOptions) -> int:
         raise UsageError(f"--shard_size must be >= 1, got {args.shard_size}", "set --shard_size to 1 or more")
     accelerator = Accelerator(cpu=use_cpu_backend())
     with agreement():  # no collective in here: a failure on one rank ends every rank
+        check_folder("--output_dir", args.output_dir, ENCODE)  # a cache folder of its own, or a new one
         check_output_writable("--output_dir", args.output_dir)
         vae, dataset, source = load_checked(args)
+    if accelerator.is_main_process:
+        mark_folder(args.output_dir, ENCODE)
     vae.to(accelerator.device)
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
     config = types.SimpleNamespace(**{k: vae.config[k] for k in keys})

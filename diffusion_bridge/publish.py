@@ -20,8 +20,11 @@ from diffusers import AutoencoderKL
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from autoencoder.errors import UsageError, check_own_folder
+from autoencoder.errors import UsageError
+from autoencoder.folders import MARKER, check_folder, finish_swap, mark_folder, swap_in, write_guard
 from autoencoder.models import count_parameters, downsampling_factor
+
+from .stats import MIN_IMAGES, ci_text
 
 # model-index metric types and display names, in table order.
 CARD_METRICS = (
@@ -144,11 +147,15 @@ def _stats_section(vae: AutoencoderKL, stats: dict | None) -> list[str]:
             "calibrated to its latents.",
         ]
         return lines + [""]
-    lo, hi = stats["std_ci95"]
     lines += [
         f"- measured over {stats['num_latents']:,} latent values of {stats['num_images']} images: mean "
-        f"{stats['mean']:.4f}, std {stats['std']:.4f} (95% CI {lo:.4f}–{hi:.4f}); the config is written for the "
-        f"**{stats.get('convention', 'sd3')}** convention below",
+        f"{stats['mean']:.4f}, std {stats['std']:.4f} ({ci_text(stats['std_ci95'], stats['num_images'])}); the "
+        f"config is written for the **{stats.get('convention', 'sd3')}** convention below"
+        + (
+            f"; **only {stats['num_images']} images** (fewer than {MIN_IMAGES}): the scaling is rough"
+            if stats["num_images"] < MIN_IMAGES
+            else ""
+        ),
         "",
         "| channel | " + " | ".join(str(i) for i in range(len(stats["channel_mean"]))) + " |",
         "|---|" + "---|" * len(stats["channel_mean"]),
@@ -316,16 +323,23 @@ def _training_section(vae: AutoencoderKL, training_config: dict | None, train_me
             f"- hardware: {hw}; training wall time {train_metrics['train_seconds_this_run'] / 60:.1f} min "
             "(the last run segment if resumed)"
         )
-        if train_metrics.get("initial"):
-            i = train_metrics["initial"]
-            lines.append(
-                f"- held-out validation at {train_metrics['resolution']} px ({train_metrics['n_images']} images), "
-                f"step 0 → {train_metrics['step']}: PSNR {i['psnr']:.2f} → {train_metrics['psnr']:.2f} dB, "
-                f"SSIM {i['ssim']:.3f} → {train_metrics['ssim']:.3f}, LPIPS {i['lpips']:.3f} → "
-                f"{train_metrics['lpips']:.3f}"
-            )
+        lines.append(held_out_line(train_metrics))
     lines += ["", "The resolved configuration is `training_config.yaml` in this repo.", ""]
     return lines
+
+
+def held_out_line(m: dict) -> str:
+    """The training run's held-out figures (from step 0 where measured) and how many images they rest on."""
+    n = m["n_images"]
+    few = f"; **only {n} images**: compare with care" if n < MIN_IMAGES else ""
+    head = f"- held-out validation at {m['resolution']} px ({n} images{few})"
+    if m.get("initial"):
+        i = m["initial"]
+        return (
+            f"{head}, step 0 → {m['step']}: PSNR {i['psnr']:.2f} → {m['psnr']:.2f} dB, "
+            f"SSIM {i['ssim']:.3f} → {m['ssim']:.3f}, LPIPS {i['lpips']:.3f} → {m['lpips']:.3f}"
+        )
+    return f"{head}, step {m['step']}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, LPIPS {m['lpips']:.3f}"
 
 
 def render_card(
@@ -408,6 +422,7 @@ def check_repo_id(repo_id: str) -> None:
         ) from None
 
 
+PUBLISH = "python -m diffusion_bridge publish"  # the marker of a prepared folder (autoencoder.folders)
 # Everything a prepared repo folder holds (what prepare_folder writes; .cache: huggingface_hub's upload state).
 PUBLISH_WRITES = (
     "README.md",
@@ -430,7 +445,7 @@ def check_publish_folder(folder: Path, model_dir: Path) -> None:
             f"the folder to prepare, {str(folder)!r}, is or holds the model folder {str(model_dir)!r} being published",
             "give --dry_run/--folder a new folder, e.g. OUT/hub-upload",
         )
-    check_own_folder("--dry_run/--folder", folder, PUBLISH_WRITES, "publish", PublishError)
+    check_folder("--dry_run/--folder", folder, PUBLISH, only=lambda name: name in PUBLISH_WRITES, error=PublishError)
 
 
 def prepare_folder(
@@ -457,10 +472,19 @@ def prepare_folder(
     training_config = _read_yaml(model_dir / "training_config.yaml")
     train_metrics = _training_metrics(model_dir)
 
+    finish_swap(folder)  # a run killed between swap_in's two renames
     check_publish_folder(folder, model_dir)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    kept = f"{folder} is unchanged" if folder.is_dir() else "nothing was prepared"
+    with write_guard(tmp, lambda: kept, "rerun", partial=tmp):
+        write_folder(tmp, vae, model_dir, repo_id, stats, entry, training_config, train_metrics, license)
+    return swap_in(tmp, folder)
+
+
+def write_folder(tmp: Path, vae, model_dir: Path, repo_id: str, stats, entry, training_config, train_metrics, license):
+    """Write the repo files into ``tmp``: fp32 + fp16 weights, config, statistics, evaluation, card, marker."""
+    mark_folder(tmp, PUBLISH)  # not uploaded (see upload)
     copy.deepcopy(vae).to(torch.float16).save_pretrained(tmp, variant="fp16", safe_serialization=True)
     vae.save_pretrained(tmp, safe_serialization=True)  # fp32 weights; config.json is the same for both
     for name in ("latent_stats.json", "training_config.yaml"):
@@ -472,9 +496,6 @@ def prepare_folder(
         if grid.is_file():
             shutil.copy2(grid, tmp / "reconstructions.png")
     render_card(repo_id, vae, stats, entry, training_config, train_metrics, license).save(tmp / "README.md")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
 
 
 def upload(
@@ -502,6 +523,7 @@ def upload(
             revision=revision,
             repo_type="model",
             commit_message=commit_message or "Upload AutoencoderKL",
+            ignore_patterns=[MARKER],  # our folder marker stays local
         )
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)

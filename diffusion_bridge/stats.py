@@ -197,18 +197,35 @@ class LatentStatsAccumulator:
             channel_std=c.var().sqrt().tolist(),
         )
 
-    def _std_ci95(self, std: torch.Tensor) -> list[float]:
-        """95% CI on the global std by the delta method over images: var = E[m2_i] - E[m1_i]^2."""
+    def _std_ci95(self, std: torch.Tensor) -> list[float] | None:
+        """95% CI on the global std by the delta method over images: var = E[m2_i] - E[m1_i]^2.
+
+        None (unavailable) below MIN_IMAGES: the delta method's normal approximation needs many images.
+        """
         im = self.images
         n = float(im.n)
-        if n < 2:
-            return [float("nan"), float("nan")]
+        if n < MIN_IMAGES:
+            return None
         var1, var2, var12 = (im.m2 / (n - 1)).unbind()
         cov = (var12 - var1 - var2) / 2
         g1 = -2 * im.mean[0]  # d var / d E[m1]; d var / d E[m2] = 1
         var_of_var = (g1.pow(2) * var1 + var2 + 2 * g1 * cov) / n
         half = 1.96 * var_of_var.sqrt() / (2 * std)
         return [float(std - half), float(std + half)]
+
+
+MIN_IMAGES = 16  # fewer images: a warning, and no confidence interval
+
+
+def too_few_images(n: int) -> str | None:
+    """The warning for statistics measured on ``n`` images, or None when there are enough."""
+    if n >= MIN_IMAGES:
+        return None
+    return (
+        f"latent statistics from only {n} image(s) (fewer than {MIN_IMAGES}): scaling_factor/shift_factor are rough "
+        "and their 95% CI is unavailable; measure them on more images with `python -m diffusion_bridge stats "
+        "--model DIR --train_data_dir IMAGES --write`"
+    )
 
 
 @dataclass
@@ -219,7 +236,7 @@ class LatentStats:
     num_latents: int
     mean: float
     std: float
-    std_ci95: list[float]
+    std_ci95: list[float] | None  # None: too few images (MIN_IMAGES) for the interval
     channel_mean: list[float]
     channel_std: list[float]
 
@@ -290,15 +307,21 @@ def write_stats(
 
 def describe(stats: LatentStats) -> str:
     """A short human-readable summary."""
-    lo, hi = stats.std_ci95
     cv = stats.config_values("sd3")
     return (
         f"{stats.num_latents:,} latent values from {stats.num_images} images: mean {stats.mean:.4f}, "
-        f"std {stats.std:.4f} (95% CI {lo:.4f}–{hi:.4f})\n"
+        f"std {stats.std:.4f} ({ci_text(stats.std_ci95, stats.num_images)})\n"
         f"scaling_factor = 1/std = {cv['scaling_factor']:.5f}; shift_factor = mean = {cv['shift_factor']:.5f}\n"
         f"per-channel mean {[round(v, 4) for v in stats.channel_mean]}\n"
         f"per-channel std  {[round(v, 4) for v in stats.channel_std]}"
     )
+
+
+def ci_text(ci: list[float] | None, n: int) -> str:
+    """'95% CI 0.91–0.95', or why it is unavailable."""
+    if ci is None:
+        return f"95% CI unavailable: {n} image(s), fewer than {MIN_IMAGES}"
+    return f"95% CI {ci[0]:.4f}–{ci[1]:.4f}"
 
 
 def process_shard(dataset, process_index: int, num_processes: int) -> torch.utils.data.Subset:

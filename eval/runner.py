@@ -37,10 +37,10 @@ from autoencoder.errors import (
     UsageError,
     agreement,
     check_output_writable,
-    check_own_folder,
     is_oom,
     run_cli,
 )
+from autoencoder.folders import check_folder, mark_folder, write_atomic, write_guard
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.lpips_weights import backbone_features, build_lpips
 from autoencoder.models import (
@@ -66,7 +66,7 @@ from .latent import (
 from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstruction_metrics
 
 METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
-EVAL_WRITES = ("metrics.json", "report.md", "reconstructions.png", "latent_*.png")  # all --output_dir holds
+EVAL = "python -m eval"  # the marker of its --output_dir (autoencoder.folders)
 
 
 @dataclass(kw_only=True)
@@ -131,7 +131,7 @@ def check_args(args: EvalOptions) -> None:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num_images must be >= 1, got {args.num_images}", "set it to 1 or more, or leave it out")
-    check_own_folder("--output_dir", args.output_dir, EVAL_WRITES, "python -m eval")  # never a training run's folder
+    check_folder("--output_dir", args.output_dir, EVAL)  # never a training run's folder, nor anyone else's
     check_output_writable("--output_dir", args.output_dir)
     for model_id in args.model:
         config = load_vae_config(model_id, args.subfolder)
@@ -524,7 +524,7 @@ def _main(argv: list[str]) -> int:
         rows.append(row)
     if accelerator.is_main_process:
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        mark_folder(out, EVAL)
         rfid_status = (
             "skipped (--no_fid)"
             if args.no_fid
@@ -548,8 +548,9 @@ def _main(argv: list[str]) -> int:
             save_latent_figure(rows_of, latent, out / latent["figure"], f"{model_id}: latent space")
             if warning := collapse_warning(latent):
                 print(f"warning: {model_id}: {warning}", file=sys.stderr)
-        (out / "metrics.json").write_text(json.dumps(payload, indent=2))
-        (out / "report.md").write_text(render_report(payload))
+        with write_guard(out / "metrics.json", lambda: "an earlier metrics.json there is unchanged", "rerun"):
+            write_atomic(out / "metrics.json", json.dumps(payload, indent=2))
+            write_atomic(out / "report.md", render_report(payload))
         n = min(len(r) for r in rows)
         grid = make_grid(torch.cat([r[:n] for r in rows]), nrow=n, normalize=True, value_range=(-1, 1), padding=2)
         save_image(grid, out / "reconstructions.png")

@@ -1,18 +1,25 @@
-"""Checkpoint folders: atomic writes, a total limit, and 'latest' lookup.
+"""Checkpoint folders: atomic writes, a manifest verified on load, a total limit, and 'latest' lookup.
 
-A checkpoint is written into ``.tmp-checkpoint-N`` by ``accelerator.save_state`` and renamed to
-``checkpoint-N`` only when complete, so a run killed while saving leaves the previous
-checkpoints intact and never a half-written one that looks finished.
+A checkpoint is written into ``.tmp-checkpoint-N`` by ``accelerator.save_state``; then the main process
+writes ``manifest.json`` (every file's size and sha256) last, and renames the folder to ``checkpoint-N``.
+So a run killed while saving leaves the previous checkpoints intact and never a half-written one that
+looks finished, and a checkpoint damaged later (a copy cut short, a bad disk) is recognised on load.
 """
 
+import contextlib
+import hashlib
+import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from autoencoder.config import Config, save_config
+from autoencoder.errors import UsageError, agreement
+from autoencoder.folders import finish_swap, swap_in, write_guard
 
 logger = get_logger(__name__)
 
@@ -27,10 +34,78 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """``manifest.json``: size and sha256 of every file in ``folder``, written last (main process)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
+
+
+def damage(folder: Path, hashes: bool = True) -> str | None:
+    """What is wrong with checkpoint ``folder`` ('optimizer.bin is 0 bytes, 81234 written'), or None if intact.
+
+    A folder without a manifest was written before manifests existed; it is taken as it is.
+    """
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({type(exc).__name__})"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} is {size} bytes, {want['bytes']} were written"
+        if hashes and sha256(path) != want["sha256"]:
+            return f"{name} differs from what was written (sha256)"
+    return None
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The completed checkpoint with the highest step, or None."""
-    found = checkpoint_dirs(root)
-    return found[-1][1] if found else None
+    """The newest intact checkpoint, or None; damaged newer ones are skipped with a warning naming them."""
+    for _, path in reversed(checkpoint_dirs(root)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        logger.warning(f"skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+def check_intact(path: Path) -> None:
+    """Refuse an explicitly named damaged checkpoint, naming the bad file and the intact alternatives."""
+    problem = damage(path)
+    if problem is None:
+        return
+    intact = [p.name for _, p in checkpoint_dirs(path.parent) if p != path and damage(p, hashes=False) is None]
+    raise UsageError(
+        f"--resume_from_checkpoint {str(path)!r} is damaged: {problem}",
+        f"resume from an intact checkpoint ({', '.join(intact)} in {path.parent}) or 'latest'"
+        if intact
+        else "no intact checkpoint is left beside it; start again without --resume_from_checkpoint",
+    )
+
+
+def survivors(out: Path) -> str:
+    """What complete work a failed write leaves: the newest intact checkpoint and the export, if any."""
+    found = [p for _, p in checkpoint_dirs(out / "checkpoints") if damage(p, hashes=False) is None]
+    ckpt = f"{found[-1]} is the newest complete checkpoint" if found else "no complete checkpoint yet"
+    vae = out / "vae"
+    return ckpt + (f"; {vae} is a complete export" if (vae / "config.json").is_file() else "")
 
 
 def tmp_path(root: Path, step: int) -> Path:
@@ -45,17 +120,9 @@ def final_path(root: Path, step: int) -> Path:
 
 def publish(root: Path, step: int) -> Path:
     """Atomically turn the finished temporary folder into ``checkpoint-step`` (main process only)."""
-    tmp, final = tmp_path(root, step), final_path(root, step)
+    tmp = tmp_path(root, step)
     assert tmp.is_dir(), tmp
-    if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
-        old = root / f".old-checkpoint-{step}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)  # atomic on one filesystem
-    return final
+    return swap_in(tmp, final_path(root, step))  # re-saving a step (after a resume) moves the old one aside
 
 
 def prune(root: Path, total_limit: int | None) -> list[Path]:
@@ -74,31 +141,49 @@ def clean_incomplete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     for old in [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".old-checkpoint-")]:
-        final = root / old.name.removeprefix(".old-")
-        if not final.exists():
-            old.rename(final)
+        finish_swap(root / old.name.removeprefix(".old-"))
     stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
 
 
+@contextlib.contextmanager
+def writing(accelerator: Accelerator, tmp: Path, out: Path) -> Iterator[None]:
+    """Collective: run a block (with no collective inside) that writes checkpoint ``tmp``; a full disk on any
+    rank removes ``tmp`` and ends every rank with the message of ``write_guard``."""
+    fix = "rerun with --resume_from_checkpoint latest (a lower --checkpoints_total_limit keeps fewer)"
+    partial = tmp if accelerator.is_main_process else None
+    with agreement(), write_guard(tmp, lambda: survivors(out), fix, partial):
+        yield
+
+
 def save(accelerator: Accelerator, model, cfg: Config, step: int) -> Path:
-    """``save_state`` into a temporary folder, then publish it atomically and apply the total limit."""
-    root = Path(cfg.train.output_dir) / "checkpoints"
-    tmp = tmp_path(root, step)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    final = final_path(root, step)
-    if accelerator.is_main_process:
-        save_config(cfg, tmp / "training_config.yaml")
-        accelerator.unwrap_model(model).vae.save_config(tmp)  # config.json: the folder loads with load_vae
-        final = publish(root, step)
-        removed = prune(root, cfg.train.checkpoints_total_limit)
-        logger.info(f"saved {final}" + (f"; removed {[p.name for p in removed]}" if removed else ""))
-    accelerator.wait_for_everyone()
+    """``save_state`` into a temporary folder, add the configs and the manifest, publish it atomically, prune.
+
+    Collective.  A full disk on any rank removes the partial folder and ends every rank with one message
+    naming what survives (see ``autoencoder.folders.write_guard``).
+    """
+    out = Path(cfg.train.output_dir)
+    root = out / "checkpoints"
+    tmp, final = tmp_path(root, step), final_path(root, step)
+    try:
+        with writing(accelerator, tmp, out):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        with writing(accelerator, tmp, out):  # save_state holds no collective (DDP)
+            accelerator.save_state(str(tmp))
+        with writing(accelerator, tmp, out):
+            if accelerator.is_main_process:
+                save_config(cfg, tmp / "training_config.yaml")
+                accelerator.unwrap_model(model).vae.save_config(tmp)  # config.json: the folder loads with load_vae
+                write_manifest(tmp, step)  # last: a folder with a manifest was written whole
+                final = publish(root, step)
+                removed = prune(root, cfg.train.checkpoints_total_limit)
+                logger.info(f"saved {final}" + (f"; removed {[p.name for p in removed]}" if removed else ""))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint; every complete one is untouched
+        raise
     return final

@@ -12,9 +12,11 @@ from accelerate.logging import get_logger
 
 from autoencoder.config import Config, save_config
 from autoencoder.data import collate
+from autoencoder.errors import agreement
+from autoencoder.folders import swap_in, write_atomic, write_guard
 from autoencoder.models import half_check_latents, half_precision_decode_check, needs_force_upcast
 from diffusion_bridge.publish import PublishError, prepare_folder, upload
-from diffusion_bridge.stats import collect_latent_stats, describe, process_shard
+from diffusion_bridge.stats import collect_latent_stats, describe, process_shard, too_few_images
 
 from . import checkpoints
 from .loop import Loop
@@ -56,7 +58,7 @@ def finish(run: Run, loop: Loop, initial: dict) -> dict:
     logger.info(f"exported {vae_dir}; metrics in {Path(t.output_dir) / 'metrics.json'}")
     if t.push_to_hub and run.accelerator.is_main_process:
         metrics["push_to_hub"] = push_to_hub(run.cfg, metrics, vae_dir)
-        (Path(t.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_atomic(Path(t.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     run.accelerator.wait_for_everyone()
     end_run(run)
     return metrics
@@ -117,27 +119,31 @@ def set_latent_stats(run: Run) -> dict:
     stats = collect_latent_stats(vae, stats_dl, acc, sample_posterior=True, seed=t.seed)
     vae.register_to_config(**stats.config_values(t.latent_convention))
     logger.info("latent statistics (validation split): " + describe(stats).replace("\n", "; "))
-    return stats.to_json(t.latent_convention)
+    warning = too_few_images(stats.num_images)
+    if warning:
+        logger.warning(warning)
+    return {**stats.to_json(t.latent_convention), **({"warning": warning} if warning else {})}
 
 
 def export(accelerator: Accelerator, model, cfg: Config, metrics: dict) -> Path:
-    """Write ``<output_dir>/vae`` (fp32 safetensors + config), the resolved config and metrics.json."""
+    """Write ``<output_dir>/vae`` (fp32 safetensors + config), the resolved config and metrics.json (collective).
+
+    Written into ``.tmp-vae`` and swapped in whole; a full disk leaves the earlier export and metrics as they were.
+    """
     out = Path(cfg.train.output_dir)
-    vae_dir = out / "vae"
-    if accelerator.is_main_process:
-        vae = accelerator.unwrap_model(model).vae
-        assert all(p.dtype == torch.float32 for p in vae.parameters()), "master weights must stay fp32"
-        tmp = out / ".tmp-vae"
-        shutil.rmtree(tmp, ignore_errors=True)
-        vae.save_pretrained(tmp, safe_serialization=True)
-        save_config(cfg, tmp / "training_config.yaml")
-        if "latent_stats" in metrics:
-            (tmp / "latent_stats.json").write_text(json.dumps(metrics["latent_stats"], indent=2))
-        shutil.rmtree(vae_dir, ignore_errors=True)
-        tmp.rename(vae_dir)
-        with open(out / "metrics.json", "w") as fh:
-            json.dump(metrics, fh, indent=2)
-    accelerator.wait_for_everyone()
+    vae_dir, tmp = out / "vae", out / ".tmp-vae"
+    fix = "rerun with --resume_from_checkpoint latest (it exports without training again)"
+    with agreement(), write_guard(tmp, lambda: checkpoints.survivors(out), fix, partial=tmp):
+        if accelerator.is_main_process:
+            vae = accelerator.unwrap_model(model).vae
+            assert all(p.dtype == torch.float32 for p in vae.parameters()), "master weights must stay fp32"
+            shutil.rmtree(tmp, ignore_errors=True)
+            vae.save_pretrained(tmp, safe_serialization=True)
+            save_config(cfg, tmp / "training_config.yaml")
+            if "latent_stats" in metrics:
+                (tmp / "latent_stats.json").write_text(json.dumps(metrics["latent_stats"], indent=2))
+            swap_in(tmp, vae_dir)
+            write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     return vae_dir
 
 
@@ -174,7 +180,7 @@ def push_to_hub(cfg: Config, metrics: dict, vae_dir: Path) -> dict:
     """Publish the export with its held-out figures (main process); failures are reported, the folder kept."""
     out = Path(cfg.train.output_dir)
     (out / "eval").mkdir(exist_ok=True)
-    (out / "eval" / "metrics.json").write_text(json.dumps(eval_payload(cfg, metrics, vae_dir), indent=2))
+    write_atomic(out / "eval" / "metrics.json", json.dumps(eval_payload(cfg, metrics, vae_dir), indent=2))
     try:
         folder = prepare_folder(vae_dir, out / "hub-upload", cfg.train.hub_model_id, eval_dir=str(out / "eval"))
         url = upload(

@@ -1,5 +1,6 @@
 """Building a run: checks first, then the models, data, optimizers and schedules, prepared once, and resuming."""
 
+import json
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ from typing import Any
 
 import datasets
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -18,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from huggingface_hub import get_token
 
-from autoencoder.config import Config, flat_dict, save_config
+from autoencoder.config import Config, flat_dict, save_config, to_dict
 from autoencoder.data import (
     ImageDataset,
     StreamingImageDataset,
@@ -32,6 +34,7 @@ from autoencoder.data import (
     train_transform,
 )
 from autoencoder.errors import UsageError, agreement, check_output_writable
+from autoencoder.folders import RunLock, check_folder, finish_swap, mark_folder
 from autoencoder.launch import use_cpu_backend
 from autoencoder.losses import VAELoss, build_discriminator
 from autoencoder.lpips_weights import build_lpips
@@ -43,10 +46,13 @@ from autoencoder.models import (
     count_parameters,
     downsampling_factor,
 )
+from diffusion_bridge.stats import MIN_IMAGES
 
 from . import checkpoints
 
 logger = get_logger(__name__)
+
+TRAIN = "python -m train"  # the marker of a run's --output_dir (autoencoder.folders)
 
 
 class TrainingState:
@@ -94,6 +100,7 @@ class Parts:
     train_ds: torch.utils.data.Dataset
     val_ds: ImageDataset
     streaming: bool
+    resume_from: Path | None  # the verified checkpoint to resume from (resolve_resume)
 
 
 @dataclass
@@ -121,6 +128,7 @@ class Run:
     vae_params: list[torch.nn.Parameter]  # the prepared VAE's parameters in order (what the EMA shadows)
     raw_disc: torch.nn.Module | None  # the discriminator outside DDP, for the generator's adversarial term
     last_layer: torch.nn.Parameter  # the decoder's output conv weight (the adaptive GAN weight)
+    lock: RunLock | None  # the main process's hold on the output folder, for the run's lifetime
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -137,6 +145,11 @@ class Run:
     @property
     def streaming(self) -> bool:
         return self.parts.streaming
+
+    def release(self) -> None:
+        """Let go of the output folder (main process; safe to call twice)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def trained_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.model, self.disc) if m is not None]
@@ -176,12 +189,28 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 def build(cfg: Config, accelerator: Accelerator, called: float, keep_process_group: bool = False) -> Run:
     """Check the inputs on every rank, then build and ``prepare`` everything once; no training yet."""
-    t, out = cfg.train, Path(cfg.train.output_dir)
-    set_seed(t.seed)  # before the VAE and discriminator are built: their initialisation is seeded
+    set_seed(cfg.train.seed)  # before the VAE and discriminator are built: their initialisation is seeded
     with agreement():  # one rank's mistake ends every rank with the same message
         parts = preflight(cfg, accelerator)
+    with agreement():  # one run per output folder: a second one is refused here, naming the first
+        lock = RunLock(cfg.train.output_dir).acquire("--output_dir", TRAIN) if accelerator.is_main_process else None
+    try:
+        run = assemble(cfg, accelerator, parts, called, keep_process_group)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def assemble(cfg: Config, accelerator: Accelerator, parts: Parts, called: float, keep_process_group: bool) -> Run:
+    """Claim the folder, then build the loaders, optimizers and schedules, ``prepare`` them once, and the EMA."""
+    t, out = cfg.train, Path(cfg.train.output_dir)
     if accelerator.is_main_process:  # only now: a run refused above leaves the output folder as it was
+        mark_folder(out, TRAIN)
         checkpoints.clean_incomplete(out / "checkpoints")
+        finish_swap(out / "vae")  # an export killed between its two renames
         save_config(cfg, out / "config.yaml")
     parts.loss_fn.to(accelerator.device)
     parts.val_lpips.to(accelerator.device)
@@ -232,6 +261,7 @@ def build(cfg: Config, accelerator: Accelerator, called: float, keep_process_gro
         vae_params=vae_params,
         raw_disc=raw_disc,
         last_layer=raw.last_layer(),
+        lock=None,  # set by build
     )
     start_logging(run)
     return run
@@ -241,15 +271,16 @@ def preflight(cfg: Config, accelerator: Accelerator) -> Parts:
     """Check everything bad input can break and build the run's parts, before any collective or training.
 
     Contains no collective, so every rank reaches the agreement whatever failed.  Order: cheapest
-    first, so a mistake costs seconds.
+    first, so a mistake costs seconds.  Writes nothing: a refused run leaves the output folder as it was.
     """
     t = cfg.train
     out = Path(t.output_dir)
     if accelerator.is_main_process:
+        check_folder("--output_dir", out, TRAIN, legacy=lambda folder: legacy_run(folder, cfg))
         check_output_writable("--output_dir", out)
         if t.push_to_hub and get_token() is None:  # fail now, not after hours of training
             raise UsageError("push_to_hub needs a Hugging Face token", "set HF_TOKEN or run `hf auth login`")
-    resolve_resume(cfg)  # a mistyped --resume_from_checkpoint fails now
+    resume_from = resolve_resume(cfg)  # a mistyped or damaged --resume_from_checkpoint fails now
     check_data_source(cfg.data)
     # LPIPS first: missing backbone weights must stop the run before any data or model work.
     loss_fn = VAELoss(cfg.loss)
@@ -259,11 +290,20 @@ def preflight(cfg: Config, accelerator: Accelerator) -> Parts:
     factor = downsampling_factor(vae)
     check_resolution(cfg.data.resolution, factor)
     disc = build_discriminator(cfg.loss)
+    if resume_from is not None:
+        check_same_architecture(cfg, vae, resume_from)
     if accelerator.is_main_process:
         check_disk_space(out, count_parameters(vae) + (count_parameters(disc) if disc is not None else 0), cfg)
     splits = load_splits(cfg.data, seed=t.seed)
     train_ds, val_ds, streaming = build_datasets(cfg, accelerator, splits)
-    return Parts(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming)
+    return Parts(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming, resume_from)
+
+
+def legacy_run(folder: Path, cfg: Config) -> bool:
+    """Whether ``folder`` is a run written before folder markers existed: config.yaml and only run files."""
+    names = {"config.yaml", "checkpoints", cfg.train.logging_dir, "samples", "vae", "metrics.json", "eval"}
+    names |= {"hub-upload", ".tmp-hub-upload", ".tmp-vae"}
+    return (folder / "config.yaml").is_file() and all(p.name in names for p in folder.iterdir())
 
 
 def build_datasets(cfg: Config, accelerator: Accelerator, splits) -> tuple[Any, ImageDataset, bool]:
@@ -337,6 +377,11 @@ def start_logging(run: Run) -> None:
     if acc.is_main_process:
         acc.init_trackers("autoencoder-kl", config=flat_dict(cfg))
     logger.info(f"data: {run.parts.splits.description}")
+    if len(run.parts.val_ds) < MIN_IMAGES:
+        logger.warning(
+            f"only {len(run.parts.val_ds)} validation images: the held-out figures and the latent statistics "
+            "rest on them; give a validation split or more images for figures to compare"
+        )
     logger.info(
         f"model: {cfg.model.pretrained_model_name_or_path or cfg.model.preset}, "
         f"{count_parameters(vae) / 1e6:.2f}M parameters ({count_parameters(vae, True) / 1e6:.2f}M trainable), "
@@ -348,7 +393,7 @@ def start_logging(run: Run) -> None:
 
 def resume(run: Run) -> None:
     """Load the checkpoint to resume from (``--resume_from_checkpoint``), if there is one."""
-    path = resolve_resume(run.cfg)
+    path = run.parts.resume_from
     if path is not None:
         run.accelerator.load_state(str(path))
         if run.ema is not None:  # load_state restores the shadow parameters on the CPU
@@ -359,7 +404,7 @@ def resume(run: Run) -> None:
 
 
 def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from: 'latest' (None if there is none yet) or an explicit folder."""
+    """The checkpoint to resume from: 'latest' (the newest intact one; None if none yet) or an intact folder."""
     value = cfg.train.resume_from_checkpoint
     if not value:
         return None
@@ -371,7 +416,56 @@ def resolve_resume(cfg: Config) -> Path | None:
             f"--resume_from_checkpoint {value!r} is not a checkpoint folder",
             "give a folder under OUTPUT_DIR/checkpoints, or 'latest'",
         )
+    checkpoints.check_intact(path)
     return path
+
+
+# What fixes the shapes of the saved state: the VAE's architecture (its diffusers config), the
+# discriminator's, and which optional states exist (EMA shadow, learned log-variance).
+ARCHITECTURE = (
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "use_quant_conv",
+    "use_post_quant_conv",
+    "mid_block_add_attention",
+)
+STATE_KEYS = ("loss.disc_enabled", "loss.disc_num_layers", "loss.disc_channels", "loss.learn_logvar", "train.use_ema")
+
+
+def check_same_architecture(cfg: Config, vae: AutoencoderKL, path: Path) -> None:
+    """Refuse, before any work, to resume a checkpoint whose model or saved states this run cannot load."""
+    saved_vae = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    saved = path / "training_config.yaml"
+    saved_run = dotted(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    differ = [
+        f"{k} {saved_vae[k]} -> {vae.config[k]}"
+        for k in ARCHITECTURE
+        if k in saved_vae and _plain(saved_vae[k]) != _plain(vae.config[k])
+    ]
+    now = dotted(to_dict(cfg))
+    differ += [f"{k} {saved_run[k]} -> {now[k]}" for k in STATE_KEYS if k in saved_run and saved_run[k] != now[k]]
+    if differ:
+        raise UsageError(
+            f"--resume_from_checkpoint {str(path)!r} holds another architecture than this run ({'; '.join(differ)})",
+            f"resume with the run's own config (--config {Path(cfg.train.output_dir) / 'config.yaml'}), or start a "
+            f"new --output_dir with --pretrained_model_name_or_path {path} to begin from its weights",
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Lists for tuples (a diffusers config holds tuples, its JSON lists)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def dotted(config: dict) -> dict:
+    """{'section.key': value} of a nested config dict."""
+    return {f"{section}.{k}": v for section, values in config.items() for k, v in (values or {}).items()}
 
 
 def fused_adamw_available(device: torch.device) -> bool:

@@ -21,7 +21,8 @@ from pathlib import Path
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
 from autoencoder.config import Config, parse_config, split_argv
-from autoencoder.errors import UsageError, run_cli
+from autoencoder.errors import UsageError, check_output_writable, run_cli
+from autoencoder.folders import check_folder, mark_folder
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes
 from eval.runner import main as eval_main
 
@@ -270,6 +271,9 @@ def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
     plt.close(fig)
 
 
+SWEEP = "python -m train.sweep"  # the marker of a --sweep_dir (autoencoder.folders)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m train.sweep``; exit statuses as ``python -m train``."""
     return run_cli(_main, argv)
@@ -282,9 +286,13 @@ def _main(argv: list[str]) -> int:
         return 0
     args = parse_args(argv)
     runs = run_configs(args)
+    check_folder("--sweep_dir", args.sweep_dir, SWEEP)  # a sweep of its own (resumed), or a new folder
+    check_output_writable("--sweep_dir", args.sweep_dir)
     n = requested_cpu_processes()
     if n > 1:
         return relaunch_cpu(n, "train.sweep", argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        mark_folder(args.sweep_dir, SWEEP)
     say = (
         (lambda text: print(f"sweep: {text}", file=sys.stderr))
         if int(os.environ.get("RANK", "0")) == 0

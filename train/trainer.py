@@ -31,16 +31,19 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
     """
     called = time.perf_counter()
     run = build(cfg, make_accelerator(cfg), called, keep_process_group)
-    resume(run)
-    initial = {}
-    if cfg.train.validate_at_start and run.state.global_step == 0:
-        with ema_weights(run.ema, run.vae_params):
-            initial = validate(run, 0)
-        logger.info(f"untrained: {summary(initial)}")
-    loop = train_loop(run)
-    if loop.interrupted:
-        return interrupted(run, loop)
-    return finish(run, loop, initial)
+    try:  # the output folder's lock is held until the end, however it ends
+        resume(run)
+        initial = {}
+        if cfg.train.validate_at_start and run.state.global_step == 0:
+            with ema_weights(run.ema, run.vae_params):
+                initial = validate(run, 0)
+            logger.info(f"untrained: {summary(initial)}")
+        loop = train_loop(run)
+        if loop.interrupted:
+            return interrupted(run, loop)
+        return finish(run, loop, initial)
+    finally:
+        run.release()
 
 
 def main(argv: list[str] | None = None) -> int:
