@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoencoder.folders import MARKER
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
 
@@ -112,6 +114,7 @@ def stopped_at(run: Path, step: int, into: Path) -> Path:
     """A run "stopped" after ``step``: a fresh output folder ``into`` holding only ``run``'s checkpoint of that step."""
     (into / "checkpoints").mkdir(parents=True)
     shutil.copytree(run / "checkpoints" / f"checkpoint-{step}", into / "checkpoints" / f"checkpoint-{step}")
+    shutil.copy2(run / MARKER, into / MARKER)  # a run's folder: python -m train writes into it
     return into
 
 

@@ -76,7 +76,7 @@ ROWS = [
     ("bridge-info-model-file", ("diffusion_bridge", "info", "--model={FILE}"), 2, "is a file, not a model folder"),
     ("bridge-publish-bad-repo-id", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=bad id!!", "--dry_run={TMP}/p"),
      2, "is not a Hub repository id"),
-    ("bridge-publish-into-a-run", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "holds files publish did not write (checkpoints/, config.yaml"),
+    ("bridge-publish-into-a-run", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "did not write (checkpoints/, config.yaml"),
     ("bridge-publish-above-its-source", ("diffusion_bridge", "publish", "--model={OUT}/vae", "--repo_id=me/x", "--folder={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "is or holds the model folder"),
     ("bridge-publish-into-its-source", ("diffusion_bridge", "publish", "--model={OUT}/vae", "--repo_id=me/x", "--dry_run={OUT}/vae", "--allow_missing_eval", "--allow_missing_stats"), 2, "is or holds the model folder"),
     ("eval-into-a-run", ("eval", "--model={M}", "--output_dir={OUT}"), 2, "holds files python -m eval did not write"),

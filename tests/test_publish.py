@@ -9,11 +9,13 @@ import torch
 from conftest import reset_accelerate
 from diffusers import AutoencoderKL
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import filter_repo_objects
 
 import diffusion_bridge.publish as publish
 import train.run
 import train.trainer as trainer
 from autoencoder.config import ModelConfig
+from autoencoder.folders import MARKER
 from autoencoder.models import build_vae
 from diffusion_bridge.cli import main as bridge_main
 from diffusion_bridge.stats import LatentStatsAccumulator, write_stats
@@ -83,6 +85,7 @@ def test_dry_run_folder_loads_in_diffusers_and_the_card_round_trips(evaluated, t
     assert "dry run: nothing uploaded" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
     assert names == {
+        MARKER,  # says publish wrote the folder (not uploaded)
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "diffusion_pytorch_model.fp16.safetensors",
@@ -146,7 +149,8 @@ class FakeApi:
     def upload_folder(self, **kw):
         if self.fail is not None:
             raise self.fail
-        files = sorted(p.name for p in Path(kw["folder_path"]).iterdir())
+        names = [p.name for p in Path(kw["folder_path"]).iterdir()]  # what the Hub gets, as upload_folder filters it
+        files = sorted(filter_repo_objects(names, ignore_patterns=kw.get("ignore_patterns")))
         self.calls.append(("upload_folder", kw["repo_id"], {**kw, "files": files}))
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
 
@@ -161,7 +165,8 @@ def test_upload_sends_repo_private_flag_revision_message_and_files(evaluated, tm
     assert (c1, repo1, kw1) == ("create_repo", REPO_ID, {"private": True, "exist_ok": True, "repo_type": "model"})
     assert (c2, repo2, kw2["branch"], kw2["exist_ok"]) == ("create_branch", REPO_ID, "v1", True)
     assert c3 == "upload_folder" and repo3 == REPO_ID and kw3["revision"] == "v1" and kw3["commit_message"] == "first"
-    assert kw3["files"] == sorted(p.name for p in folder.iterdir()) and "README.md" in kw3["files"]
+    assert (folder / MARKER).is_file() and MARKER not in kw3["files"]  # the folder marker stays local
+    assert kw3["files"] == sorted(p.name for p in folder.iterdir() if p.name != MARKER) and "README.md" in kw3["files"]
 
 
 def test_failed_upload_keeps_the_folder_and_says_so(evaluated, tmp_path):
