@@ -140,18 +140,41 @@ def test_latest_resumes_past_a_damaged_checkpoint_end_to_end(base, tmp_path, lpi
 
 # --- SIGKILL inside a checkpoint write or an export -----------------------------------------------
 
-# (id, module, attribute, condition on the call's arguments): the process SIGKILLs itself at that call.
+# (id, module, attribute, condition on the call's arguments, setup): the process SIGKILLs itself at that call.
+# setup: "stopped" = a run stopped at step 5 writes checkpoint-10; "rewound" = a finished run resumed
+# from checkpoint-5 writes checkpoint-10 again (over the old one); "extended" = a finished run trained
+# 2 steps more replaces its export.
 KILL_POINTS = [
-    ("inside-save-state", "torch", "save", "'tmp-checkpoint-10' in str(args[1])"),
-    ("inside-save-state-weights", "accelerate.utils.other", "safe_save_file", "'tmp-checkpoint-10' in str(args[1])"),
-    ("before-the-manifest", "train.checkpoints", "write_manifest", "args[1] == 10"),
-    ("before-the-rename", "train.checkpoints", "swap_in", "args[1].name == 'checkpoint-10'"),
-    ("inside-the-export", "diffusers.AutoencoderKL", "save_pretrained", "str(args[1]).endswith('.tmp-vae')"),
-    ("between-the-export-renames", "pathlib.Path", "rename", "args[0].name == '.tmp-vae'"),
+    ("inside-save-state", "torch", "save", "'tmp-checkpoint-10' in str(args[1])", "stopped"),
+    (
+        "inside-save-state-weights",
+        "accelerate.utils.other",
+        "safe_save_file",
+        "'tmp-checkpoint-10' in str(args[1])",
+        "stopped",
+    ),
+    ("before-the-manifest", "train.checkpoints", "write_manifest", "args[1] == 10", "stopped"),
+    ("before-the-rename", "train.checkpoints", "swap_in", "args[1].name == 'checkpoint-10'", "stopped"),
+    (
+        "between-the-renames-of-a-resaved-checkpoint",
+        "pathlib.Path",
+        "rename",
+        "args[0].name == '.tmp-checkpoint-10'",
+        "rewound",
+    ),
+    (
+        "inside-the-export",
+        "diffusers.AutoencoderKL",
+        "save_pretrained",
+        "str(args[1]).endswith('.tmp-vae')",
+        "extended",
+    ),
+    ("between-the-export-renames", "pathlib.Path", "rename", "args[0].name == '.tmp-vae'", "extended"),
 ]
 HOOK = """
 import importlib, os, signal, sys
-module, _, cls = {module!r}.partition(".") if {module!r}.startswith(("diffusers.", "pathlib.")) else ({module!r}, "", "")
+split = {module!r}.startswith(("diffusers.", "pathlib."))
+module, _, cls = {module!r}.partition(".") if split else ({module!r}, "", "")
 owner = getattr(importlib.import_module(module), cls) if cls else importlib.import_module(module)
 original = getattr(owner, {attribute!r})
 def killed(*args, **kwargs):
@@ -164,35 +187,48 @@ sys.exit(train.trainer.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("point", KILL_POINTS, ids=[p[0] for p in KILL_POINTS])
-def test_sigkill_inside_a_write(point, base, tmp_path, lpips_dir, caplog):
-    name, module, attribute, condition = point
-    export = name.endswith(("export", "export-renames"))
-    run = tmp_path / "run"
-    if export:  # a finished run extended by 2 steps: its export is replaced at the end
-        shutil.copytree(base, run)
-        args = ["--max_train_steps=12", "--checkpointing_steps=0"]
-    else:  # stopped at step 5: checkpoint-10 is the write that is killed
-        stopped_at(base, 5, run)
-        args = []
-    earlier = _tree(run / "vae") if export else None
+def _killed_run(run: Path, lpips_dir: Path, point: tuple, *args: str) -> None:
+    """Run training in a subprocess that SIGKILLs itself at ``point``."""
+    name, module, attribute, condition, _ = point
     hook = HOOK.format(module=module, attribute=attribute, condition=condition)
-    argv = [*TINY_FAST, *BASE, f"--output_dir={run}", "--resume_from_checkpoint=latest", *args]
+    argv = [*TINY_FAST, *BASE, f"--output_dir={run}", *args]
     env = {**os.environ, "LPIPS_WEIGHTS": str(lpips_dir), "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, "-c", hook, *argv], cwd=REPO, env=env, capture_output=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-3000:]
-    if export:  # the earlier export survives whole: in place, or moved aside by the first rename
-        kept = run / "vae" if (run / "vae").is_dir() else run / ".old-vae"
-        assert _tree(kept) == earlier
-        _intact(run, 5, 10)
+
+
+@pytest.mark.parametrize("point", KILL_POINTS, ids=[p[0] for p in KILL_POINTS])
+def test_sigkill_inside_a_write(point, base, tmp_path, lpips_dir, caplog):
+    setup, run = point[-1], tmp_path / "run"
+    if setup == "stopped":
+        stopped_at(base, 5, run)
+        args = ["--resume_from_checkpoint=latest"]
     else:
+        shutil.copytree(base, run)
+        args = ["--resume_from_checkpoint=latest", "--max_train_steps=12", "--checkpointing_steps=0"]
+    earlier = (
+        {"vae": _tree(run / "vae"), "checkpoint-10": _tree(run / "checkpoints" / "checkpoint-10")}
+        if setup != "stopped"
+        else {}
+    )
+    first = [f"--resume_from_checkpoint={run / 'checkpoints' / 'checkpoint-5'}"] if setup == "rewound" else args
+    _killed_run(run, lpips_dir, point, *first)
+    if setup == "stopped":
         assert not (run / "checkpoints" / "checkpoint-10").exists()  # never a half-written one that looks done
         _intact(run, 5)
-    # the killed run resumes: leftovers cleaned, the lock of the dead process no obstacle
-    assert _train(run, lpips_dir, "--resume_from_checkpoint=latest", *args) == 0
-    assert _metrics(run)["step"] == (12 if export else 10)
+    else:  # the earlier export and checkpoint-10 survive whole: in place, or moved aside by the first rename
+        for name, folder in (("vae", run / "vae"), ("checkpoint-10", run / "checkpoints" / "checkpoint-10")):
+            kept = folder if folder.is_dir() else folder.with_name(f".old-{folder.name}")
+            assert _tree(kept) == earlier[name], name
+    # the killed run resumes: leftovers cleaned, moved-aside folders restored, the dead process's lock no obstacle
+    assert _train(run, lpips_dir, *args) == 0
+    resumed = 5 if setup == "stopped" else 10
+    assert any(f"checkpoint-{resumed} at step {resumed}" in r.message for r in caplog.records)
+    assert _metrics(run)["step"] == (10 if setup == "stopped" else 12)
     assert not list(run.rglob(".tmp-*")) and not list(run.rglob(".old-*"))
     _intact(run, 5, 10)
+    if setup != "stopped":
+        assert _tree(run / "checkpoints" / "checkpoint-10") == earlier["checkpoint-10"]
     load_vae(str(run / "vae"))
 
 

@@ -76,9 +76,23 @@ def damage(folder: Path, hashes: bool = True) -> str | None:
     return None
 
 
+def moved_aside(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints a kill left moved aside (``.old-checkpoint-N`` without ``checkpoint-N``), as
+    (step, path); the next run's ``clean_incomplete`` puts them back (see ``settled``)."""
+    if not root.is_dir():
+        return []
+    old = [(p, root / p.name.removeprefix(".old-")) for p in root.iterdir() if p.name.startswith(".old-checkpoint-")]
+    return [(int(p.name.rsplit("-", 1)[1]), p) for p, final in old if p.is_dir() and not final.exists()]
+
+
+def settled(path: Path) -> Path:
+    """Where checkpoint ``path`` is once ``clean_incomplete`` ran (a moved-aside one is renamed back)."""
+    return path.with_name(path.name.removeprefix(".old-"))
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest intact checkpoint, or None; damaged newer ones are skipped with a warning naming them."""
-    for _, path in reversed(checkpoint_dirs(root)):
+    for _, path in sorted(checkpoint_dirs(root) + moved_aside(root), reverse=True):
         problem = damage(path)
         if problem is None:
             return path

@@ -395,6 +395,7 @@ def resume(run: Run) -> None:
     """Load the checkpoint to resume from (``--resume_from_checkpoint``), if there is one."""
     path = run.parts.resume_from
     if path is not None:
+        path = checkpoints.settled(path)  # build's clean-up renamed a moved-aside checkpoint back
         run.accelerator.load_state(str(path))
         if run.ema is not None:  # load_state restores the shadow parameters on the CPU
             run.ema.to(run.accelerator.device)
