@@ -82,6 +82,16 @@ class LossConfig:
     disc_loss: Literal["hinge", "vanilla"] = opt("hinge", "discriminator loss")
     disc_num_layers: int = opt(3, "PatchGAN depth (3 gives a 70x70 receptive field)")
     disc_channels: int = opt(64, "PatchGAN width of the first layer")
+    equivariance_weight: float = opt(
+        0.0,
+        "alpha of the scale-equivariance term alpha * rec(down_s x, D(down_s z)) (Skorokhodov et al. 2025); "
+        "0 = off, nothing extra computed",
+    )
+    equivariance_scales: list[int] = opt(
+        [2, 4], "downsampling factors s; each step draws one of those valid at the run's resolution"
+    )
+    equivariance_prob: float = opt(1.0, "fraction of steps the equivariance term applies to (EQ-VAE: 0.5)")
+    equivariance_rotate: bool = opt(False, "EQ-VAE's random rot90 of the downsampled latent and image")
 
 
 @dataclass
@@ -283,6 +293,8 @@ def parse_cli_value(key: str, text: str, tp: Any) -> Any:
             return float(text)
         except ValueError:
             raise UsageError(f"config key '{key}' expects float, got {text!r}", f"write e.g. --{key}=1e-4") from None
+    if typing.get_origin(base) is list and not text.strip().startswith("["):
+        text = f"[{text}]"  # --equivariance_scales=2,4 as well as [2, 4]
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -421,7 +433,8 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise UsageError(f"config key '{key}' must be >= 1, got {value}", f"set --{key} to 1 or more")
     index = key_index()
-    for key in ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight", "disc_factor"):
+    nonnegative = ("learning_rate", "kl_weight", "lpips_weight", "rec_weight", "free_bits", "disc_weight")
+    for key in (*nonnegative, "disc_factor", "equivariance_weight"):
         if getattr(getattr(cfg, index[key][0]), key) < 0:
             raise UsageError(f"config key '{key}' must be >= 0", f"set --{key} to 0 or more")
     workers = cfg.data.dataloader_num_workers
@@ -458,10 +471,24 @@ def validate(cfg: Config) -> None:
         raise UsageError(
             f"kl_cycle_ratio must be in (0, 1], got {cfg.loss.kl_cycle_ratio}", "set --kl_cycle_ratio in (0, 1]"
         )
+    validate_equivariance(cfg.loss)
     if not 1.0 <= cfg.data.multiscale_min <= cfg.data.multiscale_max:
         raise UsageError(
             f"need 1 <= multiscale_min <= multiscale_max, got {cfg.data.multiscale_min}, {cfg.data.multiscale_max}",
             "set --multiscale_min and --multiscale_max in that order",
+        )
+
+
+def validate_equivariance(loss: LossConfig) -> None:
+    """The equivariance flags: a probability, and integer downsampling factors of at least 2."""
+    if not 0.0 <= loss.equivariance_prob <= 1.0:
+        raise UsageError(
+            f"equivariance_prob must be in [0, 1], got {loss.equivariance_prob}", "set --equivariance_prob in [0, 1]"
+        )
+    if not loss.equivariance_scales or any(s < 2 for s in loss.equivariance_scales):
+        raise UsageError(
+            f"equivariance_scales must be downsampling factors >= 2, got {loss.equivariance_scales}",
+            "e.g. --equivariance_scales=2,4",
         )
 
 

@@ -2,13 +2,16 @@
 
 For a batch of B images x of N = 3·H·W pixel values, reconstructions x̂ and posteriors q(z|x)::
 
-    rec     = rec_weight · |x − x̂|  (or (x − x̂)²)  +  lpips_weight · LPIPS(x, x̂)     per pixel value
-    nll     = rec / exp(logvar) + logvar                   (learned scalar logvar; else nll = rec)
+    rec(x, x̂) = rec_weight · |x − x̂|  (or (x − x̂)²)  +  lpips_weight · LPIPS(x, x̂)   per pixel value
+    nll     = rec(x, x̂) / exp(logvar) + logvar             (learned scalar logvar; else nll = rec)
     L_LD    = Σ nll / B  +  β · Σ KL(q(z|x) ‖ N(0, I)) / B  +  λ · f(step) · g_loss
-    loss    = L_LD / N
+    loss    = L_LD / N  +  α · mean rec(↓ₛx, D(↓ₛz))         (α = equivariance_weight; 0: no term)
 
 with g_loss = −mean D(x̂), f(step) = disc_factor once step ≥ disc_start (else 0) and the adaptive
 weight λ = disc_weight · ‖∇_last Σnll/B‖ / (‖∇_last g_loss‖ + 1e-4) at the decoder's last layer.
+The last term is scale equivariance (Skorokhodov et al. 2025; EQ-VAE with a random rot90 of both):
+z the posterior sample, ↓ₛ antialiased bilinear downsampling by a factor s drawn per step
+(``autoencoder.equivariance``), the same per-pixel-value reconstruction + LPIPS term as the main one.
 ``L_LD`` is latent-diffusion's generator objective term for term, so ``kl_weight`` (β) means
 what it means there and in diffusers' ``train_autoencoderkl.py`` at every resolution.  We
 optimise ``L_LD / N`` — the same objective up to the positive constant 1/N — so the loss,
@@ -199,21 +202,19 @@ class VAELoss(nn.Module):
         last_layer: torch.Tensor | None = None,
         split: str = "train",
         grad_scale: float = 1.0,
+        scaled=None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total generator loss ``L_LD / N`` and detached log scalars keyed ``{split}/...``.
+        """Total generator loss (the module docstring's ``loss``) and detached log scalars keyed ``{split}/...``.
 
         ``grad_scale``: the fp16 GradScaler's scale, used only inside the adaptive GAN weight.
+        ``scaled``: this step's ``autoencoder.models.Scaled`` pair (↓ₛx, D(↓ₛz)), or None (no equivariance term).
         """
         cfg = self.cfg
         inputs, reconstructions = inputs.float(), reconstructions.float()
         n_values = inputs[0].numel()  # N = 3·H·W pixel values per image
-        diff = reconstructions - inputs
-        pixel = diff.abs() if cfg.rec_loss == "l1" else diff.pow(2)  # [B,3,H,W]
-        rec = cfg.rec_weight * pixel
+        rec, pixel, p_loss = self.rec(inputs, reconstructions)
         logs: dict[str, torch.Tensor] = {f"{split}/rec_loss": pixel.mean().detach()}
-        if self.lpips is not None and cfg.lpips_weight > 0:
-            p_loss = self.lpips(reconstructions, inputs)  # [B,1,1,1], broadcast over all N pixel values
-            rec = rec + cfg.lpips_weight * p_loss
+        if p_loss is not None:
             logs[f"{split}/p_loss"] = p_loss.mean().detach()  # the perceptual *loss*; "lpips" is the metric
         nll = rec / torch.exp(self.logvar) + self.logvar if cfg.learn_logvar else rec  # [B,3,H,W]
         nll_loss = nll.mean()  # Σ nll / B / N
@@ -242,8 +243,23 @@ class VAELoss(nn.Module):
             loss = loss + d_weight * factor * g_loss
             logs[f"{split}/g_loss"] = g_loss.detach()
             logs[f"{split}/d_weight"] = d_weight.detach()
+        if scaled is not None:  # α · mean rec(↓ₛx, D(↓ₛz)); not in nll_loss, so the adaptive GAN weight is unchanged
+            equivariance = self.rec(scaled.target.float(), scaled.reconstruction.float())[0].mean()
+            loss = loss + cfg.equivariance_weight * equivariance
+            logs[f"{split}/equivariance"] = equivariance.detach()
         logs[f"{split}/loss"] = loss.detach()
         return loss, logs
+
+    def rec(self, inputs: torch.Tensor, reconstructions: torch.Tensor):
+        """(rec [B,3,H,W], the pixel term [B,3,H,W], LPIPS [B,1,1,1] or None) of the module docstring."""
+        diff = reconstructions - inputs
+        pixel = diff.abs() if self.cfg.rec_loss == "l1" else diff.pow(2)
+        rec = self.cfg.rec_weight * pixel
+        p_loss = None
+        if self.lpips is not None and self.cfg.lpips_weight > 0:
+            p_loss = self.lpips(reconstructions, inputs)  # [B,1,1,1], broadcast over all N pixel values
+            rec = rec + self.cfg.lpips_weight * p_loss
+        return rec, pixel, p_loss
 
     def discriminator_loss(
         self,

@@ -3,6 +3,7 @@
 import copy
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers import AutoencoderKL
@@ -10,6 +11,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from .config import ModelConfig
+from .equivariance import Draw, transform
 from .errors import UsageError, about, check_model_source
 
 # Architecture kwargs per preset; everything else is AutoencoderKL's default.  Each level after
@@ -145,6 +147,13 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+class Scaled(NamedTuple):
+    """The equivariance pair of a step: ↓ₛx (the target) and D(↓ₛz), both [B,3,H/s,W/s]."""
+
+    target: torch.Tensor
+    reconstruction: torch.Tensor
+
+
 class VAEForTraining(nn.Module):
     """Wraps an ``AutoencoderKL`` so one ``forward`` returns reconstruction *and* posterior.
 
@@ -159,16 +168,28 @@ class VAEForTraining(nn.Module):
         self.vae = vae
 
     def forward(
-        self, pixel_values: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
-        """pixel_values [B,3,H,W] in [-1,1] -> (reconstruction [B,3,H,W], posterior over [B,C,H/f,W/f])."""
+        self,
+        pixel_values: torch.Tensor,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
+        equivariance: Draw | None = None,
+    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution] | tuple[torch.Tensor, DiagonalGaussianDistribution, Scaled]:
+        """pixel_values [B,3,H,W] in [-1,1] -> (reconstruction [B,3,H,W], posterior over [B,C,H/f,W/f]).
+
+        With ``equivariance`` (a scale s and quarter turns) a third item: ↓ₛx and D(↓ₛz), both
+        [B,3,H/s,W/s], decoded in the same forward so DDP sees one graph (autoencoder/equivariance.py).
+        """
         if self.vae.encoder.conv_in.weight.requires_grad:
             posterior = self.vae.encode(pixel_values).latent_dist
         else:  # decoder-only fine-tuning: no graph through the frozen encoder
             with torch.no_grad():
                 posterior = self.vae.encode(pixel_values).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
-        return self.vae.decode(z).sample, posterior
+        reconstruction = self.vae.decode(z).sample
+        if equivariance is None:
+            return reconstruction, posterior
+        small = self.vae.decode(transform(z, equivariance)).sample
+        return reconstruction, posterior, Scaled(transform(pixel_values, equivariance), small)
 
     def last_layer(self) -> nn.Parameter:
         """The decoder's output conv weight, where the adaptive GAN weight is measured."""

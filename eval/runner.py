@@ -52,6 +52,7 @@ from autoencoder.models import (
     load_vae_config,
 )
 
+from .diffusability import diffusability, save_spectrum_figure
 from .fid import FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
 from .latent import (
     LEVELS,
@@ -92,6 +93,9 @@ class EvalOptions:
     )
     no_half_check: bool = opt(False, "skip the fp16/bf16 decode finiteness check")
     no_tiling_check: bool = opt(False, "skip the tiled-vs-untiled decode comparison")
+    no_diffusability: bool = opt(
+        False, "skip the diffusability report (scale equivariance, latent spectrum, interpolation FD)"
+    )
     grid_images: int = opt(8, "columns of reconstructions.png")
     iwae_samples: int = opt(8, "posterior samples k of the importance-weighted likelihood bound (0: skip ELBO/IWAE)")
     seed: int = opt(0, "posterior samples of the latent report")
@@ -308,6 +312,35 @@ def evaluate_model(
     return result, torch.cat(row)[: args.grid_images], pictures
 
 
+def diffusability_of(accelerator, args, model_id, loader, lpips_model, extractors) -> dict | None:
+    """eval.diffusability's report for one model (computed on the main process from gathered batches)."""
+    vae = load_vae(model_id, args.subfolder).to(accelerator.device).eval()
+    if "rfid" in extractors:
+        features = ("ifid", extractors["rfid"])
+    else:  # the VGG16 features of fd_vgg16: an FD, never called FID
+        vgg = extractors.get("fd_vgg16") or VGG16Features(backbone_features("vgg", args.lpips_weights))
+        features = ("ifd_vgg16", vgg.to(accelerator.device))
+
+    def gathered():
+        for batch in loader:
+            x = accelerator.gather_for_metrics(batch["pixel_values"])
+            if accelerator.is_main_process:
+                yield x
+
+    if not accelerator.is_main_process:
+        for _ in gathered():  # joins the gathers
+            pass
+        return None
+    return diffusability(
+        lambda x: vae.encode(x).latent_dist.mode(),
+        lambda z: vae.decode(z).sample,
+        gathered(),
+        lpips_model,
+        features,
+        args.batch_size,
+    )
+
+
 @torch.no_grad()
 def likelihood(accelerator, vae, loader, args: EvalOptions, scale: float) -> dict:
     """−ELBO and the IWAE bound in bits per dimension (eval.latent), over the same images."""
@@ -395,8 +428,36 @@ def render_report(payload: dict) -> str:
         "",
         "`reconstructions.png`: first row the originals, then one row per model in the order above.",
         *latent_section(models),
+        *diffusability_section(models),
     ]
     return "\n".join(lines) + "\n"
+
+
+def diffusability_section(models: dict) -> list[str]:
+    """report.md's diffusability table: equivariance next to the plain reconstruction, HF fraction, iFD."""
+    reports = {m: r["diffusability"] for m, r in models.items() if r.get("diffusability")}
+    if not reports:
+        return []
+    fd = "ifid" if any("ifid" in d for d in reports.values()) else "ifd_vgg16"
+    head = ["model", "PSNR", "PSNR ↓2", "PSNR ↓4", "LPIPS", "LPIPS ↓2", "LPIPS ↓4", "HF fraction (image)", f"{fd} ↓"]
+    lines = ["", "## Diffusability", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, d in reports.items():
+        eq = d["equivariance"]
+        cells = [f"`{m}`", _fmt(models[m].get("psnr"), 2)]
+        cells += [_fmt(eq.get(s, {}).get("psnr"), 2) for s in ("2", "4")]
+        cells += [_fmt(models[m].get("lpips"), 4)] + [_fmt(eq.get(s, {}).get("lpips"), 4) for s in ("2", "4")]
+        cells += [f"{d['hf_fraction']:.4f} ({d['image_hf_fraction']:.4f})", _fmt(d.get(fd), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [
+        "",
+        "PSNR ↓s / LPIPS ↓s: D(↓ₛz) against ↓ₛx (z the posterior mode, the same antialiased bilinear downsampling "
+        "for both; LPIPS on both resized back to the evaluation size) next to the plain reconstruction: how far a "
+        "downsampled latent is from decoding to the downsampled image (scale equivariance, Skorokhodov et al. 2025). "
+        "HF fraction: share of the latents' power above half the Nyquist radius (DC removed; the images resized to "
+        f"the latent size in brackets). {fd}: Fréchet distance of decoded nearest-neighbour latent midpoints to the "
+        "real images (" + ("FID Inception" if fd == "ifid" else "VGG16 features, not FID") + "). `spectrum_N.png`: "
+        "both radial spectra on log axes.",
+    ]
 
 
 def _per_channel(values: list[float], digits: int = 3) -> str:
@@ -518,6 +579,10 @@ def _main(argv: list[str]) -> int:
                 f"--resolution {args.resolution} (tiling check at {2 * args.resolution} px)",
                 "lower --batch_size, or add --no_tiling_check",
             ) from exc
+        if not args.no_diffusability:
+            results[model_id]["diffusability"] = diffusability_of(
+                accelerator, args, model_id, loader, lpips_model, extractors
+            )
         if "rfid" in unavailable:
             results[model_id]["rfid"] = None
             results[model_id]["rfid_unavailable"] = unavailable["rfid"]
@@ -548,6 +613,9 @@ def _main(argv: list[str]) -> int:
             save_latent_figure(rows_of, latent, out / latent["figure"], f"{model_id}: latent space")
             if warning := collapse_warning(latent):
                 print(f"warning: {model_id}: {warning}", file=sys.stderr)
+            if report := results[model_id].get("diffusability"):
+                report["figure"] = f"spectrum_{i}.png"
+                save_spectrum_figure(report, out / report["figure"], f"{model_id}: radial power spectra")
         with write_guard(out / "metrics.json", lambda: "an earlier metrics.json there is unchanged", "rerun"):
             write_atomic(out / "metrics.json", json.dumps(payload, indent=2))
             write_atomic(out / "report.md", render_report(payload))

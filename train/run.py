@@ -33,6 +33,7 @@ from autoencoder.data import (
     loader_workers,
     train_transform,
 )
+from autoencoder.equivariance import valid_scales
 from autoencoder.errors import UsageError, agreement, check_output_writable
 from autoencoder.folders import RunLock, check_folder, finish_swap, mark_folder
 from autoencoder.launch import use_cpu_backend
@@ -101,6 +102,7 @@ class Parts:
     val_ds: ImageDataset
     streaming: bool
     resume_from: Path | None  # the verified checkpoint to resume from (resolve_resume)
+    equivariance_scales: list[int]  # the --equivariance_scales valid at this resolution (autoencoder.equivariance)
 
 
 @dataclass
@@ -290,13 +292,28 @@ def preflight(cfg: Config, accelerator: Accelerator) -> Parts:
     factor = downsampling_factor(vae)
     check_resolution(cfg.data.resolution, factor)
     disc = build_discriminator(cfg.loss)
+    scales = equivariance_scales(cfg, factor)
     if resume_from is not None:
         check_same_architecture(cfg, vae, resume_from)
     if accelerator.is_main_process:
         check_disk_space(out, count_parameters(vae) + (count_parameters(disc) if disc is not None else 0), cfg)
     splits = load_splits(cfg.data, seed=t.seed)
     train_ds, val_ds, streaming = build_datasets(cfg, accelerator, splits)
-    return Parts(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming, resume_from)
+    return Parts(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming, resume_from, scales)
+
+
+def equivariance_scales(cfg: Config, factor: int) -> list[int]:
+    """The --equivariance_scales usable at this resolution; none usable with the term on is an error."""
+    res, loss = cfg.data.resolution, cfg.loss
+    valid = valid_scales(loss.equivariance_scales, res // factor, res, lpips=loss.lpips_weight > 0)
+    if loss.equivariance_weight > 0 and not valid:
+        raise UsageError(
+            f"none of --equivariance_scales {loss.equivariance_scales} fits {res} px with {factor}x downsampling "
+            f"(a scale must divide the {res // factor}-position latent, leave it >= 2x2 and, with LPIPS, the image "
+            ">= 16 px)",
+            "give smaller scales (e.g. --equivariance_scales=2) or a higher --resolution",
+        )
+    return valid
 
 
 def legacy_run(folder: Path, cfg: Config) -> bool:

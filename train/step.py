@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from autoencoder.config import Config
+from autoencoder.equivariance import draw
 from autoencoder.losses import VAELoss, disc_factor_at
 
 if TYPE_CHECKING:
@@ -139,8 +140,9 @@ def train_step(run: "Run", counters: DeviceCounters, window: Window, batch: dict
     # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
     grad_scale = acc.scaler.get_scale() if use_disc and acc.scaler is not None else 1.0
     bad = None
+    eq = draw(run.cfg.loss, run.parts.equivariance_scales, run.cfg.train.seed, step)  # host-side, no sync
     with acc.accumulate(*run.trained_modules()):
-        recon, posterior = run.model(x)
+        recon, posterior, *pair = run.model(x, equivariance=eq)  # one forward through DDP; pair: [Scaled] or []
         with acc.autocast():  # LPIPS in the run's precision (its accuracy: tests/test_lpips.py)
             loss, logs = run.loss_fn(
                 x,
@@ -150,6 +152,7 @@ def train_step(run: "Run", counters: DeviceCounters, window: Window, batch: dict
                 discriminator=run.raw_disc if use_disc else None,
                 last_layer=run.last_layer,
                 grad_scale=grad_scale,
+                scaled=next(iter(pair), None),
             )
         counters.note_loss(loss)
         acc.backward(loss)  # a non-finite loss gives non-finite gradients: skipped in update_vae

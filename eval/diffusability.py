@@ -1,0 +1,161 @@
+"""How well a latent space suits diffusion, measured without training a diffusion model.
+
+Three figures per VAE (``python -m eval``: ``models.<m>.diffusability`` in metrics.json):
+
+* **scale equivariance** (Skorokhodov et al. 2025): for s = 2, 4, PSNR and LPIPS of D(↓ₛz) against ↓ₛx,
+  z the posterior mode, ↓ₛ the same antialiased bilinear resampling for latent and image
+  (``autoencoder.equivariance.downsample``).  LPIPS is taken on both images resized back to the
+  evaluation resolution (bilinear): its networks need more pixels than ↓₄ leaves.
+* **latent spectrum**: the radial power spectrum of the latents (DC removed per image and channel,
+  averaged over channels and images) against that of the images resized to the latent size; the
+  summary figure is the fraction of power above half the Nyquist radius (0.25 cycles per position).
+* **interpolation FD** (iFID, 2026): decode the midpoint (linear in latent space) between each
+  latent and its nearest other latent, and take the Fréchet distance of those decodings to the real
+  images: ``ifid`` on the FID Inception, else ``ifd_vgg16`` on VGG16 features (never called FID).
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from autoencoder.equivariance import MIN_LATENT, downsample
+
+from .fid import FrechetAccumulator, to_uint8
+from .metrics import psnr_per_image
+
+SCALES = (2, 4)
+HALF_NYQUIST = 0.25  # cycles per sample: half of the Nyquist frequency 0.5
+
+
+def radial_frequency(h: int, w: int) -> torch.Tensor:
+    """[h, w] radius sqrt(fy² + fx²) of each FFT bin, in cycles per sample (0 at DC, 0.5 at Nyquist on an axis)."""
+    fy, fx = torch.fft.fftfreq(h, dtype=torch.float64), torch.fft.fftfreq(w, dtype=torch.float64)
+    return (fy[:, None].pow(2) + fx[None, :].pow(2)).sqrt()
+
+
+class SpectrumAccumulator:
+    """Power of [B,C,h,w] batches per radial bin (bins of width 1/n cycles, n = max(h, w)), summed in float64."""
+
+    def __init__(self) -> None:
+        self.power: torch.Tensor | None = None  # [h, w] summed |FFT|², DC removed
+        self.count = 0  # images x channels summed
+
+    def update(self, t: torch.Tensor) -> None:
+        t = t.double().cpu()
+        t = t - t.mean(dim=(-2, -1), keepdim=True)  # DC removed per image and channel
+        power = torch.fft.fft2(t).abs().pow(2).sum(dim=(0, 1))  # [h, w]
+        self.power = power if self.power is None else self.power + power
+        self.count += t.shape[0] * t.shape[1]
+
+    def spectrum(self) -> tuple[list[float], list[float]]:
+        """(radius in cycles per sample, mean power per bin normalised to sum 1), DC bin left out."""
+        h, w = self.power.shape
+        n = max(h, w)
+        bins = (radial_frequency(h, w) * n).round().long()  # integer radius
+        total = torch.zeros(int(bins.max()) + 1, dtype=torch.float64).index_add_(
+            0, bins.flatten(), self.power.flatten()
+        )
+        counts = torch.bincount(bins.flatten(), minlength=len(total)).double()
+        mean = total[1:] / counts[1:]
+        return (torch.arange(1, len(total)) / n).tolist(), (mean / mean.sum()).tolist()
+
+    def high_frequency_fraction(self) -> float:
+        """Share of the (non-DC) power in bins with radius above half Nyquist."""
+        high = radial_frequency(*self.power.shape) > HALF_NYQUIST
+        return float(self.power[high].sum() / self.power.sum())
+
+
+def equivariance_batch(
+    decode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, z: torch.Tensor, scale: int, lpips_model
+) -> dict[str, torch.Tensor]:
+    """Per image: PSNR (dB) and LPIPS of D(↓ₛz) against ↓ₛx; x [B,3,H,W] in [-1, 1], z [B,C,h,w]."""
+    target, pred = downsample(x, scale), decode(downsample(z, scale)).clamp(-1, 1)
+    psnr = psnr_per_image((pred.float() + 1) / 2, (target.float() + 1) / 2)
+    size = tuple(x.shape[-2:])
+    up = [F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False) for t in (pred, target)]
+    return {"psnr": psnr, "lpips": lpips_model(*up).flatten()}
+
+
+def midpoints(z: torch.Tensor) -> torch.Tensor:
+    """[N,C,h,w] -> midpoints (z_i + z_j) / 2 with j the nearest other latent of i (L2 over all values)."""
+    flat = z.flatten(1).double()
+    dist = torch.cdist(flat, flat)
+    dist.fill_diagonal_(math.inf)
+    return (z + z[dist.argmin(dim=1)]) / 2
+
+
+def valid(scales: tuple[int, ...], latent_hw: tuple[int, int]) -> list[int]:
+    """The scales that divide the latent and leave it at least 2x2."""
+    return [s for s in scales if all(n % s == 0 and n // s >= MIN_LATENT for n in latent_hw)]
+
+
+@torch.no_grad()
+def diffusability(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    batches,
+    lpips_model,
+    features: tuple[str, torch.nn.Module],
+    batch_size: int,
+) -> dict:
+    """The report for one model over ``batches`` of [B,3,H,W] images in [-1, 1] (all on one process).
+
+    ``encode`` gives the posterior mode, ``decode`` the image; ``features``: (metric name, extractor).
+    """
+    name, extractor = features
+    sums: dict[int, dict[str, float]] = {}
+    latent_spec, image_spec = SpectrumAccumulator(), SpectrumAccumulator()
+    fd = FrechetAccumulator(extractor.num_features)
+    latents, n = [], 0
+    for x in batches:
+        z = encode(x)
+        scales = valid(SCALES, tuple(z.shape[-2:]))
+        for s in scales:
+            per = equivariance_batch(decode, x, z, s, lpips_model)
+            acc = sums.setdefault(s, {"psnr": 0.0, "lpips": 0.0})
+            for key, values in per.items():
+                acc[key] += float(values.double().sum())
+        latent_spec.update(z)
+        image_spec.update(F.interpolate(x, size=tuple(z.shape[-2:]), mode="bilinear", antialias=True))
+        fd.update(extractor(to_uint8(x)), real=True)
+        latents.append(z.cpu())
+        n += len(x)
+    mids = midpoints(torch.cat(latents))
+    for chunk in mids.split(batch_size):
+        fd.update(extractor(to_uint8(decode(chunk.to(x.device)).clamp(-1, 1))), real=False)
+    radius, latent_power = latent_spec.spectrum()
+    image_radius, image_power = image_spec.spectrum()
+    return {
+        "n_images": n,
+        "equivariance": {str(s): {k: v / n for k, v in acc.items()} for s, acc in sums.items()},
+        "equivariance_scales_skipped": [s for s in SCALES if s not in sums],  # latent too small for them
+        "hf_fraction": latent_spec.high_frequency_fraction(),
+        "image_hf_fraction": image_spec.high_frequency_fraction(),
+        name: fd.compute(),
+        "spectrum": {"radius": radius, "latent": latent_power, "image_radius": image_radius, "image": image_power},
+    }
+
+
+def save_spectrum_figure(report: dict, path, title: str) -> None:
+    """Both radial spectra on log axes, with the half-Nyquist line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = report["spectrum"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.loglog(spec["radius"], spec["latent"], "o-", label=f"latent (HF fraction {report['hf_fraction']:.3f})")
+    ax.loglog(
+        spec["image_radius"], spec["image"], "s--", label=f"image at latent size ({report['image_hf_fraction']:.3f})"
+    )
+    ax.axvline(HALF_NYQUIST, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("radial frequency (cycles per latent position)")
+    ax.set_ylabel("normalised power")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

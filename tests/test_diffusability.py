@@ -1,0 +1,137 @@
+"""The diffusability figures against closed forms (eval.diffusability, autoencoder.equivariance)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoencoder.config import LossConfig
+from autoencoder.equivariance import downsample, draw, valid_scales
+from eval.diffusability import (
+    HALF_NYQUIST,
+    SpectrumAccumulator,
+    diffusability,
+    equivariance_batch,
+    midpoints,
+    radial_frequency,
+)
+from eval.metrics import psnr_per_image
+
+
+def _images(n: int = 6, size: int = 32) -> torch.Tensor:
+    """Smooth-ish random images in [-1, 1] (noise blurred by an 8x8 box, then stretched)."""
+    g = torch.Generator().manual_seed(0)
+    x = F.avg_pool2d(torch.rand(n, 3, size + 7, size + 7, generator=g), 8, stride=1)
+    return (x - x.amin()) / (x.amax() - x.amin()) * 2 - 1
+
+
+def _no_lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().mean(dim=(1, 2, 3))
+
+
+# A pointwise linear autoencoder 3 -> 2 -> 3 channels: D(E(y)) = P y with P = A⁺A a projection.
+A = torch.tensor([[0.6, 0.3, 0.1], [-0.2, 0.5, 0.7]])
+A_PINV = torch.linalg.pinv(A)
+
+
+def _encode(x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ck,bkhw->bchw", A, x)
+
+
+def _decode(z: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("kc,bchw->bkhw", A_PINV, z)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_an_exactly_equivariant_autoencoder_scores_its_reconstruction_psnr_at_matched_resolution(scale):
+    x = _images()
+    small = downsample(x, scale)
+    matched = psnr_per_image((_decode(_encode(small)).clamp(-1, 1) + 1) / 2, (small + 1) / 2)  # recon of ↓x
+    got = equivariance_batch(_decode, x, _encode(x), scale, _no_lpips)["psnr"]
+    assert torch.allclose(got, matched, atol=1e-4) and bool((matched < 60).all())  # lossy, so finite
+
+
+def test_a_position_dependent_autoencoder_is_not_equivariant():
+    # Encoder adds a fixed checkerboard, decoder removes it: perfect reconstruction at full size only.
+    x = _images()
+    board = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2 - 1).float() * 0.5
+    encode = lambda t: t + board[: t.shape[-2], : t.shape[-1]]
+    decode = lambda z: z - board[: z.shape[-2], : z.shape[-1]]
+    full = psnr_per_image((decode(encode(x)).clamp(-1, 1) + 1) / 2, (x + 1) / 2)
+    eq = equivariance_batch(decode, x, encode(x), 2, _no_lpips)["psnr"]
+    assert bool((full > 90).all()) and bool((eq < 20).all())
+
+
+def test_white_noise_has_a_flat_spectrum_and_the_bin_share_above_half_nyquist():
+    acc = SpectrumAccumulator()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        acc.update(torch.randn(32, 4, 16, 16, generator=g))
+    r = radial_frequency(16, 16)
+    share = float((r > HALF_NYQUIST).sum() / (r.numel() - 1))  # of the non-DC bins
+    assert acc.high_frequency_fraction() == pytest.approx(share, abs=0.005)
+    _, power = acc.spectrum()
+    assert max(power) / min(power) < 1.15  # flat: every radial bin has the same mean power
+
+
+@pytest.mark.parametrize("k,expected", [(2, 0.0), (6, 1.0)])
+def test_a_single_frequency_puts_all_power_below_or_above_half_nyquist(k, expected):
+    pos = torch.arange(16, dtype=torch.float64)
+    wave = torch.cos(2 * math.pi * k * pos / 16)[None, None, None, :].expand(2, 3, 16, 16)  # radius k/16
+    acc = SpectrumAccumulator()
+    acc.update(wave)
+    assert acc.high_frequency_fraction() == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_smooth_latent_has_a_small_high_frequency_fraction():
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(16, 4, 16, 16, generator=g)
+    low_pass = torch.fft.ifft2(torch.fft.fft2(noise) * (radial_frequency(16, 16) <= 0.2)).real  # band-limited
+    acc = SpectrumAccumulator()
+    acc.update(low_pass)
+    assert acc.high_frequency_fraction() < 1e-9
+    blurred = SpectrumAccumulator()  # an 8x8 box blur (not periodic: edges leak some power upwards)
+    blurred.update(F.avg_pool2d(torch.randn(16, 4, 23, 23, generator=g), 8, stride=1))
+    assert blurred.high_frequency_fraction() < 0.25  # white noise: 0.80 (the bin share)
+
+
+class _MomentFeatures(torch.nn.Module):
+    """Per-channel mean and std of uint8 images: 6 features (a stand-in extractor with a closed form)."""
+
+    num_features = 6
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_interpolation_fd_of_a_set_against_itself_with_identical_midpoints_is_zero():
+    x = _images(n=12)
+    pairs = torch.cat([x, x])  # every image twice: its nearest other latent is its twin, the midpoint itself
+    assert torch.equal(midpoints(pairs), pairs)
+    identity = lambda t: t
+    report = diffusability(identity, identity, pairs.split(8), _no_lpips, ("ifd_moments", _MomentFeatures()), 8)
+    assert report["ifd_moments"] == pytest.approx(0.0, abs=1e-3) and report["n_images"] == 24
+    assert report["equivariance"]["2"]["psnr"] > 90  # identity: D(↓z) is ↓x exactly
+    # and the midpoints of distinct images are not the images: the distance grows
+    report = diffusability(identity, identity, x.split(8), _no_lpips, ("ifd_moments", _MomentFeatures()), 8)
+    assert report["ifd_moments"] > 1.0
+
+
+def test_midpoints_pair_each_latent_with_its_nearest_other():
+    z = torch.tensor([0.0, 1.0, 10.0, 10.5]).view(4, 1, 1, 1)
+    assert midpoints(z).flatten().tolist() == [0.5, 0.5, 10.25, 10.25]
+
+
+def test_the_training_draw_is_a_function_of_seed_and_step_within_the_valid_scales():
+    cfg = LossConfig(equivariance_weight=0.5, equivariance_prob=0.5, equivariance_rotate=True)
+    valid = valid_scales([2, 4], latent_size=8, image_size=64, lpips=True)
+    assert valid == [2, 4] and valid_scales([2, 4], 8, 32, lpips=True) == [2]  # 32/4 = 8 px: too small for LPIPS
+    draws = [draw(cfg, valid, seed=0, step=s) for s in range(400)]
+    assert draws == [draw(cfg, valid, seed=0, step=s) for s in range(400)]  # replayable after a resume
+    taken = [d for d in draws if d is not None]
+    assert (
+        0.4 < len(taken) / 400 < 0.6 and {d.scale for d in taken} == {2, 4} and {d.turns for d in taken} == {0, 1, 2, 3}
+    )
+    assert draw(LossConfig(), valid, 0, 0) is None  # weight 0: off
