@@ -31,6 +31,8 @@ def test_sweep_trains_evaluates_plots_and_skips_finished_runs(tmp_path, lpips_di
         assert r["units"] == 4 * 16 * 16
     assert (out / "rate_distortion.png").stat().st_size > 10_000
     assert "| `kl_weight=1e-06` | 1e-06 | 4 |" in (out / "sweep.md").read_text()
+    for r in rows.values():  # the diffusability columns, from the evaluation
+        assert r["psnr_down2"] > 0 and 0 < r["hf_fraction"] < 1 and r["ifd_name"] == "ifd_vgg16" and r["ifd"] > 0
     assert (out / "eval" / "latent_0.png").is_file() and (out / "eval" / "latent_1.png").is_file()
 
     capsys.readouterr()
@@ -63,3 +65,14 @@ def test_sweep_grid_names_runs_and_refuses_what_it_manages(tmp_path):
     assert cfg.loss.kl_weight == 1e-4 and cfg.model.latent_channels == 8 and cfg.train.max_train_steps == 7
     assert cfg.train.output_dir == str(tmp_path / "kl_weight=0.0001,latent_channels=8")
     assert cfg.train.resume_from_checkpoint == "latest" and not sweep.finished(cfg)
+    # any numeric flag is an axis; a flag with one value is a plain train flag
+    args = sweep.parse_args(["--equivariance_weight=0,0.5", "--learning_rate=3e-4", "--equivariance_prob", "0.5,1"])
+    assert args.grid == {"equivariance_weight": [0.0, 0.5], "equivariance_prob": [0.5, 1.0]}
+    assert "--learning_rate=3e-4" in args.train_argv
+    cfgs = [c for _, c in sweep.run_configs(args)]
+    assert [(c.loss.equivariance_weight, c.loss.equivariance_prob) for c in cfgs] == [
+        (0, 0.5),
+        (0, 1),
+        (0.5, 0.5),
+        (0.5, 1),
+    ]

@@ -1,26 +1,30 @@
-"""A β sweep: one short run per value, every run evaluated on the same held-out images, a rate–distortion picture.
+"""A sweep: one short run per grid point, evaluated together on the same held-out images, plotted.
 
     python -m train.sweep --kl_weight 1e-7,1e-6,1e-5,1e-4 [--latent_channels 4,8] [--sweep_dir DIR] [any train flag]
+    python -m train.sweep --equivariance_weight 0,0.25,0.5,1 --pretrained_model_name_or_path VAE ...
 
-Every run has the same seed, data and steps (the train flags given); runs are
-``<sweep_dir>/kl_weight=<β>[,latent_channels=<C>]``.  Resumable: a finished run (its export and
-metrics.json at max_train_steps) is skipped, an unfinished one resumes from its latest checkpoint.
-Then ``python -m eval`` scores all runs side by side (reconstruction and latent report) on the
-held-out images of the training validation, and the sweep writes ``sweep.json``, ``sweep.md`` and
-``rate_distortion.png`` (rate in bits per pixel against PSNR and against LPIPS, one labelled point
-per run).  Works under ``accelerate launch`` like ``python -m train``.
+Any numeric train flag given comma-separated values is a grid axis (the grid is their product).
+Every run has the same seed, data and steps (the other train flags); runs are
+``<sweep_dir>/<key>=<v>[,<key>=<v>]``.  Resumable: a finished run (its export and metrics.json at
+max_train_steps) is skipped, an unfinished one resumes from its latest checkpoint.  Then
+``python -m eval`` scores all runs side by side (reconstruction, latent report, diffusability) on
+the held-out images of the training validation, and the sweep writes ``sweep.json``, ``sweep.md``
+and ``rate_distortion.png`` (rate in bits per pixel against PSNR and against LPIPS, one labelled
+point per run).  Works under ``accelerate launch`` like ``python -m train``.
 """
 
 import itertools
 import json
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
-from autoencoder.config import Config, parse_config, split_argv
+from autoencoder.config import Config, key_index, parse_config, split_argv
 from autoencoder.errors import UsageError, check_output_writable, run_cli
 from autoencoder.folders import check_folder, mark_folder
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes
@@ -28,7 +32,6 @@ from eval.runner import main as eval_main
 
 from .trainer import train
 
-SWEPT = {"kl_weight": float, "latent_channels": int}  # the swept keys and their types
 OWN = ("sweep_dir", "iwae_samples")  # the sweep's own options
 
 
@@ -53,14 +56,13 @@ def parse_args(argv: list[str]) -> SweepArgs:
     own = {"sweep_dir": "outputs/sweep", "iwae_samples": "8"}
     train_argv: list[str] = []
     for key, value in split_argv(argv):  # the config's own splitting: --k=v, --k v, --flag
-        if key in SWEPT:
-            if value is None:
-                raise UsageError(f"--{key} needs a comma-separated list", f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4")
+        kind = numeric_type(key)
+        if kind is not None and value is not None and "," in value:  # a grid axis
             try:
-                grid[key] = [SWEPT[key](v) for v in value.split(",") if v.strip()]
+                grid[key] = [kind(v) for v in value.split(",") if v.strip()]
             except ValueError:
                 raise UsageError(
-                    f"--{key} {value!r} is not a list of {SWEPT[key].__name__}s", f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4"
+                    f"--{key} {value!r} is not a list of {kind.__name__}s", f"e.g. --{key} 1e-7,1e-6,1e-5,1e-4"
                 ) from None
         elif key in OWN:
             if value is None:
@@ -75,13 +77,29 @@ def parse_args(argv: list[str]) -> SweepArgs:
             )
         else:
             train_argv += _tokens(key, value)
-    if "kl_weight" not in grid:
-        raise UsageError("a sweep needs --kl_weight with the values to try", "e.g. --kl_weight 1e-7,1e-6,1e-5,1e-4")
     if len(list(itertools.product(*grid.values()))) < 2:
-        raise UsageError("a sweep needs at least two runs", "give two or more values to --kl_weight")
+        raise UsageError(
+            "a sweep needs at least two runs",
+            "give two or more comma-separated values to a numeric flag, e.g. "
+            "--kl_weight 1e-7,1e-6 or --equivariance_weight 0,0.5",
+        )
     if not own["iwae_samples"].isdigit():
         raise UsageError(f"--iwae_samples {own['iwae_samples']!r} is not a count", "e.g. --iwae_samples=8")
     return SweepArgs(grid, Path(own["sweep_dir"]), int(own["iwae_samples"]), train_argv)
+
+
+def numeric_type(key: str) -> type | None:
+    """int or float for a numeric train config key (optional ones included), else None."""
+    index = key_index()
+    if key not in index:
+        return None
+    tp = index[key][2]
+    args = (
+        [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType)
+        else [tp]
+    )
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
 def run_name(point: dict) -> str:
@@ -156,7 +174,8 @@ def sweep_table(args: SweepArgs, runs: list[tuple[dict, Config]], evaluation: di
         rows.append(
             {
                 "run": run_name(point),
-                **point,
+                "point": point,
+                "kl_weight": cfg.loss.kl_weight,
                 "latent_channels": lat["latent_shape"][0],
                 "psnr": m["psnr"],
                 "ssim": m["ssim"],
@@ -170,13 +189,30 @@ def sweep_table(args: SweepArgs, runs: list[tuple[dict, Config]], evaluation: di
                 "prior_fd": lat["prior_fd"],
                 "neg_elbo_bpd": lat.get("neg_elbo_bpd"),
                 "iwae_nll_bpd": lat.get("iwae_nll_bpd"),
+                **diffusability_columns(m.get("diffusability")),
             }
         )
     return rows
 
 
+def diffusability_columns(d: dict | None) -> dict:
+    """Equivariance PSNR at s = 2 and 4, the latents' high-frequency fraction and the interpolation FD."""
+    if d is None:
+        return {}
+    eq = d["equivariance"]
+    fd = "ifid" if "ifid" in d else "ifd_vgg16"
+    return {
+        "psnr_down2": eq.get("2", {}).get("psnr"),
+        "psnr_down4": eq.get("4", {}).get("psnr"),
+        "hf_fraction": d["hf_fraction"],
+        "ifd_name": fd,
+        "ifd": d[fd],
+    }
+
+
 def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
     """sweep.md: the table and how it was made."""
+    fd = next((r["ifd_name"] for r in rows if "ifd_name" in r), "ifd_vgg16")
     head = [
         "run",
         "β",
@@ -191,9 +227,13 @@ def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
         "prior FD",
         "−ELBO (bpd)",
         "IWAE NLL (bpd)",
+        "PSNR ↓2 ↑",
+        "PSNR ↓4 ↑",
+        "HF fraction ↓",
+        f"{fd} ↓",
     ]
     lines = [
-        "# β sweep",
+        f"# Sweep over {', '.join(args.grid)}",
         "",
         f"- held-out images: {evaluation['data']}, {evaluation['n_images']} at "
         f"{evaluation['resolution']} px; same seed, data and steps for every run",
@@ -216,16 +256,23 @@ def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
             f"{r['prior_fd']:.3f}",
             "–" if r["neg_elbo_bpd"] is None else f"{r['neg_elbo_bpd']:.4f}",
             "–" if r["iwae_nll_bpd"] is None else f"{r['iwae_nll_bpd']:.4f}",
+            *[_cell(r.get(k), d) for k, d in (("psnr_down2", 2), ("psnr_down4", 2), ("hf_fraction", 4), ("ifd", 2))],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Definitions: `eval/report.md` (rate = KL in bits per input pixel; active units after Burda et al. "
         "2016; prior FD = Gaussian Fréchet distance of the aggregate posterior to N(0, I)). Picture: "
-        "`rate_distortion.png`; per-run latent pictures: `eval/latent_*.png`.",
+        "`rate_distortion.png`; per-run latent pictures: `eval/latent_*.png`. Diffusability (`eval/report.md`): "
+        "PSNR ↓s of D(↓ₛz) against ↓ₛx, the latents' power share above half Nyquist, the interpolation FD.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _cell(value: float | None, digits: int) -> str:
+    """A table cell: the value, or – where it was not measured."""
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
@@ -240,19 +287,19 @@ def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
     rates = [r["rate_bpp"] for r in rows]
     for ax, (key, label) in zip(axes, [("psnr", "PSNR (dB) ↑"), ("lpips", f"LPIPS-{lpips_net} ↓")]):
         for c, marker in zip(channels, "osD^v"):
-            pts = sorted((r for r in rows if r["latent_channels"] == c), key=lambda r: r["kl_weight"])
-            # joined in β order: the path the trade-off takes as β grows
+            pts = sorted((r for r in rows if r["latent_channels"] == c), key=lambda r: tuple(r["point"].values()))
+            # joined in grid order: the path the trade-off takes as the swept values grow
             ax.plot(
                 [r["rate_bpp"] for r in pts],
                 [r[key] for r in pts],
                 marker=marker,
                 linestyle=":",
-                label=f"{c} latent channels (β increasing along the dotted line)",
+                label=f"{c} latent channels (swept values increasing along the dotted line)",
             )
             for i, r in enumerate(pts):
                 collapsed = f", {len(r['collapsed_channels'])} collapsed" if r["collapsed_channels"] else ""
                 ax.annotate(
-                    f"β={r['kl_weight']:g} ({r['active_channels']}/{r['latent_channels']} ch{collapsed})",
+                    f"{r['run']} ({r['active_channels']}/{r['latent_channels']} ch{collapsed})",
                     (r["rate_bpp"], r[key]),
                     textcoords="offset points",
                     fontsize=6.5,
@@ -265,7 +312,7 @@ def plot_rate_distortion(rows: list[dict], lpips_net: str, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("β sweep: rate against distortion on the held-out images (ch = active latent channels)", fontsize=10)
+    fig.suptitle("sweep: rate against distortion on the held-out images (ch = active latent channels)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
