@@ -64,10 +64,13 @@ def test_a_position_dependent_autoencoder_is_not_equivariant():
 
 
 def test_white_noise_has_a_flat_spectrum_and_the_bin_share_above_half_nyquist():
-    acc = SpectrumAccumulator()
+    acc, shifted = SpectrumAccumulator(), SpectrumAccumulator()
     g = torch.Generator().manual_seed(0)
     for _ in range(8):
-        acc.update(torch.randn(32, 4, 16, 16, generator=g))
+        noise = torch.randn(32, 4, 16, 16, generator=g)
+        acc.update(noise)
+        shifted.update(noise + 5.0)  # a mean offset is DC: removed, it changes nothing
+    assert shifted.high_frequency_fraction() == pytest.approx(acc.high_frequency_fraction(), abs=1e-9)
     r = radial_frequency(16, 16)
     share = float((r > HALF_NYQUIST).sum() / (r.numel() - 1))  # of the non-DC bins
     assert acc.high_frequency_fraction() == pytest.approx(share, abs=0.005)
