@@ -353,7 +353,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UsageError(
-            f"config file {where}: not valid YAML ({getattr(exc, 'context', None) or problem}: {problem})",
+            f"config file {where}: not valid YAML ("
+            + (f"{exc.context}: {problem}" if getattr(exc, "context", None) else problem)
+            + ")",
             "fix the YAML at that place (sections model/loss/data/train, each a mapping of key: value)",
         ) from None
     if data is not None and not isinstance(data, dict):

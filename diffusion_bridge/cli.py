@@ -216,8 +216,6 @@ def cmd_encode(args: EncodeOptions) -> int:
         check_folder("--output_dir", args.output_dir, ENCODE)  # a cache folder of its own, or a new one
         check_output_writable("--output_dir", args.output_dir)
         vae, dataset, source = load_checked(args)
-    if accelerator.is_main_process:
-        mark_folder(args.output_dir, ENCODE)
     vae.to(accelerator.device)
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
     config = types.SimpleNamespace(**{k: vae.config[k] for k in keys})
@@ -229,6 +227,8 @@ def cmd_encode(args: EncodeOptions) -> int:
             f"{args.model} has scaling_factor 1.0 (no latent statistics)",
             "run `python -m diffusion_bridge stats --model DIR --write` first, or pass --scaling_factor explicitly",
         )
+    if accelerator.is_main_process:  # only now: a refused command leaves the folder as it was
+        mark_folder(args.output_dir, ENCODE)
     info = {"model": args.model, "source": source, "resolution": args.resolution, "crop": args.crop}
     done = encode_dataset(
         vae,

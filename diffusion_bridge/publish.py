@@ -445,7 +445,21 @@ def check_publish_folder(folder: Path, model_dir: Path) -> None:
             f"the folder to prepare, {str(folder)!r}, is or holds the model folder {str(model_dir)!r} being published",
             "give --dry_run/--folder a new folder, e.g. OUT/hub-upload",
         )
-    check_folder("--dry_run/--folder", folder, PUBLISH, only=lambda name: name in PUBLISH_WRITES, error=PublishError)
+    check_folder(
+        "--dry_run/--folder",
+        folder,
+        PUBLISH,
+        only=lambda n: n in PUBLISH_WRITES,
+        legacy=legacy_upload,
+        error=PublishError,
+    )
+
+
+def legacy_upload(folder: Path) -> bool:
+    """A training run's own ``hub-upload`` folder written before markers (push_to_hub of an older run)."""
+    return (
+        folder.name == "hub-upload" and (folder.parent / "config.yaml").is_file() and (folder / "README.md").is_file()
+    )
 
 
 def prepare_folder(
@@ -472,8 +486,8 @@ def prepare_folder(
     training_config = _read_yaml(model_dir / "training_config.yaml")
     train_metrics = _training_metrics(model_dir)
 
-    finish_swap(folder)  # a run killed between swap_in's two renames
     check_publish_folder(folder, model_dir)
+    finish_swap(folder)  # a run killed between swap_in's two renames
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     kept = f"{folder} is unchanged" if folder.is_dir() else "nothing was prepared"

@@ -91,51 +91,59 @@ def valid(scales: tuple[int, ...], latent_hw: tuple[int, int]) -> list[int]:
     return [s for s in scales if all(n % s == 0 and n // s >= MIN_LATENT for n in latent_hw)]
 
 
-@torch.no_grad()
-def diffusability(
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    batches,
-    lpips_model,
-    features: tuple[str, torch.nn.Module],
-    batch_size: int,
-) -> dict:
-    """The report for one model over ``batches`` of [B,3,H,W] images in [-1, 1] (all on one process).
+class Diffusability:
+    """The report for one model, accumulated over batches of [B,3,H,W] images in [-1, 1] (one process).
 
     ``encode`` gives the posterior mode, ``decode`` the image; ``features``: (metric name, extractor).
     """
-    name, extractor = features
-    sums: dict[int, dict[str, float]] = {}
-    latent_spec, image_spec = SpectrumAccumulator(), SpectrumAccumulator()
-    fd = FrechetAccumulator(extractor.num_features)
-    latents, n = [], 0
-    for x in batches:
-        z = encode(x)
-        scales = valid(SCALES, tuple(z.shape[-2:]))
-        for s in scales:
-            per = equivariance_batch(decode, x, z, s, lpips_model)
-            acc = sums.setdefault(s, {"psnr": 0.0, "lpips": 0.0})
-            for key, values in per.items():
+
+    def __init__(self, encode, decode, lpips_model, features: tuple[str, torch.nn.Module]):
+        self.encode, self.decode, self.lpips_model = encode, decode, lpips_model
+        self.name, self.extractor = features
+        self.sums: dict[int, dict[str, float]] = {}  # per scale: summed PSNR and LPIPS
+        self.latent_spec, self.image_spec = SpectrumAccumulator(), SpectrumAccumulator()
+        self.fd = FrechetAccumulator(self.extractor.num_features)
+        self.latents: list[torch.Tensor] = []
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        z = self.encode(x)
+        for s in valid(SCALES, tuple(z.shape[-2:])):
+            acc = self.sums.setdefault(s, {"psnr": 0.0, "lpips": 0.0})
+            for key, values in equivariance_batch(self.decode, x, z, s, self.lpips_model).items():
                 acc[key] += float(values.double().sum())
-        latent_spec.update(z)
-        image_spec.update(F.interpolate(x, size=tuple(z.shape[-2:]), mode="bilinear", antialias=True))
-        fd.update(extractor(to_uint8(x)), real=True)
-        latents.append(z.cpu())
-        n += len(x)
-    mids = midpoints(torch.cat(latents))
-    for chunk in mids.split(batch_size):
-        fd.update(extractor(to_uint8(decode(chunk.to(x.device)).clamp(-1, 1))), real=False)
-    radius, latent_power = latent_spec.spectrum()
-    image_radius, image_power = image_spec.spectrum()
-    return {
-        "n_images": n,
-        "equivariance": {str(s): {k: v / n for k, v in acc.items()} for s, acc in sums.items()},
-        "equivariance_scales_skipped": [s for s in SCALES if s not in sums],  # latent too small for them
-        "hf_fraction": latent_spec.high_frequency_fraction(),
-        "image_hf_fraction": image_spec.high_frequency_fraction(),
-        name: fd.compute(),
-        "spectrum": {"radius": radius, "latent": latent_power, "image_radius": image_radius, "image": image_power},
-    }
+        self.latent_spec.update(z)
+        self.image_spec.update(F.interpolate(x, size=tuple(z.shape[-2:]), mode="bilinear", antialias=True))
+        self.fd.update(self.extractor(to_uint8(x)), real=True)
+        self.latents.append(z.cpu())
+        self.n += len(x)
+        self.device = x.device
+
+    @torch.no_grad()
+    def compute(self, batch_size: int) -> dict:
+        """Decode the nearest-neighbour midpoints (``batch_size`` at a time) and return the report."""
+        for chunk in midpoints(torch.cat(self.latents)).split(batch_size):
+            self.fd.update(self.extractor(to_uint8(self.decode(chunk.to(self.device)).clamp(-1, 1))), real=False)
+        radius, latent_power = self.latent_spec.spectrum()
+        image_radius, image_power = self.image_spec.spectrum()
+        return {
+            "n_images": self.n,
+            "equivariance": {str(s): {k: v / self.n for k, v in acc.items()} for s, acc in self.sums.items()},
+            "equivariance_scales_skipped": [s for s in SCALES if s not in self.sums],  # latent too small for them
+            "hf_fraction": self.latent_spec.high_frequency_fraction(),
+            "image_hf_fraction": self.image_spec.high_frequency_fraction(),
+            self.name: self.fd.compute(),
+            "spectrum": {"radius": radius, "latent": latent_power, "image_radius": image_radius, "image": image_power},
+        }
+
+
+def diffusability(encode, decode, batches, lpips_model, features: tuple[str, torch.nn.Module], batch_size: int) -> dict:
+    """``Diffusability`` over an iterable of batches."""
+    acc = Diffusability(encode, decode, lpips_model, features)
+    for x in batches:
+        acc.update(x)
+    return acc.compute(batch_size)
 
 
 def save_spectrum_figure(report: dict, path, title: str) -> None:

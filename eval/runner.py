@@ -52,7 +52,7 @@ from autoencoder.models import (
     load_vae_config,
 )
 
-from .diffusability import diffusability, save_spectrum_figure
+from .diffusability import Diffusability, save_spectrum_figure
 from .fid import FrechetAccumulator, InceptionFeatures, VGG16Features, resolve_fid_weights, to_uint8
 from .latent import (
     LEVELS,
@@ -68,6 +68,7 @@ from .metrics import MeanAccumulator, psnr_per_image, quantize_01, reconstructio
 
 METRIC_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
 EVAL = "python -m eval"  # the marker of its --output_dir (autoencoder.folders)
+EVAL_FILES = ("metrics.json", "report.md", "reconstructions.png", "latent_*.png", "spectrum_*.png")
 
 
 @dataclass(kw_only=True)
@@ -128,6 +129,18 @@ def resolve_batch_size(value: int | str, device: torch.device) -> int:
     return 8 if device.type == "cpu" else 32
 
 
+def legacy_eval(folder: Path) -> bool:
+    """An evaluation folder written before markers: only its files, and an evaluation's metrics.json."""
+    import fnmatch
+
+    if not all(any(fnmatch.fnmatch(p.name, g) for g in EVAL_FILES) for p in folder.iterdir()):
+        return False
+    try:
+        return "models" in json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def check_args(args: EvalOptions) -> None:
     """Refuse bad options in seconds: numbers, output folder, and every model (config only) vs the resolution."""
     for name in ("resolution", "batch_size", "grid_images"):
@@ -135,7 +148,7 @@ def check_args(args: EvalOptions) -> None:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num_images must be >= 1, got {args.num_images}", "set it to 1 or more, or leave it out")
-    check_folder("--output_dir", args.output_dir, EVAL)  # never a training run's folder, nor anyone else's
+    check_folder("--output_dir", args.output_dir, EVAL, legacy=legacy_eval)  # never a training run's, nor anyone's
     check_output_writable("--output_dir", args.output_dir)
     for model_id in args.model:
         config = load_vae_config(model_id, args.subfolder)
@@ -321,24 +334,17 @@ def diffusability_of(accelerator, args, model_id, loader, lpips_model, extractor
         vgg = extractors.get("fd_vgg16") or VGG16Features(backbone_features("vgg", args.lpips_weights))
         features = ("ifd_vgg16", vgg.to(accelerator.device))
 
-    def gathered():
-        for batch in loader:
-            x = accelerator.gather_for_metrics(batch["pixel_values"])
-            if accelerator.is_main_process:
-                yield x
-
-    if not accelerator.is_main_process:
-        for _ in gathered():  # joins the gathers
-            pass
-        return None
-    return diffusability(
-        lambda x: vae.encode(x).latent_dist.mode(),
-        lambda z: vae.decode(z).sample,
-        gathered(),
-        lpips_model,
-        features,
-        args.batch_size,
+    main = accelerator.is_main_process
+    acc = Diffusability(
+        lambda x: vae.encode(x).latent_dist.mode(), lambda z: vae.decode(z).sample, lpips_model, features
     )
+    for batch in loader:  # main computes on the gathered batches; a failure there ends every rank (agreement)
+        x = accelerator.gather_for_metrics(batch["pixel_values"])
+        with agreement():
+            if main:
+                acc.update(x)
+    with agreement():
+        return acc.compute(args.batch_size) if main else None
 
 
 @torch.no_grad()
@@ -571,6 +577,10 @@ def _main(argv: list[str]) -> int:
             results[model_id], row, pictures[model_id] = evaluate_model(
                 accelerator, args, model_id, loader, lpips_model, feature_accs, extractors, large_image
             )
+            if not args.no_diffusability:
+                results[model_id]["diffusability"] = diffusability_of(
+                    accelerator, args, model_id, loader, lpips_model, extractors
+                )
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -579,10 +589,6 @@ def _main(argv: list[str]) -> int:
                 f"--resolution {args.resolution} (tiling check at {2 * args.resolution} px)",
                 "lower --batch_size, or add --no_tiling_check",
             ) from exc
-        if not args.no_diffusability:
-            results[model_id]["diffusability"] = diffusability_of(
-                accelerator, args, model_id, loader, lpips_model, extractors
-            )
         if "rfid" in unavailable:
             results[model_id]["rfid"] = None
             results[model_id]["rfid_unavailable"] = unavailable["rfid"]
@@ -616,7 +622,7 @@ def _main(argv: list[str]) -> int:
             if report := results[model_id].get("diffusability"):
                 report["figure"] = f"spectrum_{i}.png"
                 save_spectrum_figure(report, out / report["figure"], f"{model_id}: radial power spectra")
-        with write_guard(out / "metrics.json", lambda: "an earlier metrics.json there is unchanged", "rerun"):
+        with write_guard(out / "metrics.json", lambda: "each file there is replaced only when written whole", "rerun"):
             write_atomic(out / "metrics.json", json.dumps(payload, indent=2))
             write_atomic(out / "report.md", render_report(payload))
         n = min(len(r) for r in rows)

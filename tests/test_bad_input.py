@@ -64,6 +64,7 @@ ROWS = [
     ("eval-zero-batch", ("eval", "--model={M}", "--batch_size=0", "--output_dir={TMP}/e"), 2, "--batch_size must be >= 1"),
     ("sweep-one-value", ("train.sweep", "--config=tiny", "--kl_weight=1e-6"), 2, "a sweep needs at least two runs"),
     ("sweep-not-numbers", ("train.sweep", "--config=tiny", "--kl_weight=small,large"), 2, "is not a list of floats"),
+    ("sweep-axis-shared-by-eval", ("train.sweep", "--kl_weight=1e-6,1e-5", "--resolution=32,64"), 2, "--resolution cannot be a sweep axis"),
     ("sweep-output-dir", ("train.sweep", "--kl_weight=1e-6,1e-5", "--output_dir={TMP}/x"), 2, "use --sweep_dir"),
     ("sweep-bad-train-flag", ("train.sweep", "--kl_weight=1e-6,1e-5", "--max_train_step=5"), 2, "did you mean: max_train_steps"),
     ("bridge-stats-offline-dataset", ("diffusion_bridge", "stats", "--model={M}", "--dataset_name=no/such"), 2, "cannot be reached"),

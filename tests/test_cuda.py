@@ -58,6 +58,17 @@ def test_mixed_precision_run_exports_a_loadable_fp32_vae(tmp_path, lpips_dir, mo
     assert all(v.dtype == torch.float32 for v in ckpt.values())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_equivariance_term_under_mixed_precision_compile_and_the_gan(tmp_path, lpips_dir, monkeypatch, precision):
+    """The scale-equivariance regulariser on a GPU: fp16/bf16 autocast, --compile, the GAN; finite and trained."""
+    out = tmp_path / precision
+    flags = (f"--mixed_precision={precision}", "--compile", "--disc_enabled=true", "--disc_start=0")
+    eq = ("--equivariance_weight=0.5", "--equivariance_scales=2", "--equivariance_rotate", "--max_train_steps=10")
+    assert _run_inprocess(out, lpips_dir, monkeypatch, *flags, *eq, "--validate_at_start=true") == 0
+    m = _assert_trained_on_gpu(out)
+    assert m["nonfinite_steps"] == 0 and m["psnr"] > m["initial"]["psnr"]
+
+
 def test_gan_ema_workers_resume_matches_uninterrupted_run(tmp_path, lpips_dir, monkeypatch):
     """GAN from step 0, EMA, 2 loader workers, bf16; resumed at step 2 vs uninterrupted to step 4.
 

@@ -128,6 +128,28 @@ def test_damaged_checkpoint_file(name, how, base, tmp_path, lpips_dir, capsys, c
     _intact(run, 5)
 
 
+def test_a_checkpoint_without_its_manifest_needs_the_files_load_state_reads(base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    path = run / "checkpoints" / "checkpoint-10"
+    (path / "manifest.json").unlink()  # as written before manifests: taken unverified
+    assert damage(path) is None
+    (path / "optimizer.bin").unlink()  # a copy cut short before it
+    assert damage(path) == "manifest.json is missing and optimizer.bin is missing or empty"
+    assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "checkpoint-5"
+
+
+def test_the_total_limit_never_prunes_the_checkpoint_just_written(tmp_path):
+    from train.checkpoints import prune
+
+    root = tmp_path / "checkpoints"
+    for step in (200, 1000, 1500, 2000):  # a run rewound to step 200 in a folder holding later checkpoints
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+    removed = prune(root, 3, keep=root / "checkpoint-200")
+    assert [p.name for p in removed] == ["checkpoint-1000"]
+    assert [p.name for _, p in checkpoint_dirs(root)] == ["checkpoint-200", "checkpoint-1500", "checkpoint-2000"]
+
+
 def test_latest_resumes_past_a_damaged_checkpoint_end_to_end(base, tmp_path, lpips_dir, caplog):
     run = tmp_path / "run"
     shutil.copytree(base, run)
@@ -449,6 +471,7 @@ ARCHITECTURES = [
     ("discriminator-off", "--disc_enabled=false", "loss.disc_enabled True -> False"),
     ("ema-off", "--use_ema=false", "train.use_ema True -> False"),
     ("learned-logvar", "--learn_logvar=true", "loss.learn_logvar False -> True"),
+    ("decoder-only", "--train_decoder_only=true", "model.train_decoder_only False -> True"),
 ]
 
 
@@ -512,6 +535,7 @@ def test_a_small_validation_set_is_said_aloud(tmp_path, lpips_dir, caplog, capsy
     assert _train(run, lpips_dir, *args) == 0
     m = _metrics(run)
     assert m["n_images"] == 1 and "4 asked, but at most a tenth of the 16 images is held out" in m["data"]
+    assert m["validation_warning"] == "the held-out figures come from only 1 image(s) (fewer than 16)"
     stats = m["latent_stats"]
     assert stats["num_images"] == 1 and stats["std_ci95"] is None  # unavailable, not nan
     assert "python -m diffusion_bridge stats" in stats["warning"] and "--write" in stats["warning"]
@@ -569,6 +593,29 @@ def folders(base, tmp_path_factory) -> dict[str, str]:
     (root / "user" / "my-model").mkdir(parents=True)
     (root / "user" / "notes.txt").write_text("mine")
     return {"RUN": str(run), "EVAL": str(root / "eval"), "REPO": str(root / "repo"), "USER": str(root / "user")}
+
+
+def test_folders_written_before_markers_are_still_accepted_and_only_those(tmp_path, folders):
+    from autoencoder.folders import check_folder
+    from diffusion_bridge.publish import PUBLISH, legacy_upload
+    from eval.runner import EVAL, legacy_eval
+
+    old_eval = tmp_path / "old-eval"
+    shutil.copytree(folders["EVAL"], old_eval)
+    (old_eval / MARKER).unlink()
+    check_folder("--output_dir", old_eval, EVAL, legacy=legacy_eval)  # an older evaluation folder: accepted
+    only_metrics = tmp_path / "copied-run-metrics"
+    only_metrics.mkdir()
+    shutil.copy2(Path(folders["RUN"]) / "metrics.json", only_metrics)  # a training run's metrics.json alone
+    with pytest.raises(Exception, match="did not write"):
+        check_folder("--output_dir", only_metrics, EVAL, legacy=legacy_eval)
+    run = tmp_path / "old-run"
+    (run / "hub-upload").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "hub-upload" / "README.md").write_text("card")
+    check_folder("--dry_run/--folder", run / "hub-upload", PUBLISH, legacy=legacy_upload)  # an older push_to_hub
+    with pytest.raises(Exception, match="did not write"):  # the same files elsewhere: somebody's model folder
+        check_folder("--dry_run/--folder", tmp_path / "old-run", PUBLISH, legacy=legacy_upload)
 
 
 @pytest.mark.parametrize("row", OWNERSHIP, ids=[r[0] for r in OWNERSHIP])

@@ -56,11 +56,15 @@ def write_manifest(folder: Path, step: int) -> None:
 def damage(folder: Path, hashes: bool = True) -> str | None:
     """What is wrong with checkpoint ``folder`` ('optimizer.bin is 0 bytes, 81234 written'), or None if intact.
 
-    A folder without a manifest was written before manifests existed; it is taken as it is.
+    A folder without a manifest (written before manifests existed) is checked for the files ``load_state``
+    needs only.
     """
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
+    except FileNotFoundError:  # written before manifests (or a copy that lost it): the files load_state needs
+        for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+            if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+                return f"{MANIFEST} is missing and {name} is missing or empty"
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{MANIFEST} is unreadable ({type(exc).__name__})"
@@ -139,12 +143,12 @@ def publish(root: Path, step: int) -> Path:
     return swap_in(tmp, final_path(root, step))  # re-saving a step (after a resume) moves the old one aside
 
 
-def prune(root: Path, total_limit: int | None) -> list[Path]:
-    """Delete the oldest completed checkpoints beyond ``total_limit``; returns what was removed."""
+def prune(root: Path, total_limit: int | None, keep: Path | None = None) -> list[Path]:
+    """Delete the lowest-step completed checkpoints beyond ``total_limit``, never ``keep`` (the one just written)."""
     if total_limit is None:
         return []
-    found = checkpoint_dirs(root)
-    removed = [p for _, p in found[: max(0, len(found) - total_limit)]]
+    found = [p for _, p in checkpoint_dirs(root) if p != keep]
+    removed = found[: max(0, len(found) + (keep is not None) - total_limit)]
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
@@ -194,7 +198,7 @@ def save(accelerator: Accelerator, model, cfg: Config, step: int) -> Path:
                 accelerator.unwrap_model(model).vae.save_config(tmp)  # config.json: the folder loads with load_vae
                 write_manifest(tmp, step)  # last: a folder with a manifest was written whole
                 final = publish(root, step)
-                removed = prune(root, cfg.train.checkpoints_total_limit)
+                removed = prune(root, cfg.train.checkpoints_total_limit, keep=final)
                 logger.info(f"saved {final}" + (f"; removed {[p.name for p in removed]}" if removed else ""))
     except BaseException:
         if accelerator.is_main_process:

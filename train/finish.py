@@ -16,7 +16,7 @@ from autoencoder.errors import agreement
 from autoencoder.folders import swap_in, write_atomic, write_guard
 from autoencoder.models import half_check_latents, half_precision_decode_check, needs_force_upcast
 from diffusion_bridge.publish import PublishError, prepare_folder, upload
-from diffusion_bridge.stats import collect_latent_stats, describe, process_shard, too_few_images
+from diffusion_bridge.stats import MIN_IMAGES, collect_latent_stats, describe, process_shard, too_few_images
 
 from . import checkpoints
 from .loop import Loop
@@ -74,6 +74,7 @@ def run_metrics(run: Run, loop: Loop, results: dict, initial: dict) -> dict:
         "resolution": run.cfg.data.resolution,
         "data": run.parts.splits.description,
         "n_images": results["val/n_images"],
+        **few_images_warning(results["val/n_images"]),
         "lpips_net": t.val_lpips_net,
         "ema": t.use_ema,
         "psnr": results["val/psnr"],
@@ -97,6 +98,13 @@ def run_metrics(run: Run, loop: Loop, results: dict, initial: dict) -> dict:
         "param_checksum_per_rank": checksums.cpu().tolist(),
         "param_checksum_initial": run.initial_checksum,
     }
+
+
+def few_images_warning(n: int) -> dict:
+    """{'validation_warning': ...} when the held-out figures rest on fewer than MIN_IMAGES images, else {}."""
+    if n >= MIN_IMAGES:
+        return {}
+    return {"validation_warning": f"the held-out figures come from only {n} image(s) (fewer than {MIN_IMAGES})"}
 
 
 def set_force_upcast(run: Run) -> dict:

@@ -35,7 +35,7 @@ from autoencoder.data import (
 )
 from autoencoder.equivariance import valid_scales
 from autoencoder.errors import UsageError, agreement, check_output_writable
-from autoencoder.folders import RunLock, check_folder, finish_swap, mark_folder
+from autoencoder.folders import LOCK, RunLock, check_folder, finish_swap, mark_folder, write_guard
 from autoencoder.launch import use_cpu_backend
 from autoencoder.losses import VAELoss, build_discriminator
 from autoencoder.lpips_weights import build_lpips
@@ -192,11 +192,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
 def build(cfg: Config, accelerator: Accelerator, called: float, keep_process_group: bool = False) -> Run:
     """Check the inputs on every rank, then build and ``prepare`` everything once; no training yet."""
     set_seed(cfg.train.seed)  # before the VAE and discriminator are built: their initialisation is seeded
-    with agreement():  # one rank's mistake ends every rank with the same message
-        parts = preflight(cfg, accelerator)
-    with agreement():  # one run per output folder: a second one is refused here, naming the first
-        lock = RunLock(cfg.train.output_dir).acquire("--output_dir", TRAIN) if accelerator.is_main_process else None
+    main, lock = accelerator.is_main_process, None
     try:
+        with agreement():  # one rank's mistake ends every rank with the same message
+            lock = claim_output(cfg) if main else None
+            parts = preflight(cfg, accelerator)
+        with agreement():  # one run per output folder: a second one is refused here, naming the first
+            if main and lock is None:
+                lock = RunLock(cfg.train.output_dir).acquire("--output_dir", TRAIN)
         run = assemble(cfg, accelerator, parts, called, keep_process_group)
     except BaseException:
         if lock is not None:
@@ -206,14 +209,27 @@ def build(cfg: Config, accelerator: Accelerator, called: float, keep_process_gro
     return run
 
 
+def claim_output(cfg: Config) -> RunLock | None:
+    """Main process: refuse a folder this command did not write; lock it now if a run used it before.
+
+    A folder no run has used yet is locked after the checks instead, so that a refused run leaves no
+    lock file behind; a used one is locked first, so a second run never reads a live run's checkpoints.
+    """
+    out = Path(cfg.train.output_dir)
+    check_folder("--output_dir", out, TRAIN, legacy=lambda folder: legacy_run(folder, cfg))
+    check_output_writable("--output_dir", out)
+    return RunLock(out).acquire("--output_dir", TRAIN) if (out / LOCK).exists() else None
+
+
 def assemble(cfg: Config, accelerator: Accelerator, parts: Parts, called: float, keep_process_group: bool) -> Run:
     """Claim the folder, then build the loaders, optimizers and schedules, ``prepare`` them once, and the EMA."""
     t, out = cfg.train, Path(cfg.train.output_dir)
-    if accelerator.is_main_process:  # only now: a run refused above leaves the output folder as it was
-        mark_folder(out, TRAIN)
-        checkpoints.clean_incomplete(out / "checkpoints")
-        finish_swap(out / "vae")  # an export killed between its two renames
-        save_config(cfg, out / "config.yaml")
+    with agreement(), write_guard(out / "config.yaml", lambda: checkpoints.survivors(out), "rerun"):
+        if accelerator.is_main_process:  # only now: a run refused above leaves the output folder as it was
+            mark_folder(out, TRAIN)
+            checkpoints.clean_incomplete(out / "checkpoints")
+            finish_swap(out / "vae")  # an export killed between its two renames
+            save_config(cfg, out / "config.yaml")
     parts.loss_fn.to(accelerator.device)
     parts.val_lpips.to(accelerator.device)
     model = VAEForTraining(parts.vae)
@@ -277,11 +293,8 @@ def preflight(cfg: Config, accelerator: Accelerator) -> Parts:
     """
     t = cfg.train
     out = Path(t.output_dir)
-    if accelerator.is_main_process:
-        check_folder("--output_dir", out, TRAIN, legacy=lambda folder: legacy_run(folder, cfg))
-        check_output_writable("--output_dir", out)
-        if t.push_to_hub and get_token() is None:  # fail now, not after hours of training
-            raise UsageError("push_to_hub needs a Hugging Face token", "set HF_TOKEN or run `hf auth login`")
+    if accelerator.is_main_process and t.push_to_hub and get_token() is None:  # fail now, not after hours
+        raise UsageError("push_to_hub needs a Hugging Face token", "set HF_TOKEN or run `hf auth login`")
     resume_from = resolve_resume(cfg)  # a mistyped or damaged --resume_from_checkpoint fails now
     check_data_source(cfg.data)
     # LPIPS first: missing backbone weights must stop the run before any data or model work.
@@ -453,7 +466,14 @@ ARCHITECTURE = (
     "use_post_quant_conv",
     "mid_block_add_attention",
 )
-STATE_KEYS = ("loss.disc_enabled", "loss.disc_num_layers", "loss.disc_channels", "loss.learn_logvar", "train.use_ema")
+STATE_KEYS = (
+    "model.train_decoder_only",  # the optimizer's parameter list
+    "loss.disc_enabled",
+    "loss.disc_num_layers",
+    "loss.disc_channels",
+    "loss.learn_logvar",
+    "train.use_ema",
+)
 
 
 def check_same_architecture(cfg: Config, vae: AutoencoderKL, path: Path) -> None:

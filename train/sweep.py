@@ -33,6 +33,7 @@ from eval.runner import main as eval_main
 from .trainer import train
 
 OWN = ("sweep_dir", "iwae_samples")  # the sweep's own options
+SHARED_BY_EVAL = ("resolution", "seed", "num_validation_images", "validation_batch_size")  # eval takes run 1's
 
 
 @dataclass
@@ -57,6 +58,11 @@ def parse_args(argv: list[str]) -> SweepArgs:
     train_argv: list[str] = []
     for key, value in split_argv(argv):  # the config's own splitting: --k=v, --k v, --flag
         kind = numeric_type(key)
+        if kind is not None and value is not None and "," in value and key in SHARED_BY_EVAL:
+            raise UsageError(
+                f"--{key} cannot be a sweep axis: all runs are evaluated together with one value of it",
+                f"give --{key} one value (or run one sweep per value)",
+            )
         if kind is not None and value is not None and "," in value:  # a grid axis
             try:
                 grid[key] = [kind(v) for v in value.split(",") if v.strip()]
@@ -333,7 +339,8 @@ def _main(argv: list[str]) -> int:
         return 0
     args = parse_args(argv)
     runs = run_configs(args)
-    check_folder("--sweep_dir", args.sweep_dir, SWEEP)  # a sweep of its own (resumed), or a new folder
+    # a sweep of its own (resumed; one written before markers has sweep.json), or a new folder
+    check_folder("--sweep_dir", args.sweep_dir, SWEEP, legacy=lambda folder: (folder / "sweep.json").is_file())
     check_output_writable("--sweep_dir", args.sweep_dir)
     n = requested_cpu_processes()
     if n > 1:

@@ -11,9 +11,12 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid, save_image
 
+from autoencoder.errors import agreement
+from autoencoder.folders import write_guard
 from eval.latent import LatentAccumulator, collapse_warning
 from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
 
+from . import checkpoints
 from .run import Run
 
 logger = get_logger(__name__)
@@ -81,10 +84,11 @@ def validate(run: Run, step: int) -> dict:
     results = {f"val/{k}": v for k, v in metrics.compute().items()}
     results["val/n_images"] = metrics.count("psnr")
     results.update(latent_results(latent_acc, step))
-    if acc.is_main_process:
-        n = cfg.train.num_grid_images
-        path = Path(cfg.train.output_dir) / "samples" / f"step_{step:07d}.png"
-        log_grid(acc, torch.cat(grid_inputs)[:n], torch.cat(grid_recons)[:n], path, step)
+    path = Path(cfg.train.output_dir) / "samples" / f"step_{step:07d}.png"
+    with agreement(), write_guard(path, lambda: checkpoints.survivors(Path(cfg.train.output_dir)), "rerun"):
+        if acc.is_main_process:  # a full disk here ends every rank, not only this one
+            n = cfg.train.num_grid_images
+            log_grid(acc, torch.cat(grid_inputs)[:n], torch.cat(grid_recons)[:n], path, step)
     acc.log({k: v for k, v in results.items() if k.startswith("val/")}, step=step)
     return results
 
