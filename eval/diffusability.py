@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from autoencoder.equivariance import MIN_LATENT, downsample
+from autoencoder.equivariance import downsample, valid_scales
 
 from .fid import FrechetAccumulator, to_uint8
 from .metrics import psnr_per_image
@@ -86,11 +86,6 @@ def midpoints(z: torch.Tensor) -> torch.Tensor:
     return (z + z[dist.argmin(dim=1)]) / 2
 
 
-def valid(scales: tuple[int, ...], latent_hw: tuple[int, int]) -> list[int]:
-    """The scales that divide the latent and leave it at least 2x2."""
-    return [s for s in scales if all(n % s == 0 and n // s >= MIN_LATENT for n in latent_hw)]
-
-
 class Diffusability:
     """The report for one model, accumulated over batches of [B,3,H,W] images in [-1, 1] (one process).
 
@@ -109,7 +104,7 @@ class Diffusability:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         z = self.encode(x)
-        for s in valid(SCALES, tuple(z.shape[-2:])):
+        for s in valid_scales(list(SCALES), z.shape[-1], x.shape[-1], lpips=False):  # square: centre crops
             acc = self.sums.setdefault(s, {"psnr": 0.0, "lpips": 0.0})
             for key, values in equivariance_batch(self.decode, x, z, s, self.lpips_model).items():
                 acc[key] += float(values.double().sum())
