@@ -301,9 +301,9 @@ def embedded_photo_dir() -> Path:
     folder = Path(skimage.data.__file__).parent
     missing = [n for n in EMBEDDED_TRAIN + EMBEDDED_VALIDATION if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"scikit-image's bundled photographs {missing} are missing from {folder}; "
-            "reinstall scikit-image, or pass --train_data_dir / --dataset_name"
+        raise UsageError(
+            f"scikit-image's bundled photographs {missing} are missing from {folder}",
+            "reinstall scikit-image, or pass --train_data_dir / --dataset_name",
         )
     return folder
 

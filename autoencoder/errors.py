@@ -142,6 +142,8 @@ def translate(exc: BaseException, flag: str | None = None, value: Any = None) ->
         )
     if isinstance(exc, PermissionError):
         return UsageError(f"permission denied: {exc.filename or _first_line(exc)}", "choose a location you can write")
+    if (weights := damaged_weights_file(exc)) is not None:
+        return damaged_weights(weights, exc)
     if isinstance(exc, UnidentifiedImageError):
         return UsageError(f"unreadable image: {_first_line(exc)}", "remove or re-encode the file")
     if isinstance(exc, FileNotFoundError) and flag:
@@ -157,6 +159,31 @@ def translate(exc: BaseException, flag: str | None = None, value: Any = None) ->
             "for a pipeline repository",
         )
     return None
+
+
+def damaged_weights_file(exc: BaseException) -> str | None:
+    """The weights file diffusers could not read (a copy cut short, a corrupt header), named in its OSError."""
+    import re
+
+    seen = exc
+    while seen is not None:
+        found = re.search(r"Unable to load weights from checkpoint file for '([^']+)'", str(seen))
+        if isinstance(seen, OSError) and found:
+            return found.group(1)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def damaged_weights(path: str | os.PathLike, exc: BaseException) -> UsageError:
+    """The usage error for a weights file that cannot be read, naming it and the library's reason."""
+    root = exc
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    return UsageError(
+        f"the weights file {str(path)!r} is damaged or incomplete: it cannot be read ({_first_line(root)[:160]})",
+        "copy or download the model again, or export it again from its run "
+        "(python -m train --config OUT/config.yaml --resume_from_checkpoint latest)",
+    )
 
 
 @contextlib.contextmanager

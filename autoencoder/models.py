@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .equivariance import Draw, transform
-from .errors import UsageError, about, check_model_source
+from .errors import UsageError, about, check_model_source, damaged_weights
 
 # Architecture kwargs per preset; everything else is AutoencoderKL's default.  Each level after
 # the first halves the resolution, so len(block_out_channels) = 4 gives 8x downsampling.
@@ -91,11 +91,15 @@ def load_vae(
     These are the raw trained weights (an EMA, if used, lives in the checkpoint separately).
     """
     if subfolder is None and revision is None and is_training_checkpoint(model):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(model)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path))
-        state = load_file(path / "model.safetensors")
+        try:
+            state = load_file(path / "model.safetensors")
+        except SafetensorError as exc:
+            raise damaged_weights(path / "model.safetensors", exc) from exc
         if not all(k.startswith("vae.") for k in state):
             raise UsageError(
                 f"{path / 'model.safetensors'} is not a VAEForTraining state dict (keys vae.*)",

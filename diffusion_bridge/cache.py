@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from autoencoder.data import ImageDataset, collate
-from autoencoder.errors import agreement
+from autoencoder.errors import UsageError, agreement
 from autoencoder.folders import write_atomic, write_guard
 
 from .stats import DECODE, LatentScaling
@@ -189,5 +189,8 @@ def load_latent_cache(output_dir: Path) -> datasets.Dataset:
     """The cache as one ``datasets.Dataset`` (torch format), shards in order."""
     files = sorted(str(p) for p in (Path(output_dir) / "data").glob("shard-*.parquet"))
     if not files:
-        raise ValueError(f"no latent shards in {output_dir}/data; run `python -m diffusion_bridge encode` first")
+        raise UsageError(
+            f"no latent shards in {output_dir}/data",
+            f"run `python -m diffusion_bridge encode --output_dir {output_dir}` first",
+        )
     return datasets.load_dataset("parquet", data_files=files, split="train").with_format("torch")

@@ -19,6 +19,8 @@ from typing import Literal
 
 from diffusers import AutoencoderKL, DiffusionPipeline
 
+from autoencoder.errors import UsageError
+
 
 def denoiser(pipeline: DiffusionPipeline):
     """The pipeline's UNet or transformer."""
@@ -64,25 +66,28 @@ def convention(pipeline: DiffusionPipeline) -> Literal["sd", "sd3", "sdxl"]:
 
 
 def check_vae_fits(vae: AutoencoderKL, pipeline: DiffusionPipeline) -> None:
-    """A ValueError naming both numbers when the VAE's latents cannot feed the pipeline's denoiser."""
+    """A UsageError (a ValueError) naming both numbers when the VAE's latents cannot feed the pipeline's denoiser."""
     want, have = expected_latent_channels(pipeline), vae.config.latent_channels
     if want != have:
-        raise ValueError(
+        raise UsageError(
             f"this VAE has {have} latent channels but {type(pipeline).__name__}'s {type(denoiser(pipeline)).__name__} "
-            f"takes {want}; train a VAE with --latent_channels={want} (e.g. preset "
-            f"{'f8c16' if want == 16 else 'sd-f8c4'}) or use a denoiser with in_channels={have}"
+            f"takes {want}",
+            f"train a VAE with --latent_channels={want} (e.g. preset {'f8c16' if want == 16 else 'sd-f8c4'}) or use "
+            f"a denoiser with in_channels={have}",
         )
     from diffusers import StableDiffusionXLPipeline
 
     if isinstance(pipeline, StableDiffusionXLPipeline) and vae.config.latents_mean is not None and have != 4:
-        raise ValueError(
+        raise UsageError(
             f"StableDiffusionXLPipeline decodes per-channel latents_mean/latents_std for exactly 4 "
-            f"channels; this VAE has {have}"
+            f"channels; this VAE has {have}",
+            "use StableDiffusion3Pipeline-style shift/scale (--convention sd3) for other channel counts",
         )
     if convention(pipeline) == "sd3" and vae.config.shift_factor is None:
-        raise ValueError(
+        raise UsageError(
             f"{type(pipeline).__name__} decodes latents / scaling_factor + shift_factor, but this VAE's config has "
-            "no shift_factor; run `python -m diffusion_bridge stats --model DIR --write` first"
+            "no shift_factor",
+            "run `python -m diffusion_bridge stats --model DIR --write` first",
         )
 
 

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from diffusers import AutoencoderKL
 
+from autoencoder.errors import UsageError
+
 Convention = Literal["sd", "sd3", "sdxl"]
 
 # What each convention asks of the VAE config, and how its pipelines decode.
@@ -44,16 +46,16 @@ class LatentScaling:
         """The scaling a VAE config gives under ``convention``; ValueError if the config lacks its keys."""
         if convention == "sd3":
             if config.shift_factor is None:
-                raise ValueError(
-                    "the sd3 convention needs shift_factor in the VAE config: run "
-                    "`python -m diffusion_bridge stats --model DIR --write --convention sd3`"
+                raise UsageError(
+                    "the sd3 convention needs shift_factor in the VAE config, and this one has none",
+                    "run `python -m diffusion_bridge stats --model DIR --write --convention sd3` first",
                 )
             return cls("sd3", config.scaling_factor, shift_factor=config.shift_factor)
         if convention == "sdxl":
             if config.latents_mean is None or config.latents_std is None:
-                raise ValueError(
-                    "the sdxl convention needs latents_mean/latents_std in the VAE config: run "
-                    "`python -m diffusion_bridge stats --model DIR --write --convention sdxl`"
+                raise UsageError(
+                    "the sdxl convention needs latents_mean/latents_std in the VAE config, and this one has none",
+                    "run `python -m diffusion_bridge stats --model DIR --write --convention sdxl` first",
                 )
             return cls(
                 "sdxl",
@@ -288,9 +290,10 @@ def write_stats(
     model_dir = Path(model_dir)
     vae = vae if vae is not None else AutoencoderKL.from_pretrained(model_dir)
     if convention == "sdxl" and vae.config.latent_channels != 4:
-        raise ValueError(
+        raise UsageError(
             f"the sdxl convention is for StableDiffusionXLPipeline, which assumes 4 latent channels; "
-            f"this VAE has {vae.config.latent_channels}: use --convention sd3 or sd"
+            f"this VAE has {vae.config.latent_channels}",
+            "use --convention sd3 or sd",
         )
     vae.register_to_config(**stats.config_values(convention))
     tmp = model_dir.with_name(f".tmp-{model_dir.name}")

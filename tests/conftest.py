@@ -118,8 +118,8 @@ def stopped_at(run: Path, step: int, into: Path) -> Path:
     return into
 
 
-def accelerate_launch(module: str, *args: str, processes: int = 2) -> list[str]:
-    """The command ``accelerate launch --num_processes N --cpu -m MODULE ARGS`` on a free port."""
+def accelerate_launch(module: str, *args: str, processes: int = 2, launcher_args: tuple[str, ...] = ()) -> list[str]:
+    """The command ``accelerate launch --num_processes N --cpu [LAUNCHER_ARGS] -m MODULE ARGS`` on a free port."""
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launch = ["launch", "--num_processes", str(processes), "--main_process_port", free_port(), "--cpu"]
-    return [accelerate, *launch, "-m", module, *args]
+    return [accelerate, *launch, *launcher_args, "-m", module, *args]

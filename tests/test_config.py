@@ -1,8 +1,9 @@
 """Config: YAML + --key=value overrides, strict keys and types."""
 
 import pytest
+import yaml
 
-from autoencoder.config import CONFIG_DIR, key_index, parse_config, save_config
+from autoencoder.config import CONFIG_DIR, key_index, parse_config, save_config, to_dict
 
 
 def test_default_config_is_cpu_small():
@@ -11,10 +12,17 @@ def test_default_config_is_cpu_small():
     assert cfg.data.resolution == 64
 
 
-@pytest.mark.parametrize("preset", ["tiny", "cpu-small", "sd-f8c4", "f8c16"])
-def test_preset_files_load(preset):
-    cfg = parse_config(["--config", str(CONFIG_DIR / f"{preset}.yaml")])
-    assert cfg.model.preset == preset
+@pytest.mark.parametrize("preset", ["tiny", "cpu-small", "sd-f8c4", "f8c16", "cifar10-f4"])
+def test_preset_files_load_every_key_they_set(preset):
+    path = CONFIG_DIR / f"{preset}.yaml"
+    written = yaml.safe_load(path.read_text())
+    cfg = parse_config(["--config", str(path)])
+    resolved = to_dict(cfg)
+    assert written and set(written) <= set(resolved)
+    for section, values in written.items():
+        for key, value in values.items():  # YAML reads 2.0e-4 as a float, as the config does
+            assert resolved[section][key] == value, (section, key, resolved[section][key], value)
+    assert cfg.model.preset == written["model"].get("preset", "cpu-small")
 
 
 def test_diffusers_style_flags_both_forms():
@@ -110,9 +118,19 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-def test_keys_are_unique_and_documented():
+def test_keys_are_unique_across_sections_and_documented():
+    """A flat --key names one field of one section, so --resolution and --data.resolution are one override."""
+    import dataclasses
+
+    from autoencoder.config import SECTIONS, Config
+
+    names = [f.name for section in dataclasses.fields(Config) for f in dataclasses.fields(section.type)]
+    assert len(names) == len(set(names)) and not set(names) & set(SECTIONS)
     index = key_index()
+    assert sorted(index) == sorted(names)
     assert all(field.metadata.get("help") for _, field, _ in index.values())
+    assert parse_config(["--resolution=48"]) == parse_config(["--data.resolution=48"])
+    assert parse_config(["--resolution=48"]).data.resolution == 48
 
 
 def test_docs_config_reference_is_the_one_the_dataclasses_generate():

@@ -170,16 +170,20 @@ def test_decoded_sources_are_cached_once_per_process_and_change_no_sample(monkey
     assert all(torch.equal(s, plain[i]["pixel_values"]) for i, s in enumerate(samples))
 
 
-def test_loader_workers_auto_is_zero_on_cpu_and_leaves_a_core_per_gpu_process():
-    import os
+def test_loader_workers_auto_is_zero_on_cpu_and_leaves_a_core_per_gpu_process(monkeypatch):
+    """'auto': 0 on a CPU; on a GPU min(8, cores per process - 1), so N processes never take every core."""
+    from autoencoder import data
 
-    cores = os.cpu_count()
-    assert loader_workers("auto", torch.device("cpu"), 1) == 0  # on a CPU the cores are the compute
-    assert loader_workers(3, torch.device("cpu"), 1) == 3  # an explicit count is kept
-    for per_node in range(1, cores + 1):  # GPU processes on one machine: workers never take every core
-        workers = loader_workers("auto", torch.device("cuda"), per_node)
-        assert workers == 0 or per_node * (workers + 1) <= cores, (per_node, workers)
-    assert cores < 2 or loader_workers("auto", torch.device("cuda"), 1) >= 1  # one GPU process loads in parallel
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 16)
+    assert loader_workers("auto", cpu, 1) == 0  # on a CPU the cores are the compute
+    assert loader_workers(3, cpu, 1) == 3  # an explicit count is kept
+    got = {per_node: loader_workers("auto", cuda, per_node) for per_node in (1, 2, 4, 8, 16)}
+    assert got == {1: 8, 2: 7, 4: 3, 8: 1, 16: 0}  # capped at 8; one core per GPU process left for it
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
+    assert loader_workers("auto", cuda, 1) == 1  # a 2-core machine with one GPU still decodes in parallel
+    monkeypatch.setattr(data.os, "cpu_count", lambda: None)  # unknown: load in the main process
+    assert loader_workers("auto", cuda, 1) == 0
 
 
 def test_seeded_augmentation_touches_only_the_cpu_generator(monkeypatch):

@@ -41,8 +41,13 @@ def test_presets_table():
 
 
 def test_bridge_info(tmp_path):
-    build_vae(ModelConfig(preset="tiny")).save_pretrained(tmp_path / "vae")
+    """``info`` prints the saved config's latent facts: a 4x, 3-channel VAE with its own scaling and shift."""
+    vae = build_vae(ModelConfig(preset="tiny", latent_channels=3, block_out_channels=[4, 8, 8]))
+    vae.register_to_config(scaling_factor=0.37, shift_factor=-0.12, force_upcast=False)
+    vae.save_pretrained(tmp_path / "vae")
     result = _python_m("diffusion_bridge", "info", "--model", str(tmp_path / "vae"))
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["latent_channels"] == 4 and info["downsampling_factor"] == 2 and info["scaling_factor"] == 1.0
+    assert (info["latent_channels"], info["downsampling_factor"]) == (3, 4)
+    assert (info["scaling_factor"], info["shift_factor"], info["force_upcast"]) == (0.37, -0.12, False)
+    assert info["parameters"] == sum(p.numel() for p in vae.parameters())

@@ -161,7 +161,11 @@ def test_l2_and_logs_keys():
     x, recon = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     loss, logs = loss_fn(x, recon, posterior(2), step=0, split="val")
     assert torch.allclose(loss, torch.tensor(0.25))
-    assert all(k.startswith("val/") for k in logs)
+    terms = {"rec_loss", "nll_loss", "kl", "kl_per_latent", "rate_bpp", "beta", "logvar", "loss"}
+    assert set(logs) == {f"val/{t}" for t in terms}  # every term, under the split it was asked for
+    _, train_logs = loss_fn(x, recon, posterior(2), step=0)
+    assert set(train_logs) == {f"train/{t}" for t in terms}
+    assert float(logs["val/rec_loss"]) == pytest.approx(0.25) and float(logs["val/loss"]) == pytest.approx(0.25)
 
 
 def latent_diffusion_generator_loss(

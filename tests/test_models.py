@@ -80,17 +80,27 @@ def test_half_precision_check_and_force_upcast():
     assert needs_force_upcast({"finite": None, "psnr_vs_fp32": None, "error": "no kernel"}) is True
 
 
-def test_gradient_checkpointing_trains_the_same():
-    torch.manual_seed(0)
-    plain = VAEForTraining(build_vae(ModelConfig(preset="tiny")))
-    torch.manual_seed(0)
-    ckpt = VAEForTraining(build_vae(ModelConfig(preset="tiny", gradient_checkpointing=True)))
-    assert ckpt.vae.encoder.gradient_checkpointing
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    grads = []
-    for model in (plain, ckpt):
+def test_gradient_checkpointing_recomputes_the_blocks_in_backward_and_trains_the_same():
+    """--gradient_checkpointing: every encoder down block and decoder up block runs its forward twice per
+    training step (once more in backward, instead of keeping its activations), and the gradients are the same."""
+
+    def step(model: VAEForTraining) -> tuple[dict[str, int], torch.Tensor]:
+        blocks = {f"down{i}": b for i, b in enumerate(model.vae.encoder.down_blocks)}
+        blocks |= {f"up{i}": b for i, b in enumerate(model.vae.decoder.up_blocks)}
+        calls = dict.fromkeys(blocks, 0)
+        for name, block in blocks.items():
+            block.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
         model.train()
         recon, _ = model(x, sample_posterior=False)
         recon.abs().mean().backward()
-        grads.append(model.vae.decoder.conv_in.weight.grad)
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        return calls, model.vae.encoder.conv_in.weight.grad
+
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(0)
+    plain_calls, plain_grad = step(VAEForTraining(build_vae(ModelConfig(preset="tiny"))))
+    torch.manual_seed(0)
+    ckpt_calls, ckpt_grad = step(VAEForTraining(build_vae(ModelConfig(preset="tiny", gradient_checkpointing=True))))
+    assert set(plain_calls.values()) == {1}, plain_calls
+    # twice: recomputed in backward (counted by a pre-hook, as torch stops a recompute early)
+    assert set(ckpt_calls.values()) == {2}, ckpt_calls
+    assert plain_grad.abs().sum() > 0 and torch.allclose(plain_grad, ckpt_grad, atol=1e-6)

@@ -59,21 +59,6 @@ def _expected_images(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
         return (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
 
 
-def test_dit_pipeline_generates_images_with_our_vae():
-    vae = _vae()
-    pipe = DiTPipeline(transformer=_dit(), vae=vae, scheduler=EulerDiscreteScheduler())
-    assert convention(pipe) == "sd"
-    out = pipe(
-        class_labels=[0, 3],
-        guidance_scale=1.0,
-        num_inference_steps=4,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert out.shape == (2, 3, 16, 16)  # 8x8 latents x our downsampling factor 2
-    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1 and out.std() > 0
-
-
 def test_dit_decodes_z_over_scaling_factor_and_ignores_shift():
     """DiT decodes latents / scaling_factor: with a zero denoiser it outputs our decode of its final latents / scale."""
     vae = _vae()
@@ -137,6 +122,29 @@ def test_sd_convention_round_trip_through_stable_diffusion_pipeline():
         output_type="pt",
     ).images
     assert torch.allclose(out, _expected_images(vae, z), atol=1e-5)
+
+
+def test_with_vae_rebuilds_the_pipeline_around_our_vae():
+    """A pipeline made with another VAE (4x downsampling) decodes through ours after ``with_vae``, at our 2x."""
+    torch.manual_seed(1)
+    foreign = build_vae(ModelConfig(preset="tiny", block_out_channels=[4, 8, 8])).eval()
+    pipe, ours = _sd_pipeline(foreign), _vae()
+    swapped = with_vae(pipe, ours)
+    assert type(swapped) is type(pipe) and swapped.unet is pipe.unet and swapped.scheduler is pipe.scheduler
+    assert swapped.vae is ours and pipe.vae is foreign  # a new pipeline: the one given is unchanged
+    assert (pipe.vae_scale_factor, swapped.vae_scale_factor) == (4, 2)  # its image processor follows our VAE
+    with torch.no_grad():
+        z = ours.encode(_images()).latent_dist.mode()
+    latents = LatentScaling.from_config(ours.config, "sd").scale(z)
+    swapped.scheduler.set_timesteps(1)
+    out = swapped(
+        prompt_embeds=torch.zeros(2, 4, 16),
+        latents=latents / swapped.scheduler.init_noise_sigma,
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        output_type="pt",
+    ).images
+    assert torch.allclose(out, _expected_images(ours, z), atol=1e-5)
 
 
 def _sd3_pipeline(vae: AutoencoderKL) -> StableDiffusion3Pipeline:

@@ -135,7 +135,7 @@ def test_dry_run_folder_loads_in_diffusers_and_the_card_round_trips(evaluated, t
 
 
 class FakeApi:
-    """Records HfApi calls; optionally fails the upload."""
+    """Records HfApi calls; its upload reads the folder's files (as the real one hashes them), then optionally fails."""
 
     def __init__(self, fail: Exception | None = None):
         self.calls, self.fail = [], fail
@@ -147,11 +147,13 @@ class FakeApi:
         self.calls.append(("create_branch", repo_id, kw))
 
     def upload_folder(self, **kw):
-        if self.fail is not None:
-            raise self.fail
         names = [p.name for p in Path(kw["folder_path"]).iterdir()]  # what the Hub gets, as upload_folder filters it
         files = sorted(filter_repo_objects(names, ignore_patterns=kw.get("ignore_patterns")))
-        self.calls.append(("upload_folder", kw["repo_id"], {**kw, "files": files}))
+        sent = {name: (Path(kw["folder_path"]) / name).read_bytes() for name in files}
+        if self.fail is not None:
+            fail, self.fail = self.fail, None  # the network is back for the retry
+            raise fail
+        self.calls.append(("upload_folder", kw["repo_id"], {**kw, "files": files, "sent": sent}))
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
 
 
@@ -169,13 +171,17 @@ def test_upload_sends_repo_private_flag_revision_message_and_files(evaluated, tm
     assert kw3["files"] == sorted(p.name for p in folder.iterdir() if p.name != MARKER) and "README.md" in kw3["files"]
 
 
-def test_failed_upload_keeps_the_folder_and_says_so(evaluated, tmp_path):
+def test_failed_upload_keeps_the_folder_and_the_retry_it_names_sends_it_whole(evaluated, tmp_path):
     model, eval_dir = evaluated
     folder = publish.prepare_folder(model, tmp_path / "repo", REPO_ID, eval_dir=str(eval_dir))
+    prepared = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != MARKER}
     api = FakeApi(fail=ConnectionError("Name or service not known"))
-    with pytest.raises(publish.PublishError, match=r"ConnectionError: Name or service not known.*kept at"):
+    with pytest.raises(publish.PublishError, match=rf"ConnectionError: Name or service not known.*kept at {folder}"):
         publish.upload(folder, REPO_ID, token="hf_x", api=api)
-    assert (folder / "diffusion_pytorch_model.safetensors").is_file() and (folder / "README.md").is_file()
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != MARKER} == prepared
+    assert publish.upload(folder, REPO_ID, token="hf_x", api=api).endswith("/commit/abc")  # the same command again
+    (_, _, sent), *_ = [c for c in api.calls if c[0] == "upload_folder"]
+    assert sent["sent"] == prepared  # every prepared file, byte for byte, without preparing again
 
 
 def test_upload_without_a_token_stops_before_any_call(evaluated, tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -200,30 +199,34 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, lpips_dir, monkeypat
 
 @pytest.mark.slow
 def test_time_blocked_on_the_loader_is_counted(tmp_path, lpips_dir, monkeypatch):
-    """Images made 30 ms slower add at least 3 steps x 4 images x 30 ms to the loop's data wait.
+    """Each training image read costs 30 ms on an injected clock: the loop's data wait is exactly 30 ms per read.
 
-    Loading in the main process (0 workers), so every image's delay blocks the loop; accelerate's
-    prepared loader fetches one batch ahead, so the wait can exceed the closed form, never fall
-    short of it.  On a CPU nothing is waited for on a device.
+    Loading in the main process (0 workers), so every read happens inside the loop's wait for a batch
+    (accelerate's prepared loader fetches one batch ahead, inside that wait too); validation reads are
+    outside it.  The clock only moves at a read, so the figure is a count of events, not a machine's speed.
     """
+    import train.loop
     from autoencoder.data import ImageDataset
 
+    reads = {"train": 0}
+    monkeypatch.setattr(train.loop, "wait_clock", lambda: 0.03 * reads["train"])
     args = ["--max_train_steps=3", "--checkpointing_steps=0", "--dataloader_num_workers=0", "--latent_stats=false"]
     assert _run_inprocess(tmp_path / "plain", lpips_dir, monkeypatch, *args) == 0
-    plain = _metrics(tmp_path / "plain")
+    assert _metrics(tmp_path / "plain")["data_wait_seconds"] == 0.0  # the clock never moved
     original = ImageDataset.__getitem__
 
     def slow(self, index):
-        time.sleep(0.03)
+        if self.seed is not None:  # the training set (validation has no augmentation seed)
+            reads["train"] += 1
         return original(self, index)
 
     monkeypatch.setattr(ImageDataset, "__getitem__", slow)
     assert _run_inprocess(tmp_path / "slow", lpips_dir, monkeypatch, *args) == 0
     slowed = _metrics(tmp_path / "slow")
-    assert slowed["data_wait_seconds"] - plain["data_wait_seconds"] >= 3 * 4 * 0.03
-    assert slowed["data_wait_seconds"] < slowed["train_seconds_this_run"]
+    assert reads["train"] >= 3 * 4  # 3 steps of 4 images, and what the loader fetched ahead
+    assert slowed["data_wait_seconds"] == pytest.approx(0.03 * reads["train"], abs=1e-9)
     if not torch.cuda.is_available():
-        assert plain["device_wait_seconds"] == slowed["device_wait_seconds"] == 0.0
+        assert slowed["device_wait_seconds"] == 0.0  # on a CPU nothing is waited for on a device
 
 
 @pytest.mark.slow
@@ -281,41 +284,41 @@ def _start(out, lpips_dir, *args):
     )
 
 
-def _wait_for(predicate, proc, timeout=180):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-def _newest_checkpoint(out) -> int:
-    return max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+def _read_until(proc, text: str) -> list[str]:
+    """The run's output lines up to the first holding ``text``: waits on the run's own events, not on a clock."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"the run ended (status {proc.wait()}) before printing {text!r}:\n{''.join(lines)[-3000:]}")
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_then_a_sigkilled_resume_resumes_from_its_last_checkpoint(tmp_path, lpips_dir):
     """One long run: SIGTERM writes a fresh checkpoint and exits 143; its resume, killed with SIGKILL
     two checkpoints later, resumes again from the last complete checkpoint."""
+    from train.checkpoints import checkpoint_dirs, damage
+
     out, ckpt = tmp_path / "run", ["--checkpointing_steps=5", "--checkpoints_total_limit=5"]
+    root = out / "checkpoints"
     proc = _start(out, lpips_dir, *ckpt)
-    _wait_for(lambda: (out / "checkpoints" / "checkpoint-5").is_dir(), proc)  # training is under way
-    signalled_at = time.time()
+    _read_until(proc, f"saved {root / 'checkpoint-5'}")  # training is under way
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Traceback" not in output
-    newest = _newest_checkpoint(out)
-    fresh = out / "checkpoints" / f"checkpoint-{newest}"
-    assert newest >= 5 and fresh.stat().st_mtime >= signalled_at  # written in response to the signal
-    assert f"SIGTERM received: saved {fresh} at step {newest}" in output
+    (line,) = [line for line in output.splitlines() if "SIGTERM received: saved" in line]
+    newest, fresh = checkpoint_dirs(root)[-1]
+    assert f"SIGTERM received: saved {fresh} at step {newest}" in line  # the stop wrote the newest checkpoint
+    assert newest >= 5 and damage(fresh) is None
 
     proc = _start(out, lpips_dir, *ckpt, "--resume_from_checkpoint=latest")
     target = (newest // 5 + 2) * 5
-    _wait_for(lambda: (out / "checkpoints" / f"checkpoint-{target}").is_dir(), proc)
+    _read_until(proc, f"saved {root / f'checkpoint-{target}'}")
     proc.kill()
     proc.wait()
-    last = _newest_checkpoint(out)
+    last, _ = checkpoint_dirs(root)[-1]
     assert last >= target
     result = subprocess.run(
         [
@@ -332,10 +335,9 @@ def test_sigterm_checkpoints_then_a_sigkilled_resume_resumes_from_its_last_check
         env=_env(lpips_dir),
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{last}'} at step {last}" in result.stderr
+    assert f"resumed from {root / f'checkpoint-{last}'} at step {last}" in result.stderr
     assert _metrics(out)["step"] == last + 3
 
 
