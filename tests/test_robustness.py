@@ -199,20 +199,29 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, lpips_dir, monkeypat
 
 @pytest.mark.slow
 def test_time_blocked_on_the_loader_is_counted(tmp_path, lpips_dir, monkeypatch):
-    """Each training image read costs 30 ms on an injected clock: the loop's data wait is exactly 30 ms per read.
+    """Each training image read costs 30 ms on an injected clock, each training step 1 s: the loop's data wait
+    is exactly 30 ms per read.
 
     Loading in the main process (0 workers), so every read happens inside the loop's wait for a batch
-    (accelerate's prepared loader fetches one batch ahead, inside that wait too); validation reads are
-    outside it.  The clock only moves at a read, so the figure is a count of events, not a machine's speed.
+    (accelerate's prepared loader fetches one batch ahead, inside that wait too); validation reads and the
+    steps are outside it.  The clock moves only at those events: the figure is a count, not a machine's speed.
     """
     import train.loop
     from autoencoder.data import ImageDataset
 
-    reads = {"train": 0}
-    monkeypatch.setattr(train.loop, "wait_clock", lambda: 0.03 * reads["train"])
+    reads = {"train": 0, "steps": 0}
+    # 30 ms per training image read, and 1 s per micro-batch the loop trains on (which is not a wait for data)
+    monkeypatch.setattr(train.loop, "wait_clock", lambda: 0.03 * reads["train"] + 1.0 * reads["steps"])
+    real_step = train.loop.train_step
+
+    def step(*args, **kwargs):
+        reads["steps"] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train.loop, "train_step", step)
     args = ["--max_train_steps=3", "--checkpointing_steps=0", "--dataloader_num_workers=0", "--latent_stats=false"]
     assert _run_inprocess(tmp_path / "plain", lpips_dir, monkeypatch, *args) == 0
-    assert _metrics(tmp_path / "plain")["data_wait_seconds"] == 0.0  # the clock never moved
+    assert _metrics(tmp_path / "plain")["data_wait_seconds"] == 0.0  # the steps' seconds are not data wait
     original = ImageDataset.__getitem__
 
     def slow(self, index):
