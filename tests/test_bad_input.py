@@ -250,7 +250,7 @@ def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
     """Under ``accelerate launch`` with 2 processes a data mistake ends both ranks, with one line from our code.
 
     What accelerate adds on top differs by release (README, "Errors"): with ``--quiet`` nothing, exit 1
-    (1.0 to 1.16); without it a ``CalledProcessError`` traceback naming our status 2, and from 1.16 on a
+    (1.1 to 1.16); without it a ``CalledProcessError`` traceback naming our status 2, and from 1.16 on a
     ``RuntimeError`` that repeats the child's stderr before it.  So the count of our lines is read from the
     ``--quiet`` run, and our process's status from accelerate's report of the other.
     """
