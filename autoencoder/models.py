@@ -233,6 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def seeded_noise(shape: tuple[int, ...], indices: torch.Tensor, seed: int, samples: int | None = None) -> torch.Tensor:
+    """Standard normal noise per image from a generator seeded by (seed, the image's index): [B, *shape], or
+    [samples, B, *shape].  A figure drawn from it does not depend on the batch size or the number of processes."""
+    draws = [
+        torch.randn(
+            *(() if samples is None else (samples,)),
+            *shape,
+            generator=torch.Generator().manual_seed(seed * 2**32 + int(i)),
+        )
+        for i in indices
+    ]
+    return torch.stack(draws, dim=0 if samples is None else 1)
+
+
 def half_check_latents(latents: torch.Tensor) -> torch.Tensor:
     """The latents to test half-precision decoding on: all of them on GPU; one 8x8 crop on CPU.
 

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from autoencoder.data import ImageDataset, collate
 from autoencoder.errors import UsageError, agreement
-from autoencoder.folders import write_atomic, write_guard
+from autoencoder.folders import RunDir
+from autoencoder.models import seeded_noise
 
 from .stats import DECODE, LatentScaling
 
@@ -41,10 +42,7 @@ def shard_name(k: int, num_shards: int) -> str:
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
     """Posterior samples [B,C,h,w], each drawn with a generator seeded by (seed, its source index)."""
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamp
-    eps = torch.stack(
-        [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed * 2**32 + int(i))) for i in indices]
-    ).to(mean)
-    return mean + std * eps
+    return mean + std * seeded_noise(tuple(mean.shape[1:]), indices, seed).to(mean)
 
 
 @torch.no_grad()
@@ -95,7 +93,7 @@ def encode_shard(
 def encode_dataset(
     vae: AutoencoderKL,
     dataset: ImageDataset,
-    output_dir: Path,
+    folder: RunDir,
     accelerator,
     *,
     scaling: LatentScaling,
@@ -107,10 +105,10 @@ def encode_dataset(
     num_workers: int = 0,
     info: dict | None = None,
 ) -> dict:
-    """Encode ``dataset`` into ``output_dir`` as ``scaling.scale(z)`` (a collective call); returns what was done."""
+    """Encode ``dataset`` into ``folder`` as ``scaling.scale(z)`` (a collective call); returns what was done."""
     n = len(dataset)
     num_shards = math.ceil(n / shard_size)
-    data_dir = Path(output_dir) / "data"
+    data_dir = folder.path / "data"
     if accelerator.is_main_process:
         data_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -118,32 +116,24 @@ def encode_dataset(
     todo = [k for k in mine if not (data_dir / shard_name(k, num_shards)).is_file()]
     todo_images = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
     progress = tqdm(total=todo_images, desc="encode", unit="img", disable=not accelerator.is_local_main_process)
+    settings = dict(batch_size=batch_size, scaling=scaling, sample=sample, seed=seed, store_moments=store_moments)
     t0 = time.perf_counter()
     with agreement():  # no collective inside: a full disk on one rank ends every rank with its message
         for k in todo:
             start, stop = k * shard_size, min(n, (k + 1) * shard_size)
-            shard = encode_shard(
-                vae,
-                dataset,
-                start,
-                stop,
-                batch_size=batch_size,
-                scaling=scaling,
-                sample=sample,
-                seed=seed,
-                store_moments=store_moments,
-                num_workers=num_workers,
-                progress=progress,
-            )
+            shard = encode_shard(vae, dataset, start, stop, **settings, num_workers=num_workers, progress=progress)
             final = data_dir / shard_name(k, num_shards)
             tmp = final.with_name(f".tmp-{accelerator.process_index}-{final.name}")
-            with write_guard(tmp, lambda: complete_shards(data_dir, num_shards), RERUN, partial=tmp):
+            with folder.guard(tmp, lambda: complete_shards(data_dir, num_shards), RERUN, partial=tmp):
                 shard.to_parquet(str(tmp))
             os.replace(tmp, final)  # atomic: a shard file exists only when complete
     progress.close()
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
-    done = {
+    if accelerator.is_main_process:
+        facts = {**(info or {}), "num_images": n, "num_shards": num_shards, "shard_size": shard_size, "seed": seed}
+        write_cache_info(folder, facts, scaling, sample, store_moments)
+    return {
         "num_images": n,
         "num_shards": num_shards,
         "shards_written_by_this_process": len(todo),
@@ -152,28 +142,25 @@ def encode_dataset(
         "seconds": seconds,
         "img_per_s_this_process": todo_images / seconds if todo_images else None,
     }
-    if accelerator.is_main_process:
-        latent_shape = (
-            datasets.load_dataset("parquet", data_files=str(data_dir / shard_name(0, num_shards)), split="train")
-            .features["latents"]
-            .shape
-        )
-        meta = {
-            **(info or {}),
-            "num_images": n,
-            "num_shards": num_shards,
-            "shard_size": shard_size,
-            "latent_shape": list(latent_shape),
-            "latents": "posterior sample, seeded by (seed, index)" if sample else "posterior mean",
-            "seed": seed,
-            **dataclasses.asdict(scaling),
-            "decode": DECODE[scaling.convention],
-            "posterior_moments_stored": store_moments,
-            "load": f'datasets.load_dataset("parquet", data_files="{data_dir}/*.parquet", split="train")',
-        }
-        with write_guard(Path(output_dir) / "cache_info.json", lambda: complete_shards(data_dir, num_shards), RERUN):
-            write_atomic(Path(output_dir) / "cache_info.json", json.dumps(meta, indent=2))
-    return done
+
+
+def write_cache_info(folder: RunDir, facts: dict, scaling: LatentScaling, sample: bool, store_moments: bool) -> None:
+    """``cache_info.json``: what the cache holds and how to decode it (main process, after every shard)."""
+    data_dir, num_shards = folder.path / "data", facts["num_shards"]
+    first = data_dir / shard_name(0, num_shards)
+    latent_shape = datasets.load_dataset("parquet", data_files=str(first), split="train").features["latents"].shape
+    meta = {
+        **facts,
+        "latent_shape": list(latent_shape),
+        "latents": "posterior sample, seeded by (seed, index)" if sample else "posterior mean",
+        **dataclasses.asdict(scaling),
+        "decode": DECODE[scaling.convention],
+        "posterior_moments_stored": store_moments,
+        "load": f'datasets.load_dataset("parquet", data_files="{data_dir}/*.parquet", split="train")',
+    }
+    folder.write_text(
+        "cache_info.json", json.dumps(meta, indent=2), lambda: complete_shards(data_dir, num_shards), RERUN
+    )
 
 
 RERUN = "rerun the same command: it continues with the missing shards"

@@ -27,7 +27,7 @@ from autoencoder.data import (
     train_transform,
 )
 from autoencoder.errors import UsageError, agreement, check_output_writable, run_cli
-from autoencoder.folders import check_folder, mark_folder
+from autoencoder.folders import RunDir
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.models import check_resolution, count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
@@ -212,9 +212,9 @@ def cmd_encode(args: EncodeOptions) -> int:
     if args.shard_size < 1:
         raise UsageError(f"--shard_size must be >= 1, got {args.shard_size}", "set --shard_size to 1 or more")
     accelerator = Accelerator(cpu=use_cpu_backend())
+    folder = RunDir(args.output_dir, ENCODE, "--output_dir")
     with agreement():  # no collective in here: a failure on one rank ends every rank
-        check_folder("--output_dir", args.output_dir, ENCODE)  # a cache folder of its own, or a new one
-        check_output_writable("--output_dir", args.output_dir)
+        folder.check()  # a cache folder of its own, or a new one
         vae, dataset, source = load_checked(args)
     vae.to(accelerator.device)
     keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
@@ -228,12 +228,12 @@ def cmd_encode(args: EncodeOptions) -> int:
             "run `python -m diffusion_bridge stats --model DIR --write` first, or pass --scaling_factor explicitly",
         )
     if accelerator.is_main_process:  # only now: a refused command leaves the folder as it was
-        mark_folder(args.output_dir, ENCODE)
+        folder.claim()
     info = {"model": args.model, "source": source, "resolution": args.resolution, "crop": args.crop}
     done = encode_dataset(
         vae,
         dataset,
-        Path(args.output_dir),
+        folder,
         accelerator,
         scaling=scaling,
         shard_size=args.shard_size,

@@ -21,7 +21,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError
 
 from autoencoder.errors import UsageError
-from autoencoder.folders import MARKER, check_folder, finish_swap, mark_folder, swap_in, write_guard
+from autoencoder.folders import MARKER, RunDir
 from autoencoder.models import count_parameters, downsampling_factor
 
 from .stats import MIN_IMAGES, ci_text
@@ -437,29 +437,17 @@ PUBLISH_WRITES = (
 )
 
 
-def check_publish_folder(folder: Path, model_dir: Path) -> None:
-    """The repo folder is replaced whole: refuse the model folder itself, a folder above it, or anyone else's."""
+def publish_folder(folder: Path, model_dir: Path) -> RunDir:
+    """The repo folder, checked: it is replaced whole, so never the model folder, a folder above it, or anyone's."""
     source, target = model_dir.resolve(), folder.resolve()
     if target == source or target in source.parents:
         raise PublishError(
             f"the folder to prepare, {str(folder)!r}, is or holds the model folder {str(model_dir)!r} being published",
             "give --dry_run/--folder a new folder, e.g. OUT/hub-upload",
         )
-    check_folder(
-        "--dry_run/--folder",
-        folder,
-        PUBLISH,
-        only=lambda n: n in PUBLISH_WRITES,
-        legacy=legacy_upload,
-        error=PublishError,
-    )
-
-
-def legacy_upload(folder: Path) -> bool:
-    """A training run's own ``hub-upload`` folder written before markers (push_to_hub of an older run)."""
-    return (
-        folder.name == "hub-upload" and (folder.parent / "config.yaml").is_file() and (folder / "README.md").is_file()
-    )
+    repo = RunDir(folder, PUBLISH, "--dry_run/--folder", only=lambda n: n in PUBLISH_WRITES, error=PublishError)
+    repo.check()
+    return repo
 
 
 def prepare_folder(
@@ -486,19 +474,14 @@ def prepare_folder(
     training_config = _read_yaml(model_dir / "training_config.yaml")
     train_metrics = _training_metrics(model_dir)
 
-    check_publish_folder(folder, model_dir)
-    finish_swap(folder)  # a run killed between swap_in's two renames
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    kept = f"{folder} is unchanged" if folder.is_dir() else "nothing was prepared"
-    with write_guard(tmp, lambda: kept, "rerun", partial=tmp):
-        write_folder(tmp, vae, model_dir, repo_id, stats, entry, training_config, train_metrics, license)
-    return swap_in(tmp, folder)
+    return publish_folder(folder, model_dir).rewrite(
+        lambda tmp: write_folder(tmp, vae, model_dir, repo_id, stats, entry, training_config, train_metrics, license)
+    )
 
 
 def write_folder(tmp: Path, vae, model_dir: Path, repo_id: str, stats, entry, training_config, train_metrics, license):
-    """Write the repo files into ``tmp``: fp32 + fp16 weights, config, statistics, evaluation, card, marker."""
-    mark_folder(tmp, PUBLISH)  # not uploaded (see upload)
+    """Write the repo files into ``tmp``: fp32 + fp16 weights, config, statistics, evaluation, card (its marker,
+    written by ``RunDir.rewrite``, is not uploaded: see ``upload``)."""
     copy.deepcopy(vae).to(torch.float16).save_pretrained(tmp, variant="fp16", safe_serialization=True)
     vae.save_pretrained(tmp, safe_serialization=True)  # fp32 weights; config.json is the same for both
     for name in ("latent_stats.json", "training_config.yaml"):

@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from autoencoder.errors import UsageError
+from autoencoder.folders import swap_in
 
 Convention = Literal["sd", "sd3", "sdxl"]
 
@@ -301,11 +302,7 @@ def write_stats(
     shutil.copytree(model_dir, tmp)  # keep everything else in the folder (training config, ...)
     vae.save_pretrained(tmp, safe_serialization=True)
     (tmp / "latent_stats.json").write_text(json.dumps(stats.to_json(convention), indent=2))
-    old = model_dir.with_name(f".old-{model_dir.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    model_dir.rename(old)  # swap in the new folder; a crash in between leaves one of the two intact
-    tmp.rename(model_dir)
-    shutil.rmtree(old)
+    swap_in(tmp, model_dir)  # a crash in between leaves one of the two intact
 
 
 def describe(stats: LatentStats) -> str:

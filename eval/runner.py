@@ -36,11 +36,10 @@ from autoencoder.errors import (
     OutOfMemory,
     UsageError,
     agreement,
-    check_output_writable,
     is_oom,
     run_cli,
 )
-from autoencoder.folders import check_folder, mark_folder, write_atomic, write_guard
+from autoencoder.folders import RunDir
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.lpips_weights import backbone_features, build_lpips
 from autoencoder.models import (
@@ -129,18 +128,6 @@ def resolve_batch_size(value: int | str, device: torch.device) -> int:
     return 8 if device.type == "cpu" else 32
 
 
-def legacy_eval(folder: Path) -> bool:
-    """An evaluation folder written before markers: only its files, and an evaluation's metrics.json."""
-    import fnmatch
-
-    if not all(any(fnmatch.fnmatch(p.name, g) for g in EVAL_FILES) for p in folder.iterdir()):
-        return False
-    try:
-        return "models" in json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
 def check_args(args: EvalOptions) -> None:
     """Refuse bad options in seconds: numbers, output folder, and every model (config only) vs the resolution."""
     for name in ("resolution", "batch_size", "grid_images"):
@@ -148,8 +135,7 @@ def check_args(args: EvalOptions) -> None:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num_images must be >= 1, got {args.num_images}", "set it to 1 or more, or leave it out")
-    check_folder("--output_dir", args.output_dir, EVAL, legacy=legacy_eval)  # never a training run's, nor anyone's
-    check_output_writable("--output_dir", args.output_dir)
+    RunDir(args.output_dir, EVAL, "--output_dir").check()  # never a training run's, nor anyone's
     for model_id in args.model:
         config = load_vae_config(model_id, args.subfolder)
         factor = 2 ** (len(config["block_out_channels"]) - 1)
@@ -594,8 +580,9 @@ def _main(argv: list[str]) -> int:
             results[model_id]["rfid_unavailable"] = unavailable["rfid"]
         rows.append(row)
     if accelerator.is_main_process:
-        out = Path(args.output_dir)
-        mark_folder(out, EVAL)
+        folder = RunDir(args.output_dir, EVAL, "--output_dir")
+        folder.claim()
+        out = folder.path
         rfid_status = (
             "skipped (--no_fid)"
             if args.no_fid
@@ -622,9 +609,8 @@ def _main(argv: list[str]) -> int:
             if report := results[model_id].get("diffusability"):
                 report["figure"] = f"spectrum_{i}.png"
                 save_spectrum_figure(report, out / report["figure"], f"{model_id}: radial power spectra")
-        with write_guard(out / "metrics.json", lambda: "each file there is replaced only when written whole", "rerun"):
-            write_atomic(out / "metrics.json", json.dumps(payload, indent=2))
-            write_atomic(out / "report.md", render_report(payload))
+        folder.write_text("metrics.json", json.dumps(payload, indent=2))
+        folder.write_text("report.md", render_report(payload))
         n = min(len(r) for r in rows)
         grid = make_grid(torch.cat([r[:n] for r in rows]), nrow=n, normalize=True, value_range=(-1, 1), padding=2)
         save_image(grid, out / "reconstructions.png")

@@ -123,3 +123,18 @@ def accelerate_launch(module: str, *args: str, processes: int = 2, launcher_args
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launch = ["launch", "--num_processes", str(processes), "--main_process_port", free_port(), "--cpu"]
     return [accelerate, *launch, *launcher_args, "-m", module, *args]
+
+
+def record_batches(monkeypatch) -> list[tuple[list[int], bool]]:
+    """A list that fills with (image indices, gradients synchronised?) of each micro-batch trained on to its end."""
+    import train.loop
+
+    seen, original = [], train.loop.train_step
+
+    def recording(run, window, batch):
+        result = original(run, window, batch)
+        seen.append((batch["index"].tolist(), run.accelerator.sync_gradients))
+        return result
+
+    monkeypatch.setattr(train.loop, "train_step", recording)
+    return seen

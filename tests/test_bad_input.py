@@ -22,6 +22,7 @@ from PIL import Image
 import train.trainer as trainer
 from autoencoder.config import ModelConfig
 from autoencoder.errors import EXIT_OOM, EXIT_USAGE
+from autoencoder.folders import RunDir
 from autoencoder.models import build_vae
 
 CIFAR = SHARED / "data" / "cifar10" / "train.parquet"
@@ -77,10 +78,10 @@ ROWS = [
     ("bridge-info-model-file", ("diffusion_bridge", "info", "--model={FILE}"), 2, "is a file, not a model folder"),
     ("bridge-publish-bad-repo-id", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=bad id!!", "--dry_run={TMP}/p"),
      2, "is not a Hub repository id"),
-    ("bridge-publish-into-a-run", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "did not write (checkpoints/, config.yaml"),
+    ("bridge-publish-into-a-run", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "was written by `python -m train`, not `python -m diffusion_bridge publish`"),
     ("bridge-publish-above-its-source", ("diffusion_bridge", "publish", "--model={OUT}/vae", "--repo_id=me/x", "--folder={OUT}", "--allow_missing_eval", "--allow_missing_stats"), 2, "is or holds the model folder"),
     ("bridge-publish-into-its-source", ("diffusion_bridge", "publish", "--model={OUT}/vae", "--repo_id=me/x", "--dry_run={OUT}/vae", "--allow_missing_eval", "--allow_missing_stats"), 2, "is or holds the model folder"),
-    ("eval-into-a-run", ("eval", "--model={M}", "--output_dir={OUT}"), 2, "holds files python -m eval did not write"),
+    ("eval-into-a-run", ("eval", "--model={M}", "--output_dir={OUT}"), 2, "was written by `python -m train`, not `python -m eval`"),
     ("bridge-publish-no-eval", ("diffusion_bridge", "publish", "--model={M}", "--repo_id=me/x", "--dry_run={TMP}/p",
                                 "--allow_missing_stats"), 2, "refusing to publish without an evaluation"),
     ("bridge-encode-sdxl-without-its-stats", ("diffusion_bridge", "encode", "--model={SD3}", "--convention=sdxl", "--output_dir={TMP}/c"), 2,
@@ -159,6 +160,7 @@ def earlier_run(tmp_path_factory, places) -> Path:
     (out / "config.yaml").write_text("train:\n  max_train_steps: 7\n")
     (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)
     (out / "checkpoints" / "checkpoint-7" / "model.safetensors").write_bytes(b"weights")
+    RunDir(out, "python -m train", "--output_dir").claim()  # a run's folder: python -m train writes into it
     return out
 
 
@@ -282,7 +284,9 @@ def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
 
 @pytest.mark.slow
 def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, lpips_dir, monkeypatch, capsys):
-    """An OOM in step 6's forward: the run saves step 5, exits 3 with the failing batch, and resumes from it."""
+    """An OOM in step 6's forward: the run saves step 5, exits 3 with the failing batch, and its resume trains on
+    the failed batch and then on exactly the batches the uninterrupted run trains on."""
+    from conftest import record_batches
 
     from autoencoder.losses import VAELoss
 
@@ -295,15 +299,15 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(self, *args, split=split, **kwargs)
 
+    args = ["--config=tiny", "--max_train_steps=8", "--checkpointing_steps=4", "--validation_steps=0"]
+    trained = record_batches(monkeypatch)
+    reset_accelerate()
+    assert trainer.main([*args, f"--output_dir={tmp_path / 'plain'}"]) == 0
+    uninterrupted = trained[:]
+    trained.clear()
     monkeypatch.setattr(VAELoss, "forward", forward)
     out = tmp_path / "oom"
-    args = [
-        "--config=tiny",
-        f"--output_dir={out}",
-        "--max_train_steps=8",
-        "--checkpointing_steps=4",
-        "--validation_steps=0",
-    ]
+    args.append(f"--output_dir={out}")
     reset_accelerate()
     assert trainer.main(args) == EXIT_OOM
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -318,6 +322,7 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
     reset_accelerate()
     assert trainer.main([*args, "--resume_from_checkpoint=latest"]) == 0
     assert (out / "vae").is_dir()
+    assert trained == uninterrupted  # steps 1-5, then (resumed) 6-8: the failed batch is trained on, none skipped
 
 
 def test_an_unforeseen_crash_is_one_line_with_status_1_and_a_traceback_only_under_debug(monkeypatch, capsys):

@@ -25,7 +25,7 @@ from conftest import REPO, TINY_FAST, _metrics, reset_accelerate, stopped_at
 from PIL import Image
 
 import train.trainer
-from autoencoder.folders import HOLDER, MARKER, RunLock
+from autoencoder.folders import HOLDER, MARKER, RunDir
 from autoencoder.models import load_vae
 from train.checkpoints import checkpoint_dirs, damage, latest_checkpoint
 
@@ -128,14 +128,13 @@ def test_damaged_checkpoint_file(name, how, base, tmp_path, lpips_dir, capsys, c
     _intact(run, 5)
 
 
-def test_a_checkpoint_without_its_manifest_needs_the_files_load_state_reads(base, tmp_path):
+def test_a_checkpoint_without_its_manifest_is_never_taken(base, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base, run)
     path = run / "checkpoints" / "checkpoint-10"
-    (path / "manifest.json").unlink()  # as written before manifests: taken unverified
     assert damage(path) is None
-    (path / "optimizer.bin").unlink()  # a copy cut short before it
-    assert damage(path) == "manifest.json is missing and optimizer.bin is missing or empty"
+    (path / "manifest.json").unlink()  # a copy that lost it: nothing says the rest was written whole
+    assert damage(path) == "manifest.json is missing (the folder was never completed)"
     assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "checkpoint-5"
 
 
@@ -175,7 +174,7 @@ KILL_POINTS = [
         "'tmp-checkpoint-10' in str(args[1])",
         "stopped",
     ),
-    ("before-the-manifest", "train.checkpoints", "write_manifest", "args[1] == 10", "stopped"),
+    ("before-the-manifest", "autoencoder.folders.RunDir", "seal", "kwargs.get('step') == 10", "stopped"),
     ("before-the-rename", "train.checkpoints", "swap_in", "args[1].name == 'checkpoint-10'", "stopped"),
     (
         "between-the-renames-of-a-resaved-checkpoint",
@@ -195,8 +194,8 @@ KILL_POINTS = [
 ]
 HOOK = """
 import importlib, os, signal, sys
-split = {module!r}.startswith(("diffusers.", "pathlib."))
-module, _, cls = {module!r}.partition(".") if split else ({module!r}, "", "")
+split = {module!r}.startswith(("diffusers.", "pathlib.", "autoencoder.folders."))
+module, _, cls = {module!r}.rpartition(".") if split else ({module!r}, "", "")
 owner = getattr(importlib.import_module(module), cls) if cls else importlib.import_module(module)
 original = getattr(owner, {attribute!r})
 def killed(*args, **kwargs):
@@ -424,8 +423,8 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_holder_does_n
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
-            from autoencoder.folders import RunLock
-            lock = RunLock({str(run)!r}).acquire("--output_dir", "python -m train")  # held while this process lives
+            from autoencoder.folders import RunDir
+            lock = RunDir({str(run)!r}, "python -m train", "--output_dir").lock()  # held while this process lives
             print("held", flush=True)
             time.sleep(600)
         """)],
@@ -454,13 +453,13 @@ def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, lpips_dir, mo
     def probe(*args, **kwargs):
         seen.append(json.loads((run / HOLDER).read_text())["pid"])
         with pytest.raises(Exception, match="in use by another run"):
-            RunLock(run).acquire("--output_dir", "python -m train")
+            RunDir(run, "python -m train", "--output_dir").lock()
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train.loop, "after_step", probe)
     assert _train(run, lpips_dir, "--max_train_steps=2") == 0
     assert seen == [os.getpid()] * 2
-    RunLock(run).acquire("--output_dir", "python -m train").release()  # free again
+    RunDir(run, "python -m train", "--output_dir").lock().release()  # free again
 
 
 # --- resuming with another architecture -----------------------------------------------------------
@@ -595,27 +594,23 @@ def folders(base, tmp_path_factory) -> dict[str, str]:
     return {"RUN": str(run), "EVAL": str(root / "eval"), "REPO": str(root / "repo"), "USER": str(root / "user")}
 
 
-def test_folders_written_before_markers_are_still_accepted_and_only_those(tmp_path, folders):
-    from autoencoder.folders import check_folder
-    from diffusion_bridge.publish import PUBLISH, legacy_upload
-    from eval.runner import EVAL, legacy_eval
+def test_a_folder_without_a_marker_is_refused_whatever_it_holds(tmp_path, folders):
+    """No folder is recognised by its file names: only the marker says which command wrote it."""
+    from diffusion_bridge.publish import PUBLISH
+    from eval.runner import EVAL
 
-    old_eval = tmp_path / "old-eval"
-    shutil.copytree(folders["EVAL"], old_eval)
-    (old_eval / MARKER).unlink()
-    check_folder("--output_dir", old_eval, EVAL, legacy=legacy_eval)  # an older evaluation folder: accepted
-    only_metrics = tmp_path / "copied-run-metrics"
-    only_metrics.mkdir()
-    shutil.copy2(Path(folders["RUN"]) / "metrics.json", only_metrics)  # a training run's metrics.json alone
+    unmarked = tmp_path / "unmarked-eval"
+    shutil.copytree(folders["EVAL"], unmarked)
+    (unmarked / MARKER).unlink()  # an evaluation's own files, but no marker
     with pytest.raises(Exception, match="did not write"):
-        check_folder("--output_dir", only_metrics, EVAL, legacy=legacy_eval)
-    run = tmp_path / "old-run"
+        RunDir(unmarked, EVAL, "--output_dir").check()
+    RunDir(folders["EVAL"], EVAL, "--output_dir").check()  # the marked original is the command's own
+    run = tmp_path / "run"
     (run / "hub-upload").mkdir(parents=True)
     (run / "config.yaml").write_text("train: {}\n")
     (run / "hub-upload" / "README.md").write_text("card")
-    check_folder("--dry_run/--folder", run / "hub-upload", PUBLISH, legacy=legacy_upload)  # an older push_to_hub
-    with pytest.raises(Exception, match="did not write"):  # the same files elsewhere: somebody's model folder
-        check_folder("--dry_run/--folder", tmp_path / "old-run", PUBLISH, legacy=legacy_upload)
+    with pytest.raises(Exception, match="did not write"):
+        RunDir(run / "hub-upload", PUBLISH, "--dry_run/--folder").check()
 
 
 @pytest.mark.parametrize("row", OWNERSHIP, ids=[r[0] for r in OWNERSHIP])

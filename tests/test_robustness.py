@@ -487,18 +487,44 @@ def test_ema_step_equals_diffusers_ema_step_and_skips_where_bad():
     assert all(torch.equal(a, b) for a, b in zip(ours.shadow_params, before))
 
 
-def test_accumulate_counts_micro_batches_in_accelerator_step_and_save_state_keeps_it(tmp_path, fresh_accelerator):
-    """``rewind_accumulation``: ``Accelerator.step`` counts accumulate's micro-batches; save_state keeps it."""
-    acc = fresh_accelerator(gradient_accumulation_steps=2)
-    model = acc.prepare(torch.nn.Linear(2, 1))
-    syncs = []
-    for _ in range(3):
-        with acc.accumulate(model):
-            syncs.append(acc.sync_gradients)
-    assert acc.step == 3 and syncs == [False, True, False]
-    acc.save_state(str(tmp_path / "state"))
-    acc.step -= 1  # what rewind_accumulation does
-    with acc.accumulate(model):
-        assert not acc.sync_gradients  # the rewound micro-batch counts as the 3rd again (no sync), not the 4th
-    acc.load_state(str(tmp_path / "state"))
-    assert acc.step == 3
+@pytest.mark.slow
+def test_out_of_memory_inside_an_accumulation_window_resumes_from_a_window_boundary(
+    tmp_path, lpips_dir, monkeypatch, capsys
+):
+    """With accumulation 2, an OOM in step 4's first micro-batch writes no checkpoint (it would split a window:
+    accelerate has already counted the micro-batch); the resume from the periodic checkpoint-2 trains the same
+    micro-batches in the same windows as the uninterrupted run."""
+    from conftest import record_batches
+
+    from autoencoder.errors import EXIT_OOM
+    from autoencoder.losses import VAELoss
+    from train import trainer
+
+    monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
+    real_forward, calls = VAELoss.forward, {"train": 0}
+
+    def forward(self, *args, split="train", **kwargs):
+        calls[split] = calls.get(split, 0) + 1
+        if split == "train" and calls["train"] == 7:
+            raise torch.OutOfMemoryError("CPU out of memory")
+        return real_forward(self, *args, split=split, **kwargs)
+
+    args = [*TINY_FAST, "--max_train_steps=4", "--checkpointing_steps=2", "--gradient_accumulation_steps=2"]
+    trained = record_batches(monkeypatch)
+    reset_accelerate()
+    assert trainer.main([*args, f"--output_dir={tmp_path / 'plain'}"]) == 0
+    uninterrupted = trained[:]
+    assert [sync for _, sync in uninterrupted] == [False, True] * 4
+    trained.clear()
+    monkeypatch.setattr(VAELoss, "forward", forward)
+    out = tmp_path / "oom"
+    reset_accelerate()
+    assert trainer.main([*args, f"--output_dir={out}"]) == EXIT_OOM
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "saved" not in line and f"--resume_from_checkpoint {out / 'checkpoints' / 'checkpoint-2'}" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
+    monkeypatch.setattr(VAELoss, "forward", real_forward)
+    del trained[4:]  # the micro-batches after checkpoint-2 are trained again by the resume
+    reset_accelerate()
+    assert trainer.main([*args, f"--output_dir={out}", "--resume_from_checkpoint=latest"]) == 0
+    assert trained == uninterrupted

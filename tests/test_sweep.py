@@ -36,11 +36,20 @@ def test_sweep_trains_evaluates_plots_and_skips_finished_runs(tmp_path, lpips_di
     assert (out / "eval" / "latent_0.png").is_file() and (out / "eval" / "latent_1.png").is_file()
 
     capsys.readouterr()
-    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert sweep.main(args) == 0  # resumable: finished runs are skipped, the evaluation is redone
+    original = sweep.in_own_process
+
+    def fake(module, argv, index):  # a finished run is never trained again; a new point fails in its own process
+        assert module == "eval" or "--kl_weight=0.01" in argv, f"a finished run was trained again: {argv}"
+        return 3 if module == "train" else original(module, argv, index)
+
+    monkeypatch.setattr(sweep, "in_own_process", fake)
+    failing = [a if a != "1e-6,1" else "1e-6,1,1e-2" for a in args]
+    assert sweep.main(failing) == 3  # the failed point's status, after the others were evaluated
     err = capsys.readouterr().err
-    assert err.count("finished earlier, skipped") == 2
-    assert json.loads((out / "sweep.json").read_text())["runs"] == result["runs"]  # the same seeded evaluation
+    assert err.count("finished earlier, skipped") == 2 and "kl_weight=0.01 failed (exit status 3)" in err
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["runs"] == result["runs"] and again["failed"] == {"kl_weight=0.01": 3}  # the same seeded evaluation
+    assert "Failed (exit status): `kl_weight=0.01` (3)" in (out / "sweep.md").read_text()
 
 
 def test_sweep_grid_names_runs_and_refuses_what_it_manages(tmp_path):

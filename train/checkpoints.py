@@ -7,8 +7,6 @@ looks finished, and a checkpoint damaged later (a copy cut short, a bad disk) is
 """
 
 import contextlib
-import hashlib
-import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from accelerate.logging import get_logger
 
 from autoencoder.config import Config, save_config
 from autoencoder.errors import UsageError, agreement
-from autoencoder.folders import finish_swap, swap_in, write_guard
+from autoencoder.folders import RunDir, finish_swap, swap_in
 
 logger = get_logger(__name__)
 
@@ -34,50 +32,9 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-MANIFEST = "manifest.json"
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path, step: int) -> None:
-    """``manifest.json``: size and sha256 of every file in ``folder``, written last (main process)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
-
-
 def damage(folder: Path, hashes: bool = True) -> str | None:
-    """What is wrong with checkpoint ``folder`` ('optimizer.bin is 0 bytes, 81234 written'), or None if intact.
-
-    A folder without a manifest (written before manifests existed) is checked for the files ``load_state``
-    needs only.
-    """
-    try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-    except FileNotFoundError:  # written before manifests (or a copy that lost it): the files load_state needs
-        for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
-            if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
-                return f"{MANIFEST} is missing and {name} is missing or empty"
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{MANIFEST} is unreadable ({type(exc).__name__})"
-    for name, want in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        size = path.stat().st_size
-        if size != want["bytes"]:
-            return f"{name} is {size} bytes, {want['bytes']} were written"
-        if hashes and sha256(path) != want["sha256"]:
-            return f"{name} differs from what was written (sha256)"
-    return None
+    """What is wrong with checkpoint ``folder`` ('optimizer.bin is 0 bytes, 81234 were written'), or None."""
+    return RunDir.damage(folder, hashes)
 
 
 def moved_aside(root: Path) -> list[tuple[int, Path]]:
@@ -167,36 +124,35 @@ def clean_incomplete(root: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def writing(accelerator: Accelerator, tmp: Path, out: Path) -> Iterator[None]:
+def writing(accelerator: Accelerator, tmp: Path, folder: RunDir) -> Iterator[None]:
     """Collective: run a block (with no collective inside) that writes checkpoint ``tmp``; a full disk on any
-    rank removes ``tmp`` and ends every rank with the message of ``write_guard``."""
+    rank removes ``tmp`` and ends every rank with the message of ``RunDir.guard``."""
     fix = "rerun with --resume_from_checkpoint latest (a lower --checkpoints_total_limit keeps fewer)"
     partial = tmp if accelerator.is_main_process else None
-    with agreement(), write_guard(tmp, lambda: survivors(out), fix, partial):
+    with agreement(), folder.guard(tmp, lambda: survivors(folder.path), fix, partial):
         yield
 
 
-def save(accelerator: Accelerator, model, cfg: Config, step: int) -> Path:
+def save(accelerator: Accelerator, model, cfg: Config, folder: RunDir, step: int) -> Path:
     """``save_state`` into a temporary folder, add the configs and the manifest, publish it atomically, prune.
 
     Collective.  A full disk on any rank removes the partial folder and ends every rank with one message
-    naming what survives (see ``autoencoder.folders.write_guard``).
+    naming what survives (see ``autoencoder.folders.RunDir.guard``).
     """
-    out = Path(cfg.train.output_dir)
-    root = out / "checkpoints"
+    root = folder.path / "checkpoints"
     tmp, final = tmp_path(root, step), final_path(root, step)
     try:
-        with writing(accelerator, tmp, out):
+        with writing(accelerator, tmp, folder):
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-        with writing(accelerator, tmp, out):  # save_state holds no collective (DDP)
+        with writing(accelerator, tmp, folder):  # save_state holds no collective (DDP)
             accelerator.save_state(str(tmp))
-        with writing(accelerator, tmp, out):
+        with writing(accelerator, tmp, folder):
             if accelerator.is_main_process:
                 save_config(cfg, tmp / "training_config.yaml")
                 accelerator.unwrap_model(model).vae.save_config(tmp)  # config.json: the folder loads with load_vae
-                write_manifest(tmp, step)  # last: a folder with a manifest was written whole
+                RunDir.seal(tmp, step=step)  # last: a folder with a manifest was written whole
                 final = publish(root, step)
                 removed = prune(root, cfg.train.checkpoints_total_limit, keep=final)
                 logger.info(f"saved {final}" + (f"; removed {[p.name for p in removed]}" if removed else ""))

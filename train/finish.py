@@ -13,7 +13,7 @@ from accelerate.logging import get_logger
 from autoencoder.config import Config, save_config
 from autoencoder.data import collate
 from autoencoder.errors import agreement
-from autoencoder.folders import swap_in, write_atomic, write_guard
+from autoencoder.folders import write_atomic
 from autoencoder.models import half_check_latents, half_precision_decode_check, needs_force_upcast
 from diffusion_bridge.publish import PublishError, prepare_folder, upload
 from diffusion_bridge.stats import MIN_IMAGES, collect_latent_stats, describe, process_shard, too_few_images
@@ -29,7 +29,7 @@ logger = get_logger(__name__)
 def interrupted(run: Run, loop: Loop) -> dict:
     """A stop request: checkpoint the last completed step and say how to continue."""
     step = run.state.global_step
-    path = checkpoints.save(run.accelerator, run.model, run.cfg, step)
+    path = checkpoints.save(run.accelerator, run.model.module, run.cfg, run.folder, step)
     logger.warning(
         f"{signal.Signals(loop.interrupted).name} received: saved {path} at step {step}; "
         "continue with --resume_from_checkpoint latest"
@@ -47,18 +47,18 @@ def finish(run: Run, loop: Loop, initial: dict) -> dict:
             results = validate(run, step)
         logger.info(f"final: {summary(results)}")
     metrics = run_metrics(run, loop, results, initial)
-    if t.checkpointing_steps and step % t.checkpointing_steps:
-        checkpoints.save(run.accelerator, run.model, run.cfg, step)  # the end is always resumable/extendable
+    if t.checkpointing_steps and step % t.checkpointing_steps:  # the end is always resumable/extendable
+        checkpoints.save(run.accelerator, run.model.module, run.cfg, run.folder, step)
     with ema_weights(run.ema, run.vae_params), torch.compiler.set_stance("force_eager"):  # no compiles for these shapes
         if run.accelerator.is_main_process:
             metrics["fp16_decode"] = set_force_upcast(run)
         if t.latent_stats:
             metrics["latent_stats"] = set_latent_stats(run)
-        vae_dir = export(run.accelerator, run.model, run.cfg, metrics)
-    logger.info(f"exported {vae_dir}; metrics in {Path(t.output_dir) / 'metrics.json'}")
+        vae_dir = export(run, metrics)
+    logger.info(f"exported {vae_dir}; metrics in {run.folder.path / 'metrics.json'}")
     if t.push_to_hub and run.accelerator.is_main_process:
-        metrics["push_to_hub"] = push_to_hub(run.cfg, metrics, vae_dir)
-        write_atomic(Path(t.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
+        metrics["push_to_hub"] = push_to_hub(run, metrics, vae_dir)
+        run.folder.write_text("metrics.json", json.dumps(metrics, indent=2))
     run.accelerator.wait_for_everyone()
     end_run(run)
     return metrics
@@ -67,12 +67,13 @@ def finish(run: Run, loop: Loop, initial: dict) -> dict:
 def run_metrics(run: Run, loop: Loop, results: dict, initial: dict) -> dict:
     """metrics.json: the held-out figures, the latent report, the run's counters, timing and hardware."""
     t, acc, s = run.cfg.train, run.accelerator, run.state
+    health = s.health()
     checksums = acc.gather(torch.tensor([param_checksum(run.vae)], dtype=torch.float64, device=acc.device))
     first = {k.split("/", 1)[1]: initial[k] for k in ("val/psnr", "val/ssim", "val/lpips")} if initial else None
     return {
         "step": s.global_step,
         "resolution": run.cfg.data.resolution,
-        "data": run.parts.splits.description,
+        "data": run.data.splits.description,
         "n_images": results["val/n_images"],
         **few_images_warning(results["val/n_images"]),
         "lpips_net": t.val_lpips_net,
@@ -83,8 +84,8 @@ def run_metrics(run: Run, loop: Loop, results: dict, initial: dict) -> dict:
         "val": {k: v for k, v in results.items() if k.startswith("val/")},
         "latent": results.get("latent"),  # rate, active units, prior gap of the held-out images (eval.latent)
         "initial": first,
-        "skipped_images": s.skipped_images,
-        "nonfinite_steps": s.nonfinite_steps,
+        "skipped_images": health["skipped_images"],
+        "nonfinite_steps": health["nonfinite_steps"],
         "startup_seconds": loop.started - run.called,  # checks, data, model, prepare, resume, first validation
         "train_seconds_this_run": loop.seconds,
         "data_wait_seconds": loop.waits.data,  # of train_seconds_this_run, blocked on the loader
@@ -109,7 +110,7 @@ def few_images_warning(n: int) -> dict:
 
 def set_force_upcast(run: Run) -> dict:
     """Main process: ``force_upcast`` in the VAE's config from a measured fp16 decode of held-out latents."""
-    vae, val_ds = run.accelerator.unwrap_model(run.model).vae, run.parts.val_ds
+    vae, val_ds = run.vae, run.data.validation
     x = torch.stack([val_ds[i]["pixel_values"] for i in range(min(4, len(val_ds)))]).to(run.accelerator.device)
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mode()
@@ -121,8 +122,8 @@ def set_force_upcast(run: Run) -> dict:
 def set_latent_stats(run: Run) -> dict:
     """Collective: every rank encodes its share of the held-out images; the statistics go into the VAE's config."""
     t, acc = run.cfg.train, run.accelerator
-    vae = acc.unwrap_model(run.model).vae
-    shard = process_shard(run.parts.val_ds, acc.process_index, acc.num_processes)
+    vae = run.vae
+    shard = process_shard(run.data.validation, acc.process_index, acc.num_processes)
     stats_dl = torch.utils.data.DataLoader(shard, batch_size=t.validation_batch_size, collate_fn=collate)
     stats = collect_latent_stats(vae, stats_dl, acc, sample_posterior=True, seed=t.seed)
     vae.register_to_config(**stats.config_values(t.latent_convention))
@@ -133,26 +134,26 @@ def set_latent_stats(run: Run) -> dict:
     return {**stats.to_json(t.latent_convention), **({"warning": warning} if warning else {})}
 
 
-def export(accelerator: Accelerator, model, cfg: Config, metrics: dict) -> Path:
+def export(run: Run, metrics: dict) -> Path:
     """Write ``<output_dir>/vae`` (fp32 safetensors + config), the resolved config and metrics.json (collective).
 
     Written into ``.tmp-vae`` and swapped in whole; a full disk leaves the earlier export and metrics as they were.
     """
-    out = Path(cfg.train.output_dir)
-    vae_dir, tmp = out / "vae", out / ".tmp-vae"
+    folder = run.folder
+    tmp = folder.path / ".tmp-vae"
     fix = "rerun with --resume_from_checkpoint latest (it exports without training again)"
-    with agreement(), write_guard(tmp, lambda: checkpoints.survivors(out), fix, partial=tmp):
-        if accelerator.is_main_process:
-            vae = accelerator.unwrap_model(model).vae
+    with agreement(), folder.guard(tmp, lambda: checkpoints.survivors(folder.path), fix, partial=tmp):
+        if run.accelerator.is_main_process:
+            vae = run.vae
             assert all(p.dtype == torch.float32 for p in vae.parameters()), "master weights must stay fp32"
             shutil.rmtree(tmp, ignore_errors=True)
             vae.save_pretrained(tmp, safe_serialization=True)
-            save_config(cfg, tmp / "training_config.yaml")
+            save_config(run.cfg, tmp / "training_config.yaml")
             if "latent_stats" in metrics:
                 (tmp / "latent_stats.json").write_text(json.dumps(metrics["latent_stats"], indent=2))
-            swap_in(tmp, vae_dir)
-            write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-    return vae_dir
+            folder.replace(tmp, "vae")
+            write_atomic(folder.path / "metrics.json", json.dumps(metrics, indent=2))
+    return folder.path / "vae"
 
 
 def hardware(accelerator: Accelerator) -> str:
@@ -184,9 +185,9 @@ def eval_payload(cfg: Config, metrics: dict, vae_dir: Path) -> dict:
     }
 
 
-def push_to_hub(cfg: Config, metrics: dict, vae_dir: Path) -> dict:
+def push_to_hub(run: Run, metrics: dict, vae_dir: Path) -> dict:
     """Publish the export with its held-out figures (main process); failures are reported, the folder kept."""
-    out = Path(cfg.train.output_dir)
+    cfg, out = run.cfg, run.folder.path
     (out / "eval").mkdir(exist_ok=True)
     write_atomic(out / "eval" / "metrics.json", json.dumps(eval_payload(cfg, metrics, vae_dir), indent=2))
     try:

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -21,8 +20,8 @@ from tqdm.auto import tqdm
 from autoencoder.errors import CatchOutOfMemory, OutOfMemory, UsageError
 
 from . import checkpoints
-from .run import Run, end_run
-from .step import DeviceCounters, Window, ema_step, train_step
+from .run import Run
+from .step import Window, ema_step, train_step
 from .validation import ema_weights, summary, validate
 
 logger = get_logger(__name__)
@@ -61,14 +60,13 @@ def timed_batches(batches: Iterable, clock: WaitClock) -> Iterator:
         start = wait_clock()
 
 
-class StepFlags(NamedTuple):
-    """One optimizer step's device counters, as read on the host (``DeviceCounters.snapshot``)."""
+class StepHealth(NamedTuple):
+    """What the host learns of one optimizer step, one step late (``LaggedFlags``)."""
 
     step: int
     bad: int  # 1: its update was skipped (non-finite loss or gradient)
-    nonfinite_steps: int
-    consecutive_nonfinite: int
-    skipped_images: int
+    nonfinite_steps: int  # skipped updates so far
+    consecutive_nonfinite: int  # skipped in a row up to this step
 
 
 class LaggedFlags:
@@ -84,7 +82,7 @@ class LaggedFlags:
         self.clock = clock
 
     def push(self, step: int, values: torch.Tensor) -> None:
-        """Queue ``values`` (a 1-D device tensor in ``StepFlags``' order) of optimizer step ``step``."""
+        """Queue ``values`` (a 1-D device tensor: ``StepHealth``'s fields after ``step``) of optimizer step ``step``."""
         if values.device.type == "cuda":
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)
@@ -94,7 +92,7 @@ class LaggedFlags:
         else:
             self.queue.append((step, values.clone(), None))
 
-    def ready(self, keep: int) -> Iterator[StepFlags]:
+    def ready(self, keep: int) -> Iterator[StepHealth]:
         """The flags of every queued step except the newest ``keep``, oldest first."""
         while len(self.queue) > keep:
             step, host, event = self.queue.pop(0)
@@ -102,7 +100,7 @@ class LaggedFlags:
                 start = time.perf_counter()
                 event.synchronize()
                 self.clock.device += time.perf_counter() - start
-            yield StepFlags(step, *(int(v) for v in host.tolist()))
+            yield StepHealth(step, *(int(v) for v in host.tolist()))
 
 
 class StopRequest:
@@ -151,9 +149,8 @@ class StepPlan:
 
 @dataclass
 class Loop:
-    """The loop's own state: its device counters, host clocks, progress bar and the last validation."""
+    """The loop's own state: the accumulation window, host clocks, progress bar and the last validation."""
 
-    counters: DeviceCounters
     waits: WaitClock
     flags: LaggedFlags
     progress: tqdm
@@ -171,35 +168,30 @@ class Loop:
     @classmethod
     def start(cls, run: Run) -> "Loop":
         """A loop continuing from the run's (resumed) state."""
-        s, waits = run.state, WaitClock()
-        counters = DeviceCounters.start(
-            s.nonfinite_steps, s.consecutive_nonfinite, s.skipped_images, run.accelerator.device
-        )
+        waits = WaitClock()
         progress = tqdm(
             total=run.cfg.train.max_train_steps,
-            initial=s.global_step,
+            initial=run.state.global_step,
             desc="train",
             dynamic_ncols=True,
             disable=not run.accelerator.is_local_main_process,
         )
-        return cls(counters, waits, LaggedFlags(waits), progress)
+        return cls(waits, LaggedFlags(waits), progress)
 
 
 def train_loop(run: Run) -> Loop:
     """Train until ``max_train_steps`` or a stop request; out of memory checkpoints and raises ``OutOfMemory``."""
     loop = Loop.start(run)
-    run.model.train()
+    run.model.module.train()
     with StopRequest() as stop, CatchOutOfMemory() as oom:
         while run.state.global_step < run.cfg.train.max_train_steps and not loop.interrupted:
             if run_epoch(run, loop, stop):  # the epoch ran to its end
-                run.state.batches_in_epoch = 0
-                run.state.epoch += 1
-        note_flags(run, loop, keep=0)  # the last steps' counters, still under the signal handlers
-    if oom.message is not None:  # the failed step's tensors were released with the exception
-        note_flags(run, loop, keep=0)  # the completed steps, for the checkpoint
-        loop.progress.close()
-        stop_after_oom(run, loop.window, oom.message)
+                run.state.next_epoch()
+        check_health(run, loop, keep=0)  # the last steps' flags, still under the signal handlers
     loop.progress.close()
+    if oom.message is not None:  # the failed step's tensors were released with the exception
+        check_health(run, loop, keep=0)  # the completed steps, before the checkpoint
+        stop_after_oom(run, loop.window, oom.message)
     loop.seconds = time.perf_counter() - loop.started
     return loop
 
@@ -208,7 +200,7 @@ def epoch_batches(run: Run, epoch: int) -> Iterable:
     """The batches of ``epoch`` not yet trained on (after a resume, the rest of the epoch)."""
     run.train_set_epoch(epoch)  # data order and augmentation of this epoch
     skip = run.state.batches_in_epoch
-    if run.streaming:  # a stream cannot seek: re-read and drop the batches already trained on
+    if run.data.streaming:  # a stream cannot seek: re-read and drop the batches already trained on
         return itertools.islice(run.train_dl, skip, None)
     return skip_first_batches(run.train_dl, skip) if skip else run.train_dl
 
@@ -218,7 +210,8 @@ def run_epoch(run: Run, loop: Loop, stop: StopRequest) -> bool:
     yielded = 0
     for batch in timed_batches(epoch_batches(run, run.state.epoch), loop.waits):
         yielded += 1
-        stepped = train_step(run, loop.counters, loop.window, batch)
+        stepped = train_step(run, loop.window, batch)
+        run.state.count_batch(batch["num_skipped"])  # counted once trained on: a resume replays the rest
         if stepped is None:  # inside an accumulation window
             continue
         if after_step(run, loop, stop, *stepped):
@@ -234,17 +227,17 @@ def run_epoch(run: Run, loop: Loop, stop: StopRequest) -> bool:
 
 def after_step(run: Run, loop: Loop, stop: StopRequest, logs: dict, bad: torch.Tensor) -> bool:
     """Count the step, update the EMA, then log, checkpoint and validate where due; True to stop the epoch."""
-    loop.window.micro_batches = 0
-    run.state.global_step += 1
+    s = run.state
+    loop.window.close()
+    s.count_step(bad)
     loop.interval_steps += 1
     loop.progress.update(1)
-    loop.counters.after_step(bad)
     if run.ema is not None:
         with loop.window.update():
             ema_step(run.ema, run.vae_params, bad)
-    loop.flags.push(run.state.global_step, loop.counters.snapshot(bad))
+    loop.flags.push(s.global_step, torch.stack([bad.long(), s.nonfinite_steps, s.consecutive_nonfinite]))
     plan = StepPlan.after(run, stop)
-    note_flags(run, loop, keep=0 if plan.exact else 1)
+    check_health(run, loop, keep=0 if plan.exact else 1)
     stop_now = stop_agreed(run, stop, plan.exact)
     if plan.log:
         log_step(run, loop, logs)
@@ -252,7 +245,7 @@ def after_step(run: Run, loop: Loop, stop: StopRequest, logs: dict, bad: torch.T
         loop.interrupted = stop.signum or signal.SIGTERM  # another rank was signalled
         return True
     if plan.checkpoint:
-        checkpoints.save(run.accelerator, run.model, run.cfg, plan.step)
+        checkpoints.save(run.accelerator, run.model.module, run.cfg, run.folder, plan.step)
     if plan.validate:
         with ema_weights(run.ema, run.vae_params):
             loop.results = validate(run, plan.step)
@@ -277,14 +270,15 @@ def log_step(run: Run, loop: Loop, logs: dict) -> None:
     elapsed = max(time.perf_counter() - loop.interval_start, 1e-9)
     s, waits, since = run.state, loop.waits, loop.interval_waits
     logs = {k: float(v) for k, v in logs.items()}  # the host sync of a logging step
+    health = s.health()
     loop.log_marks.append((s.global_step, time.perf_counter() - loop.started, waits.data, waits.device))
     # where the host's time went: waiting for a batch (the data too slow) or for the device
     logs["train/data_wait_frac"] = (waits.data - since.data) / elapsed
     logs["train/device_wait_frac"] = (waits.device - since.device) / elapsed
-    logs["train/lr"] = run.scheduler.get_last_lr()[0]
+    logs["train/lr"] = run.model.scheduler.get_last_lr()[0]
     logs["train/images_per_sec"] = loop.interval_steps * run.images_per_step() / elapsed
-    logs["train/skipped_images"] = s.skipped_images
-    logs["train/nonfinite_steps"] = s.nonfinite_steps
+    logs["train/skipped_images"] = health["skipped_images"]
+    logs["train/nonfinite_steps"] = health["nonfinite_steps"]
     if run.ema is not None:
         logs["train/ema_decay"] = run.ema.cur_decay_value or 0.0
     run.accelerator.log(logs, step=s.global_step)
@@ -293,57 +287,48 @@ def log_step(run: Run, loop: Loop, logs: dict) -> None:
     loop.interval_waits = WaitClock(waits.data, waits.device)
 
 
-def note_flags(run: Run, loop: Loop, keep: int) -> None:
-    """Take the queued steps' counters (all but the newest ``keep``) into the run's state; warn or stop on bad steps."""
-    s, limit = run.state, run.cfg.train.max_consecutive_nonfinite
-    for flags in loop.flags.ready(keep):
-        s.nonfinite_steps, s.consecutive_nonfinite = flags.nonfinite_steps, flags.consecutive_nonfinite
-        s.skipped_images = flags.skipped_images
-        if not flags.bad:
+def check_health(run: Run, loop: Loop, keep: int) -> None:
+    """Warn of each skipped update among the queued steps (all but the newest ``keep``); stop the run when too many
+    came in a row (a usage error: the data or the settings, not a bug)."""
+    limit = run.cfg.train.max_consecutive_nonfinite
+    for health in loop.flags.ready(keep):
+        if not health.bad:
             continue
         logger.warning(
-            f"step {flags.step}: non-finite loss or gradient, update skipped "
-            f"({flags.consecutive_nonfinite} in a row, {flags.nonfinite_steps} in total)"
+            f"step {health.step}: non-finite loss or gradient, update skipped "
+            f"({health.consecutive_nonfinite} in a row, {health.nonfinite_steps} in total)"
         )
-        if flags.consecutive_nonfinite >= limit:
-            last = checkpoints.latest_checkpoint(Path(run.cfg.train.output_dir) / "checkpoints")
-            end_run(run)
+        if health.consecutive_nonfinite >= limit:
+            last = checkpoints.latest_checkpoint(run.folder.path / "checkpoints")
             raise UsageError(
-                f"{flags.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up to step "
-                f"{flags.step}); stopping. Last good checkpoint: {last or 'none'}",
+                f"{health.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient (up to step "
+                f"{health.step}); stopping. Last good checkpoint: {last or 'none'}",
                 f"resume from it with --resume_from_checkpoint {last or 'PATH'} and e.g. a lower --learning_rate or "
                 "--mixed_precision=bf16/no",
             )
 
 
-def rewind_accumulation(run: Run, micro_batches: int) -> None:
-    """Forget the unfinished accumulation window's micro-batches, so a resume replays them.
-
-    accelerate has no public API to undo ``accumulate``; ``Accelerator.step`` is the micro-batch
-    counter it keeps and ``save_state`` stores (tests/test_robustness.py fails if that changes).
-    """
-    run.state.batches_in_epoch -= micro_batches
-    run.accelerator.step -= micro_batches
-
-
 def stop_after_oom(run: Run, window: Window, what: str) -> None:
     """Out of memory in the loop: checkpoint the last completed step where that is safe, then raise OutOfMemory.
 
-    Safe means one process (a collective save cannot be joined by ranks stuck in a collective) and no
-    optimizer step half done; the unfinished accumulation window is rewound so a resume replays it.
+    Safe means one process (a collective save cannot be joined by ranks stuck in a collective), no update
+    half done, and an accumulation-window boundary: without gradient accumulation every micro-batch is its
+    own window, and the failed one is not counted as trained on (``TrainingState.count_batch``), so a resume
+    replays it.  Inside a longer window the micro-batches already accumulated would be lost to a checkpoint:
+    then the last periodic checkpoint (always at a window's end) is the one to resume from.
     """
     t, acc, step = run.cfg.train, run.accelerator, run.state.global_step
-    for opt in run.optimizers():
-        opt.zero_grad(set_to_none=True)
+    for trained in run.trained():
+        trained.optimizer.zero_grad(set_to_none=True)
     if acc.device.type == "cuda":
         torch.cuda.empty_cache()
-    last = checkpoints.latest_checkpoint(Path(t.output_dir) / "checkpoints")
+    last = checkpoints.latest_checkpoint(run.folder.path / "checkpoints")
     saved = None
     fresh = last is None or not last.name.endswith(f"-{step}")
-    if acc.num_processes == 1 and not window.updating and step > 0 and fresh:
-        rewind_accumulation(run, window.micro_batches)
+    boundary = t.gradient_accumulation_steps == 1
+    if acc.num_processes == 1 and not window.updating and boundary and step > 0 and fresh:
         try:
-            saved = checkpoints.save(acc, run.model, run.cfg, step)
+            saved = checkpoints.save(acc, run.model.module, run.cfg, run.folder, step)
         except Exception as exc:  # noqa: BLE001 - the OOM is the error to report
             logger.error(f"could not write a checkpoint after running out of memory: {exc}")
     last = saved or last

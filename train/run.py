@@ -34,8 +34,8 @@ from autoencoder.data import (
     train_transform,
 )
 from autoencoder.equivariance import valid_scales
-from autoencoder.errors import UsageError, agreement, check_output_writable
-from autoencoder.folders import LOCK, RunLock, check_folder, finish_swap, mark_folder, write_guard
+from autoencoder.errors import UsageError, agreement
+from autoencoder.folders import RunDir
 from autoencoder.launch import use_cpu_backend
 from autoencoder.losses import VAELoss, build_discriminator
 from autoencoder.lpips_weights import build_lpips
@@ -57,107 +57,125 @@ TRAIN = "python -m train"  # the marker of a run's --output_dir (autoencoder.fol
 
 
 class TrainingState:
-    """Counters, data position and loss-module state saved with every checkpoint."""
+    """The run's position and health, saved with every checkpoint; each counter lives here and only here.
 
-    COUNTERS = (
-        "global_step",
-        "epoch",
-        "batches_in_epoch",
-        "skipped_images",
-        "nonfinite_steps",
-        "consecutive_nonfinite",
-    )
+    Position (host ints): optimizer steps, epoch, micro-batches consumed in the epoch.  Health (0-dim
+    device tensors, so counting a step needs no host sync): skipped updates, skipped in a row, unreadable
+    images.  ``state_dict`` reads the device counters: a host sync, at checkpoints only.
+    """
 
-    def __init__(self, loss_fn: VAELoss):
-        self.loss_fn = loss_fn
+    HEALTH = ("nonfinite_steps", "consecutive_nonfinite", "skipped_images")
+
+    def __init__(self, loss_fn: VAELoss, device: torch.device):
+        self.loss_fn = loss_fn  # its learned log-variance is saved with the counters
         self.global_step = 0
         self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches consumed in `epoch` (skip_first_batches on resume)
-        self.skipped_images = 0
-        self.nonfinite_steps = 0
-        self.consecutive_nonfinite = 0
+        self.batches_in_epoch = 0  # micro-batches trained on in `epoch` (skip_first_batches on resume)
+        count = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
+        self.nonfinite_steps = count()  # optimizer steps skipped for a non-finite loss or gradient
+        self.consecutive_nonfinite = count()  # skipped in a row up to the last step (0 after a good one)
+        self.skipped_images = count()  # unreadable images the loader replaced
+
+    def count_batch(self, num_skipped: torch.Tensor) -> None:
+        """One micro-batch trained on; ``num_skipped`` (a CPU tensor from the collate function) unreadable images."""
+        self.batches_in_epoch += 1
+        self.skipped_images.add_(num_skipped.to(self.skipped_images.device, non_blocking=True))
+
+    def count_step(self, bad: torch.Tensor) -> None:
+        """One optimizer step taken, its update skipped on the device where the 0-dim flag ``bad`` is set."""
+        self.global_step += 1
+        self.nonfinite_steps.add_(bad)
+        self.consecutive_nonfinite.add_(1).mul_(bad)  # +1 if bad, else back to 0
+
+    def next_epoch(self) -> None:
+        """The epoch ran to its end."""
+        self.epoch += 1
+        self.batches_in_epoch = 0
+
+    def health(self) -> dict[str, int]:
+        """The health counters as ints (a host sync: logging and checkpoint steps only)."""
+        return {k: int(getattr(self, k)) for k in self.HEALTH}
 
     def state_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.COUNTERS}, "logvar": self.loss_fn.logvar.detach().cpu().clone()}
+        position = {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+        return {**position, **self.health(), "logvar": self.loss_fn.logvar.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            if key != "logvar":
-                setattr(self, key, int(value))
+        self.global_step, self.epoch = int(state["global_step"]), int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        for key in self.HEALTH:
+            getattr(self, key).fill_(int(state[key]))
         with torch.no_grad():
             self.loss_fn.logvar.copy_(state["logvar"])
 
 
 @dataclass
+class Data:
+    """The run's datasets as built (their loaders are the run's own)."""
+
+    splits: Any  # autoencoder.data.ImageSplits: where the images come from (its description is logged)
+    train: torch.utils.data.Dataset  # map-style, or a stream sharded per rank
+    validation: ImageDataset
+    streaming: bool
+
+
+@dataclass
 class Parts:
-    """What ``preflight`` built before any collective: the losses, the model and the data of a run."""
+    """What ``preflight`` built before any collective; ``assemble`` prepares the models and keeps the rest."""
 
     loss_fn: VAELoss
     val_lpips: torch.nn.Module
     vae: AutoencoderKL
     factor: int  # the VAE's spatial downsampling
     disc: torch.nn.Module | None
-    splits: Any  # autoencoder.data.ImageSplits
-    train_ds: torch.utils.data.Dataset
-    val_ds: ImageDataset
-    streaming: bool
+    data: Data
     resume_from: Path | None  # the verified checkpoint to resume from (resolve_resume)
     equivariance_scales: list[int]  # the --equivariance_scales valid at this resolution (autoencoder.equivariance)
 
 
 @dataclass
+class Trained:
+    """A prepared module (DDP on several ranks) with its prepared optimizer and LR schedule."""
+
+    module: torch.nn.Module
+    optimizer: Any  # accelerate's AcceleratedOptimizer around torch's AdamW
+    scheduler: Any
+
+
+@dataclass
 class Run:
-    """Everything a training run is made of, built once by ``build``; models and optimizers are prepared."""
+    """Everything a training run is made of, built once by ``build``; each module is held once, prepared."""
 
     cfg: Config
     accelerator: Accelerator
-    keep_process_group: bool  # another run follows in this process (train.sweep): see ``end_run``
+    folder: RunDir  # the output folder: marker, lock (held by the main process), atomic writes
     called: float  # perf_counter when train() was called (start-up time in metrics.json)
-    parts: Parts  # what preflight built (the raw VAE, datasets, losses)
-    model: torch.nn.Module  # VAEForTraining around ``parts.vae``, prepared (DDP on many ranks)
-    disc: torch.nn.Module | None  # prepared discriminator
-    optimizer: Any
-    disc_optimizer: Any
-    scheduler: Any
-    disc_scheduler: Any
+    data: Data
+    loss_fn: VAELoss
+    val_lpips: torch.nn.Module
+    factor: int
+    equivariance_scales: list[int]
+    resume_from: Path | None
+    model: Trained  # VAEForTraining around the AutoencoderKL
+    disc: Trained | None  # the PatchGAN discriminator (--disc_enabled)
     ema: EMAModel | None
     train_dl: Any  # prepared unless streaming (a stream is sharded per rank by the dataset)
     val_dl: Any
     state: TrainingState
     initial_checksum: float  # param_checksum of the VAE as built (before training)
-    workers: int  # loader worker processes
-    fused: bool  # fused AdamW: a non-finite step is skipped on the device
-    vae_params: list[torch.nn.Parameter]  # the prepared VAE's parameters in order (what the EMA shadows)
-    raw_disc: torch.nn.Module | None  # the discriminator outside DDP, for the generator's adversarial term
-    last_layer: torch.nn.Parameter  # the decoder's output conv weight (the adaptive GAN weight)
-    lock: RunLock | None  # the main process's hold on the output folder, for the run's lifetime
 
     @property
     def vae(self) -> AutoencoderKL:
-        return self.parts.vae
+        """The AutoencoderKL being trained (outside DDP: for saving, checks and the EMA)."""
+        return self.accelerator.unwrap_model(self.model.module).vae
 
     @property
-    def loss_fn(self) -> VAELoss:
-        return self.parts.loss_fn
+    def vae_params(self) -> list[torch.nn.Parameter]:
+        """The VAE's parameters in order: what the EMA shadows."""
+        return list(self.vae.parameters())
 
-    @property
-    def val_lpips(self) -> torch.nn.Module:
-        return self.parts.val_lpips
-
-    @property
-    def streaming(self) -> bool:
-        return self.parts.streaming
-
-    def release(self) -> None:
-        """Let go of the output folder (main process; safe to call twice)."""
-        if self.lock is not None:
-            self.lock.release()
-
-    def trained_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.model, self.disc) if m is not None]
-
-    def optimizers(self) -> list:
-        return [o for o in (self.optimizer, self.disc_optimizer) if o is not None]
+    def trained(self) -> list[Trained]:
+        return [t for t in (self.model, self.disc) if t is not None]
 
     def images_per_step(self) -> int:
         t = self.cfg.train
@@ -165,7 +183,7 @@ class Run:
 
     def train_set_epoch(self, epoch: int) -> None:
         """Set the epoch (data order and augmentation) on what owns it: the stream, or the prepared loader."""
-        (self.parts.train_ds if self.streaming else self.train_dl).set_epoch(epoch)
+        (self.data.train if self.data.streaming else self.train_dl).set_epoch(epoch)
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -189,100 +207,94 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-def build(cfg: Config, accelerator: Accelerator, called: float, keep_process_group: bool = False) -> Run:
+def build(cfg: Config, accelerator: Accelerator, called: float) -> Run:
     """Check the inputs on every rank, then build and ``prepare`` everything once; no training yet."""
     set_seed(cfg.train.seed)  # before the VAE and discriminator are built: their initialisation is seeded
-    main, lock = accelerator.is_main_process, None
+    folder = RunDir(cfg.train.output_dir, TRAIN, "--output_dir")
+    main = accelerator.is_main_process
     try:
         with agreement():  # one rank's mistake ends every rank with the same message
-            lock = claim_output(cfg) if main else None
+            if main:
+                claim_output(folder)
             parts = preflight(cfg, accelerator)
         with agreement():  # one run per output folder: a second one is refused here, naming the first
-            if main and lock is None:
-                lock = RunLock(cfg.train.output_dir).acquire("--output_dir", TRAIN)
-        run = assemble(cfg, accelerator, parts, called, keep_process_group)
+            if main:
+                folder.lock()  # kept if claim_output took it
+        return assemble(cfg, accelerator, folder, parts, called)
     except BaseException:
-        if lock is not None:
-            lock.release()
+        folder.release()
         raise
-    run.lock = lock
-    return run
 
 
-def claim_output(cfg: Config) -> RunLock | None:
+def claim_output(folder: RunDir) -> None:
     """Main process: refuse a folder this command did not write; lock it now if a run used it before.
 
     A folder no run has used yet is locked after the checks instead, so that a refused run leaves no
     lock file behind; a used one is locked first, so a second run never reads a live run's checkpoints.
     """
-    out = Path(cfg.train.output_dir)
-    check_folder("--output_dir", out, TRAIN, legacy=lambda folder: legacy_run(folder, cfg))
-    check_output_writable("--output_dir", out)
-    return RunLock(out).acquire("--output_dir", TRAIN) if (out / LOCK).exists() else None
+    folder.check()
+    if folder.used_by_a_run():
+        folder.lock()
 
 
-def assemble(cfg: Config, accelerator: Accelerator, parts: Parts, called: float, keep_process_group: bool) -> Run:
-    """Claim the folder, then build the loaders, optimizers and schedules, ``prepare`` them once, and the EMA."""
-    t, out = cfg.train, Path(cfg.train.output_dir)
-    with agreement(), write_guard(out / "config.yaml", lambda: checkpoints.survivors(out), "rerun"):
+def assemble(cfg: Config, accelerator: Accelerator, folder: RunDir, parts: Parts, called: float) -> Run:
+    """Mark the folder, then build the loaders, optimizers and schedules, ``prepare`` them once, and the EMA."""
+    with agreement(), folder.guard(folder.path / "config.yaml", lambda: checkpoints.survivors(folder.path)):
         if accelerator.is_main_process:  # only now: a run refused above leaves the output folder as it was
-            mark_folder(out, TRAIN)
-            checkpoints.clean_incomplete(out / "checkpoints")
-            finish_swap(out / "vae")  # an export killed between its two renames
-            save_config(cfg, out / "config.yaml")
+            folder.claim()
+            checkpoints.clean_incomplete(folder.path / "checkpoints")
+            folder.settle("vae")  # an export killed between its two renames
+            save_config(cfg, folder.path / "config.yaml")
     parts.loss_fn.to(accelerator.device)
     parts.val_lpips.to(accelerator.device)
-    model = VAEForTraining(parts.vae)
     initial_checksum = param_checksum(parts.vae)
-    workers, train_dl, val_dl = build_loaders(cfg, accelerator, parts)
-    fused = fused_adamw_available(accelerator.device)  # a non-finite step is then skipped without a host sync
-    optimizer, disc_optimizer = build_optimizers(
-        cfg, model, parts.loss_fn, parts.disc, accelerator.num_processes, fused
-    )
-    scheduler = build_scheduler(cfg, optimizer, accelerator.num_processes)
-    if t.compile:  # in place, block by block (see compile_regions): DDP sees plain modules, checkpoints plain keys
-        compile_regions(parts.vae)
-    model, optimizer, scheduler, val_dl = accelerator.prepare(model, optimizer, scheduler, val_dl)
-    if not parts.streaming:
-        train_dl = accelerator.prepare(train_dl)
-    disc, disc_scheduler = parts.disc, None
-    if disc is not None:  # the discriminator's LR follows the VAE's schedule
-        disc_scheduler = build_scheduler(cfg, disc_optimizer, accelerator.num_processes)
-        disc, disc_optimizer, disc_scheduler = accelerator.prepare(disc, disc_optimizer, disc_scheduler)
-    raw = accelerator.unwrap_model(model)
-    vae_params = list(raw.vae.parameters())
-    ema = build_ema(cfg, accelerator, vae_params, parts.vae)
-    state = TrainingState(parts.loss_fn)
+    train_dl, val_dl = build_loaders(cfg, accelerator, parts.data)
+    model, disc = prepare_models(cfg, accelerator, parts)
+    ema = build_ema(cfg, accelerator, list(parts.vae.parameters()), parts.vae)
+    state = TrainingState(parts.loss_fn, accelerator.device)
     for saved in (state, ema):
         if saved is not None:
             accelerator.register_for_checkpointing(saved)
-    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
+    val_dl = accelerator.prepare(val_dl)
+    if not parts.data.streaming:
+        train_dl = accelerator.prepare(train_dl)
     run = Run(
         cfg=cfg,
         accelerator=accelerator,
-        keep_process_group=keep_process_group,
+        folder=folder,
         called=called,
-        parts=parts,
+        data=parts.data,
+        loss_fn=parts.loss_fn,
+        val_lpips=parts.val_lpips,
+        factor=parts.factor,
+        equivariance_scales=parts.equivariance_scales,
+        resume_from=parts.resume_from,
         model=model,
         disc=disc,
-        optimizer=optimizer,
-        disc_optimizer=disc_optimizer,
-        scheduler=scheduler,
-        disc_scheduler=disc_scheduler,
         ema=ema,
         train_dl=train_dl,
         val_dl=val_dl,
         state=state,
         initial_checksum=initial_checksum,
-        workers=workers,
-        fused=fused,
-        vae_params=vae_params,
-        raw_disc=raw_disc,
-        last_layer=raw.last_layer(),
-        lock=None,  # set by build
     )
     start_logging(run)
     return run
+
+
+def prepare_models(cfg: Config, accelerator: Accelerator, parts: Parts) -> tuple[Trained, Trained | None]:
+    """The VAE (in VAEForTraining) and the discriminator, each with its AdamW and schedule, prepared once."""
+    world = accelerator.num_processes
+    fused = fused_adamw_available(accelerator.device)  # a non-finite step is then skipped without a host sync
+    model = VAEForTraining(parts.vae)
+    optimizer, disc_optimizer = build_optimizers(cfg, model, parts.loss_fn, parts.disc, world, fused)
+    scheduler = build_scheduler(cfg, optimizer, world)
+    if cfg.train.compile:  # in place, block by block (compile_regions): DDP sees plain modules, checkpoints plain keys
+        compile_regions(parts.vae)
+    trained = Trained(*accelerator.prepare(model, optimizer, scheduler))
+    if parts.disc is None:
+        return trained, None
+    disc_scheduler = build_scheduler(cfg, disc_optimizer, world)  # the discriminator's LR follows the VAE's
+    return trained, Trained(*accelerator.prepare(parts.disc, disc_optimizer, disc_scheduler))
 
 
 def preflight(cfg: Config, accelerator: Accelerator) -> Parts:
@@ -310,9 +322,8 @@ def preflight(cfg: Config, accelerator: Accelerator) -> Parts:
         check_same_architecture(cfg, vae, resume_from)
     if accelerator.is_main_process:
         check_disk_space(out, count_parameters(vae) + (count_parameters(disc) if disc is not None else 0), cfg)
-    splits = load_splits(cfg.data, seed=t.seed)
-    train_ds, val_ds, streaming = build_datasets(cfg, accelerator, splits)
-    return Parts(loss_fn, val_lpips, vae, factor, disc, splits, train_ds, val_ds, streaming, resume_from, scales)
+    data = build_datasets(cfg, accelerator, load_splits(cfg.data, seed=t.seed))
+    return Parts(loss_fn, val_lpips, vae, factor, disc, data, resume_from, scales)
 
 
 def equivariance_scales(cfg: Config, factor: int) -> list[int]:
@@ -329,14 +340,7 @@ def equivariance_scales(cfg: Config, factor: int) -> list[int]:
     return valid
 
 
-def legacy_run(folder: Path, cfg: Config) -> bool:
-    """Whether ``folder`` is a run written before folder markers existed: config.yaml and only run files."""
-    names = {"config.yaml", "checkpoints", cfg.train.logging_dir, "samples", "vae", "metrics.json", "eval"}
-    names |= {"hub-upload", ".tmp-hub-upload", ".tmp-vae"}
-    return (folder / "config.yaml").is_file() and all(p.name in names for p in folder.iterdir())
-
-
-def build_datasets(cfg: Config, accelerator: Accelerator, splits) -> tuple[Any, ImageDataset, bool]:
+def build_datasets(cfg: Config, accelerator: Accelerator, splits) -> Data:
     """The training set (map-style, or a stream sharded per rank) and the validation set, checked for size."""
     t = cfg.train
     transform = train_transform(cfg.data, splits.embedded)
@@ -362,11 +366,11 @@ def build_datasets(cfg: Config, accelerator: Accelerator, splits) -> tuple[Any, 
     check_enough_images(
         val_ds, 1, "validation", flag, need="{n} image", fix="add images or choose another --validation_split"
     )
-    return train_ds, val_ds, streaming
+    return Data(splits, train_ds, val_ds, streaming)
 
 
-def build_loaders(cfg: Config, accelerator: Accelerator, parts: Parts) -> tuple[int, Any, Any]:
-    """(workers, train loader, validation loader), not yet prepared.
+def build_loaders(cfg: Config, accelerator: Accelerator, data: Data) -> tuple[Any, Any]:
+    """(train loader, validation loader), not yet prepared.
 
     Own generators: creating a DataLoader iterator draws a base seed, which must not come from the
     global RNG (it drives posterior sampling and must replay exactly after a resume).
@@ -382,10 +386,12 @@ def build_loaders(cfg: Config, accelerator: Accelerator, parts: Parts) -> tuple[
         persistent_workers=workers > 0,
     )
     train_dl = torch.utils.data.DataLoader(
-        parts.train_ds, batch_size=t.train_batch_size, shuffle=not parts.streaming, drop_last=True, **loader_kw
+        data.train, batch_size=t.train_batch_size, shuffle=not data.streaming, drop_last=True, **loader_kw
     )
-    val_dl = torch.utils.data.DataLoader(parts.val_ds, batch_size=t.validation_batch_size, shuffle=False, **loader_kw)
-    return workers, train_dl, val_dl
+    val_dl = torch.utils.data.DataLoader(
+        data.validation, batch_size=t.validation_batch_size, shuffle=False, **loader_kw
+    )
+    return train_dl, val_dl
 
 
 def build_ema(cfg: Config, accelerator: Accelerator, params: list, vae: AutoencoderKL) -> EMAModel | None:
@@ -406,24 +412,25 @@ def start_logging(run: Run) -> None:
     t = cfg.train
     if acc.is_main_process:
         acc.init_trackers("autoencoder-kl", config=flat_dict(cfg))
-    logger.info(f"data: {run.parts.splits.description}")
-    if len(run.parts.val_ds) < MIN_IMAGES:
+    logger.info(f"data: {run.data.splits.description}")
+    if len(run.data.validation) < MIN_IMAGES:
         logger.warning(
-            f"only {len(run.parts.val_ds)} validation images: the held-out figures and the latent statistics "
+            f"only {len(run.data.validation)} validation images: the held-out figures and the latent statistics "
             "rest on them; give a validation split or more images for figures to compare"
         )
+    fused = run.model.optimizer.optimizer.defaults.get("fused")
     logger.info(
         f"model: {cfg.model.pretrained_model_name_or_path or cfg.model.preset}, "
         f"{count_parameters(vae) / 1e6:.2f}M parameters ({count_parameters(vae, True) / 1e6:.2f}M trainable), "
-        f"f={run.parts.factor}, latent channels {vae.config.latent_channels}; processes: {acc.num_processes}, "
+        f"f={run.factor}, latent channels {vae.config.latent_channels}; processes: {acc.num_processes}, "
         f"device: {acc.device}, mixed precision: {t.mixed_precision}, EMA: {t.use_ema}; loader workers: "
-        f"{run.workers}; {'fused' if run.fused else 'foreach'} AdamW; compile: {t.compile}"
+        f"{run.train_dl.num_workers}; {'fused' if fused else 'foreach'} AdamW; compile: {t.compile}"
     )
 
 
 def resume(run: Run) -> None:
     """Load the checkpoint to resume from (``--resume_from_checkpoint``), if there is one."""
-    path = run.parts.resume_from
+    path = run.resume_from
     if path is not None:
         path = checkpoints.settled(path)  # build's clean-up renamed a moved-aside checkpoint back
         run.accelerator.load_state(str(path))
@@ -579,10 +586,6 @@ def param_checksum(module: torch.nn.Module) -> float:
 
 
 def end_run(run: Run) -> None:
-    """``end_training``, or only finish the trackers when another run follows in this process (train.sweep):
-    a destroyed process group cannot be initialised again on the same rendezvous."""
-    if run.keep_process_group:
-        for tracker in run.accelerator.trackers:
-            tracker.finish()
-    else:
-        run.accelerator.end_training()
+    """Finish the trackers and the process group, and let go of the output folder."""
+    run.accelerator.end_training()
+    run.folder.release()

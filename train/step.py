@@ -23,46 +23,20 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class DeviceCounters:
-    """The run's health counters as 0-dim device tensors, so counting a step needs no host sync."""
+class Window:
+    """The accumulation window in progress: its non-finite flag, and whether an update is under way (for OOM)."""
 
-    nonfinite_steps: torch.Tensor  # optimizer steps skipped for a non-finite loss or gradient
-    consecutive_nonfinite: torch.Tensor  # skipped in a row up to the last step (0 after a good one)
-    skipped_images: torch.Tensor  # unreadable images the loader replaced
-    window_bad: torch.Tensor  # bool: a non-finite loss in the current accumulation window
-
-    @classmethod
-    def start(cls, nonfinite_steps: int, consecutive_nonfinite: int, skipped_images: int, device) -> "DeviceCounters":
-        """Counters continuing from the host's (resumed) values."""
-        count = lambda n: torch.tensor(n, dtype=torch.long, device=device)  # noqa: E731
-        window_bad = torch.zeros((), dtype=torch.bool, device=device)
-        return cls(count(nonfinite_steps), count(consecutive_nonfinite), count(skipped_images), window_bad)
-
-    def add_skipped(self, num_skipped: torch.Tensor) -> None:
-        """Count the unreadable images of a batch (a CPU tensor from the collate function)."""
-        self.skipped_images.add_(num_skipped.to(self.skipped_images.device, non_blocking=True))
+    loss_bad: torch.Tensor | None = None  # 0-dim bool on the device: a non-finite micro-batch loss in this window
+    updating: bool = False  # inside an optimizer or EMA update: parameters may be half-updated
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        """Remember a non-finite micro-batch loss until the window's optimizer step."""
-        self.window_bad |= ~torch.isfinite(loss)
+        """Remember a non-finite micro-batch loss until the window's optimizer step (no host sync)."""
+        bad = ~torch.isfinite(loss.detach())
+        self.loss_bad = bad if self.loss_bad is None else self.loss_bad | bad
 
-    def after_step(self, bad: torch.Tensor) -> None:
-        """Count optimizer step ``bad`` (skipped or not) and open the next accumulation window."""
-        self.nonfinite_steps.add_(bad)
-        self.consecutive_nonfinite.add_(1).mul_(bad)  # +1 if bad, else back to 0
-        self.window_bad = torch.zeros_like(self.window_bad)
-
-    def snapshot(self, bad: torch.Tensor) -> torch.Tensor:
-        """[bad, nonfinite_steps, consecutive_nonfinite, skipped_images]: the fields of ``train.loop.StepFlags``."""
-        return torch.stack([bad.long(), self.nonfinite_steps, self.consecutive_nonfinite, self.skipped_images])
-
-
-@dataclass
-class Window:
-    """Where the loop stands inside an optimizer step, for the out-of-memory path (``train.loop.stop_after_oom``)."""
-
-    micro_batches: int = 0  # micro-batches of the current accumulation window entered so far
-    updating: bool = False  # inside an optimizer or EMA update: parameters may be half-updated
+    def close(self) -> None:
+        """The window's optimizer step is done: the next window starts clean."""
+        self.loss_bad = None
 
     @contextlib.contextmanager
     def update(self) -> Iterator[None]:
@@ -125,72 +99,73 @@ def clip_vae_gradients(accelerator: Accelerator, model, loss_fn: VAELoss, cfg: C
     return grad_norm
 
 
-def train_step(run: "Run", counters: DeviceCounters, window: Window, batch: dict) -> tuple[dict, torch.Tensor] | None:
+def train_step(run: "Run", window: Window, batch: dict) -> tuple[dict, torch.Tensor] | None:
     """One micro-batch: forward and backward, and at the end of its accumulation window the guarded updates.
 
     Returns the step's logs (device tensors) and its flag ``bad`` when an optimizer step was taken,
     None inside an accumulation window.
     """
     acc, step = run.accelerator, run.state.global_step
-    run.state.batches_in_epoch += 1
-    window.micro_batches += 1
     x = batch["pixel_values"].to(acc.device, non_blocking=True)  # [B,3,H,W]; prepared loaders already moved it
-    counters.add_skipped(batch["num_skipped"])
     use_disc = run.disc is not None and disc_factor_at(step, run.cfg.loss) > 0
+    # The generator's adversarial term runs the discriminator outside DDP: a forward through the prepared
+    # module would make DDP all-reduce the discriminator's gradients for a loss that never steps it.
+    adversary = acc.unwrap_model(run.disc.module) if use_disc else None
     # fp16: the adaptive GAN weight differentiates at the scaler's scale (no fp16 underflow)
     grad_scale = acc.scaler.get_scale() if use_disc and acc.scaler is not None else 1.0
     bad = None
-    eq = draw(run.cfg.loss, run.parts.equivariance_scales, run.cfg.train.seed, step)  # host-side, no sync
-    with acc.accumulate(*run.trained_modules()):
-        recon, posterior, *pair = run.model(x, equivariance=eq)  # one forward through DDP; pair: [Scaled] or []
+    eq = draw(run.cfg.loss, run.equivariance_scales, run.cfg.train.seed, step)  # host-side, no sync
+    model = run.model
+    with acc.accumulate(*(t.module for t in run.trained())):
+        recon, posterior, *pair = model.module(x, equivariance=eq)  # one forward through DDP; pair: [Scaled] or []
         with acc.autocast():  # LPIPS in the run's precision (its accuracy: tests/test_lpips.py)
             loss, logs = run.loss_fn(
                 x,
                 recon,
                 posterior,
                 step,
-                discriminator=run.raw_disc if use_disc else None,
-                last_layer=run.last_layer,
+                discriminator=adversary,
+                last_layer=acc.unwrap_model(model.module).last_layer(),
                 grad_scale=grad_scale,
                 scaled=next(iter(pair), None),
             )
-        counters.note_loss(loss)
+        window.note_loss(loss)
         acc.backward(loss)  # a non-finite loss gives non-finite gradients: skipped in update_vae
         if acc.sync_gradients:
-            bad = update_vae(run, counters, window, logs)
-        run.optimizer.zero_grad(set_to_none=True)
+            bad = update_vae(run, window, logs)
+        model.optimizer.zero_grad(set_to_none=True)
         if use_disc:  # after the VAE step, so the D step runs on the same (updated) scaler scale
             logs.update(discriminator_step(run, window, x, recon, step, bad))
     return (logs, bad) if acc.sync_gradients else None
 
 
-def update_vae(run: "Run", counters: DeviceCounters, window: Window, logs: dict) -> torch.Tensor:
+def update_vae(run: "Run", window: Window, logs: dict) -> torch.Tensor:
     """Clip and step the VAE's optimizer and schedule; the update is skipped on the device where ``bad``."""
-    acc = run.accelerator
+    acc, model = run.accelerator, run.model
     # every rank must take the same decision: the loss flags are summed over ranks (a device
     # collective), the gradient norm is already global after DDP's all-reduce
-    loss_bad = counters.window_bad
+    loss_bad = window.loss_bad
     if acc.num_processes > 1:
         loss_bad = acc.reduce(loss_bad.float(), "sum") > 0
-    grad_norm = clip_vae_gradients(acc, run.model, run.loss_fn, run.cfg, logs)
+    grad_norm = clip_vae_gradients(acc, model.module, run.loss_fn, run.cfg, logs)
     # fp16: an overflow is the GradScaler's business (it skips and lowers its scale)
     bad = loss_bad if acc.scaler is not None else loss_bad | ~torch.isfinite(grad_norm)
     with window.update():
-        guarded_step(run.optimizer, bad)
-        run.scheduler.step()  # a skipped step still advances the LR schedule, as it does global_step
+        guarded_step(model.optimizer, bad)
+        model.scheduler.step()  # a skipped step still advances the LR schedule, as it does global_step
     return bad
 
 
 def discriminator_step(run: "Run", window: Window, x, recon, step: int, bad: torch.Tensor | None) -> dict:
     """The discriminator's backward and, at the window's end, its update (none where the VAE's was skipped)."""
-    acc = run.accelerator
-    d_loss, d_logs = run.loss_fn.discriminator_loss(x, recon, run.disc, step)
+    acc, disc = run.accelerator, run.disc
+    d_loss, d_logs = run.loss_fn.discriminator_loss(x, recon, disc.module, step)
     acc.backward(d_loss)
     if acc.sync_gradients:
         max_norm = run.cfg.train.max_grad_norm or float("inf")
-        d_norm = acc.clip_grad_norm_(run.disc.parameters(), max_norm)
+        d_norm = acc.clip_grad_norm_(disc.module.parameters(), max_norm)
         with window.update():
-            guarded_step(run.disc_optimizer, bad | ~torch.isfinite(d_norm))
-            run.disc_scheduler.step()
-    run.disc_optimizer.zero_grad(set_to_none=True)
+            guarded_step(disc.optimizer, bad | ~torch.isfinite(d_norm))
+            disc.scheduler.step()
+    disc.optimizer.zero_grad(set_to_none=True)
     return d_logs

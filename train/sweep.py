@@ -13,24 +13,23 @@ and ``rate_distortion.png`` (rate in bits per pixel against PSNR and against LPI
 point per run).  Works under ``accelerate launch`` like ``python -m train``.
 """
 
+import contextlib
 import itertools
 import json
 import os
+import signal
+import subprocess
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate.state import AcceleratorState, GradientState, PartialState
-
 from autoencoder.config import Config, key_index, parse_config, split_argv
-from autoencoder.errors import UsageError, check_output_writable, run_cli
-from autoencoder.folders import check_folder, mark_folder
+from autoencoder.errors import UsageError, run_cli
+from autoencoder.folders import RunDir
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes
-from eval.runner import main as eval_main
-
-from .trainer import train
 
 OWN = ("sweep_dir", "iwae_samples")  # the sweep's own options
 SHARED_BY_EVAL = ("resolution", "seed", "num_validation_images", "validation_batch_size")  # eval takes run 1's
@@ -115,14 +114,8 @@ def run_name(point: dict) -> str:
 
 def run_configs(args: SweepArgs) -> list[tuple[dict, Config]]:
     """(swept values, resolved config) of every run; all are checked before any trains."""
-    runs = []
-    for values in itertools.product(*args.grid.values()):
-        point = dict(zip(args.grid, values))
-        flags = [f"--{k}={v!r}" if isinstance(v, float) else f"--{k}={v}" for k, v in point.items()]
-        cfg = parse_config([*args.train_argv, *flags, f"--output_dir={args.sweep_dir / run_name(point)}"])
-        cfg.train.resume_from_checkpoint = "latest"  # an interrupted sweep continues its unfinished run
-        runs.append((point, cfg))
-    return runs
+    points = [dict(zip(args.grid, values)) for values in itertools.product(*args.grid.values())]
+    return [(point, parse_config(train_argv(args, point))) for point in points]
 
 
 def finished(cfg: Config) -> bool:
@@ -133,15 +126,46 @@ def finished(cfg: Config) -> bool:
     return json.loads((out / "metrics.json").read_text()).get("step") == cfg.train.max_train_steps
 
 
-def fresh_accelerate_state() -> None:
-    """Forget the previous run's Accelerator singletons, so the next run in this process starts clean.
+def train_argv(args: SweepArgs, point: dict) -> list[str]:
+    """The ``python -m train`` arguments of one grid point; an interrupted sweep continues its unfinished run."""
+    flags = [f"--{k}={v!r}" if isinstance(v, float) else f"--{k}={v}" for k, v in point.items()]
+    out = args.sweep_dir / run_name(point)
+    return [*args.train_argv, *flags, f"--output_dir={out}", "--resume_from_checkpoint=latest"]
 
-    accelerate has no public reset: its own tests call these ``_reset_state`` methods.  If they change,
-    tests/test_sweep.py (two runs in one process) fails.
+
+@contextlib.contextmanager
+def forwarding_signals(proc: subprocess.Popen) -> Iterator[None]:
+    """While ``proc`` runs: SIGTERM is passed on to it; Ctrl-C reaches it from the terminal, so it is ignored here
+    (passing it on too would be a second Ctrl-C, which stops a run without its checkpoint)."""
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def in_own_process(module: str, argv: list[str], index: int) -> int:
+    """``python -m module argv`` in processes of its own, as many ranks as the sweep has; their exit status.
+
+    A point in its own process starts from a clean interpreter (no Accelerator state left by the last
+    point) and a failed point cannot take the sweep down with it.  Under ``accelerate launch --cpu`` our
+    CPU launcher starts the ranks; under torchrun / ``--multi_gpu`` each sweep rank starts its rank of the
+    point, which meet on a port of their own (``index`` above the sweep's).
     """
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    processes = requested_cpu_processes()
+    if processes > 1:
+        return relaunch_cpu(processes, module, argv)
+    env = dict(os.environ)
+    if int(env.get("WORLD_SIZE", "1")) > 1:
+        env["MASTER_PORT"] = str(int(env.get("MASTER_PORT", "29500")) + 1 + index)
+        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # the point's rank 0 hosts its own rendezvous
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], env=env)
+    with forwarding_signals(proc):
+        return proc.wait()
 
 
 def eval_argv(args: SweepArgs, runs: list[tuple[dict, Config]]) -> list[str]:
@@ -333,52 +357,53 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    """The body of ``main`` (errors are reported by ``run_cli``)."""
+    """The body of ``main`` (errors are reported by ``run_cli``): train each point in its own process, then eval."""
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
     args = parse_args(argv)
     runs = run_configs(args)
-    # a sweep of its own (resumed; one written before markers has sweep.json), or a new folder
-    check_folder("--sweep_dir", args.sweep_dir, SWEEP, legacy=lambda folder: (folder / "sweep.json").is_file())
-    check_output_writable("--sweep_dir", args.sweep_dir)
-    n = requested_cpu_processes()
-    if n > 1:
-        return relaunch_cpu(n, "train.sweep", argv)
-    if int(os.environ.get("RANK", "0")) == 0:
-        mark_folder(args.sweep_dir, SWEEP)
-    say = (
-        (lambda text: print(f"sweep: {text}", file=sys.stderr))
-        if int(os.environ.get("RANK", "0")) == 0
-        else (lambda text: None)
-    )
-    for point, cfg in runs:
+    folder = RunDir(args.sweep_dir, SWEEP, "--sweep_dir")
+    folder.check()  # a sweep of its own (resumed) or a new folder
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        folder.claim()
+    say = (lambda text: print(f"sweep: {text}", file=sys.stderr)) if main_rank else (lambda text: None)
+    failed: dict[str, int] = {}
+    for index, (point, cfg) in enumerate(runs):
         if finished(cfg):
             say(f"{run_name(point)} finished earlier, skipped")
             continue
         say(f"training {run_name(point)} -> {cfg.train.output_dir}")
-        fresh_accelerate_state()
-        metrics = train(cfg, keep_process_group=True)
-        if metrics.get("interrupted"):
-            return 128 + metrics["interrupted"]
-    fresh_accelerate_state()
-    code = eval_main(eval_argv(args, runs))
-    if code:
-        return code
-    if PartialState().is_main_process:
-        evaluation = json.loads((args.sweep_dir / "eval" / "metrics.json").read_text())
-        rows = sweep_table(args, runs, evaluation)
-        (args.sweep_dir / "sweep.json").write_text(
-            json.dumps(
-                {"grid": args.grid, "train_argv": args.train_argv, "eval": str(args.sweep_dir / "eval"), "runs": rows},
-                indent=2,
-            )
-        )
-        (args.sweep_dir / "sweep.md").write_text(render_markdown(rows, evaluation, args))
-        plot_rate_distortion(rows, evaluation["lpips_net"], args.sweep_dir / "rate_distortion.png")
-        print(render_markdown(rows, evaluation, args))
-        print(f"wrote {args.sweep_dir}/sweep.json, sweep.md, rate_distortion.png")
-    return 0
+        code = in_own_process("train", train_argv(args, point), index)
+        if code > 128:  # interrupted: the run checkpointed; rerunning the sweep continues it
+            return code
+        if code:
+            failed[run_name(point)] = code
+            say(f"{run_name(point)} failed (exit status {code}); the other points go on")
+    done = [(p, c) for p, c in runs if run_name(p) not in failed]
+    if done:
+        code = in_own_process("eval", eval_argv(args, done), len(runs))
+        if code:
+            return code
+        if main_rank:
+            write_results(args, folder, done, failed)
+    return min(failed.values()) if failed else 0
+
+
+def write_results(args: SweepArgs, folder: RunDir, runs: list[tuple[dict, Config]], failed: dict[str, int]) -> None:
+    """sweep.json, sweep.md and rate_distortion.png from the evaluation of the finished runs."""
+    evaluation = json.loads((args.sweep_dir / "eval" / "metrics.json").read_text())
+    rows = sweep_table(args, runs, evaluation)
+    summary = {"grid": args.grid, "train_argv": args.train_argv, "eval": str(args.sweep_dir / "eval"), "runs": rows}
+    folder.write_text("sweep.json", json.dumps({**summary, "failed": failed}, indent=2))
+    markdown = render_markdown(rows, evaluation, args)
+    if failed:
+        markdown += "\nFailed (exit status): " + ", ".join(f"`{k}` ({v})" for k, v in failed.items()) + "\n"
+    folder.write_text("sweep.md", markdown)
+    plot_rate_distortion(rows, evaluation["lpips_net"], args.sweep_dir / "rate_distortion.png")
+    print(markdown)
+    print(f"wrote {args.sweep_dir}/sweep.json, sweep.md, rate_distortion.png")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 from accelerate.logging import get_logger
 
 from autoencoder.config import Config, help_text, parse_config
-from autoencoder.errors import run_cli
+from autoencoder.errors import UsageError, run_cli
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes
 
 from .finish import finish, interrupted
@@ -23,14 +23,14 @@ from .validation import ema_weights, summary, validate
 logger = get_logger(__name__)
 
 
-def train(cfg: Config, keep_process_group: bool = False) -> dict:
+def train(cfg: Config) -> dict:
     """Run training as configured; returns the metrics written to metrics.json.
 
     On SIGINT/SIGTERM it checkpoints and returns early with ``metrics["interrupted"]`` set to the
-    signal number.  ``keep_process_group``: another run follows in this process (see ``run.end_run``).
+    signal number.
     """
     called = time.perf_counter()
-    run = build(cfg, make_accelerator(cfg), called, keep_process_group)
+    run = build(cfg, make_accelerator(cfg), called)
     try:  # the output folder's lock is held until the end, however it ends
         resume(run)
         initial = {}
@@ -42,8 +42,12 @@ def train(cfg: Config, keep_process_group: bool = False) -> dict:
         if loop.interrupted:
             return interrupted(run, loop)
         return finish(run, loop, initial)
+    except UsageError:  # stopped for what the user can fix (e.g. repeated non-finite steps): keep its logs
+        for tracker in run.accelerator.trackers:
+            tracker.finish()
+        raise
     finally:
-        run.release()
+        run.folder.release()
 
 
 def main(argv: list[str] | None = None) -> int:

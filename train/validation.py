@@ -12,7 +12,6 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid, save_image
 
 from autoencoder.errors import agreement
-from autoencoder.folders import write_guard
 from eval.latent import LatentAccumulator, collapse_warning
 from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
 
@@ -55,7 +54,7 @@ def log_grid(accelerator: Accelerator, inputs: torch.Tensor, recons: torch.Tenso
 def validate(run: Run, step: int) -> dict:
     """Held-out PSNR/SSIM/LPIPS and loss terms, gathered over processes; saves the grid on main."""
     acc, cfg = run.accelerator, run.cfg
-    vae_model = acc.unwrap_model(run.model)
+    vae_model = acc.unwrap_model(run.model.module)
     # Invariant: autocast computes in bf16/fp16, but the master weights never leave fp32.
     assert all(p.dtype == torch.float32 for p in vae_model.parameters()), "master weights must stay fp32"
     was_training = vae_model.training
@@ -85,7 +84,7 @@ def validate(run: Run, step: int) -> dict:
     results["val/n_images"] = metrics.count("psnr")
     results.update(latent_results(latent_acc, step))
     path = Path(cfg.train.output_dir) / "samples" / f"step_{step:07d}.png"
-    with agreement(), write_guard(path, lambda: checkpoints.survivors(Path(cfg.train.output_dir)), "rerun"):
+    with agreement(), run.folder.guard(path, lambda: checkpoints.survivors(run.folder.path)):
         if acc.is_main_process:  # a full disk here ends every rank, not only this one
             n = cfg.train.num_grid_images
             log_grid(acc, torch.cat(grid_inputs)[:n], torch.cat(grid_recons)[:n], path, step)
