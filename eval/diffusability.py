@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from autoencoder.equivariance import downsample, valid_scales
 
-from .fid import FrechetAccumulator, to_uint8
+from .engine import gather_rows, split_rows
+from .fid import frechet_distance, to_uint8
 from .metrics import psnr_per_image
 
 SCALES = (2, 4)
@@ -35,19 +36,23 @@ def radial_frequency(h: int, w: int) -> torch.Tensor:
     return (fy[:, None].pow(2) + fx[None, :].pow(2)).sqrt()
 
 
+def power_spectra(t: torch.Tensor) -> torch.Tensor:
+    """[B,C,h,w] -> [B,h,w]: each image's |FFT|² summed over channels, DC removed per image and channel (float64)."""
+    t = t.double()
+    t = t - t.mean(dim=(-2, -1), keepdim=True)
+    return torch.fft.fft2(t).abs().pow(2).sum(dim=1)
+
+
 class SpectrumAccumulator:
-    """Power of [B,C,h,w] batches per radial bin (bins of width 1/n cycles, n = max(h, w)), summed in float64."""
+    """Power per radial bin (bins of width 1/n cycles, n = max(h, w)) of many images, summed in float64."""
 
     def __init__(self) -> None:
         self.power: torch.Tensor | None = None  # [h, w] summed |FFT|², DC removed
-        self.count = 0  # images x channels summed
 
-    def update(self, t: torch.Tensor) -> None:
-        t = t.double().cpu()
-        t = t - t.mean(dim=(-2, -1), keepdim=True)  # DC removed per image and channel
-        power = torch.fft.fft2(t).abs().pow(2).sum(dim=(0, 1))  # [h, w]
+    def update(self, spectra: torch.Tensor) -> None:
+        """Add per-image spectra [B, h, w] (``power_spectra``)."""
+        power = spectra.double().cpu().sum(0)
         self.power = power if self.power is None else self.power + power
-        self.count += t.shape[0] * t.shape[1]
 
     def spectrum(self) -> tuple[list[float], list[float]]:
         """(radius in cycles per sample, mean power per bin normalised to sum 1), DC bin left out."""
@@ -87,39 +92,52 @@ def midpoints(z: torch.Tensor) -> torch.Tensor:
 
 
 class Diffusability:
-    """The report for one model, accumulated over batches of [B,3,H,W] images in [-1, 1] (one process).
+    """The report for one model: an ``eval.engine`` metric over the engine's batches, on every rank.
 
-    ``encode`` gives the posterior mode, ``decode`` the image; ``features``: (metric name, extractor).
+    Per batch the equivariance figures (a decode of the downsampled mode per scale), the spectra and the
+    latents are gathered; ``compute`` decodes the interpolation midpoints, each rank its share, and takes
+    their Fréchet distance to the real images on ``bank``'s extractor ``features``, reported as ``name``
+    (``ifid`` on the FID Inception, ``ifd_vgg16`` on VGG16 features).
     """
 
-    def __init__(self, encode, decode, lpips_model, features: tuple[str, torch.nn.Module]):
-        self.encode, self.decode, self.lpips_model = encode, decode, lpips_model
-        self.name, self.extractor = features
+    def __init__(self, accelerator, vae, lpips_model, bank, features: str, name: str, batch_size: int):
+        self.accelerator, self.vae, self.lpips_model = accelerator, vae, lpips_model
+        self.bank, self.features, self.name, self.batch_size = bank, features, name, batch_size
         self.sums: dict[int, dict[str, float]] = {}  # per scale: summed PSNR and LPIPS
         self.latent_spec, self.image_spec = SpectrumAccumulator(), SpectrumAccumulator()
-        self.fd = FrechetAccumulator(self.extractor.num_features)
         self.latents: list[torch.Tensor] = []
         self.n = 0
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        z = self.encode(x)
+    def update(self, out) -> None:
+        x, z = out.x, out.posterior.mode()
+        gather = self.accelerator.gather_for_metrics
+        decode = lambda latents: self.vae.decode(latents).sample  # noqa: E731
         for s in valid_scales(list(SCALES), z.shape[-1], x.shape[-1], lpips=False):  # square: centre crops
             acc = self.sums.setdefault(s, {"psnr": 0.0, "lpips": 0.0})
-            for key, values in equivariance_batch(self.decode, x, z, s, self.lpips_model).items():
+            for key, values in gather(equivariance_batch(decode, x, z, s, self.lpips_model)).items():
                 acc[key] += float(values.double().sum())
-        self.latent_spec.update(z)
-        self.image_spec.update(F.interpolate(x, size=tuple(z.shape[-2:]), mode="bilinear", antialias=True))
-        self.fd.update(self.extractor(to_uint8(x)), real=True)
+        small = F.interpolate(x, size=tuple(z.shape[-2:]), mode="bilinear", antialias=True)
+        latent_power, image_power, z = gather((power_spectra(z), power_spectra(small), z.float()))
+        self.latent_spec.update(latent_power)
+        self.image_spec.update(image_power)
         self.latents.append(z.cpu())
-        self.n += len(x)
-        self.device = x.device
+        self.n += len(z)
 
     @torch.no_grad()
-    def compute(self, batch_size: int) -> dict:
-        """Decode the nearest-neighbour midpoints (``batch_size`` at a time) and return the report."""
-        for chunk in midpoints(torch.cat(self.latents)).split(batch_size):
-            self.fd.update(self.extractor(to_uint8(self.decode(chunk.to(self.device)).clamp(-1, 1))), real=False)
+    def interpolation_fd(self) -> float:
+        """Decode the nearest-neighbour midpoints (each rank its share) and their FD to the real images."""
+        mid = midpoints(torch.cat(self.latents))
+        extractor, device = self.bank.extractors[self.features], self.accelerator.device
+        mine = split_rows(self.accelerator, mid)
+        features = [
+            extractor(to_uint8(self.vae.decode(chunk.to(device)).sample.clamp(-1, 1)))
+            for chunk in mine.split(self.batch_size)
+        ]
+        fake = gather_rows(self.accelerator, torch.cat(features), len(mid))
+        return frechet_distance(self.bank.real(self.features), fake.double().cpu())
+
+    def compute(self) -> dict:
         radius, latent_power = self.latent_spec.spectrum()
         image_radius, image_power = self.image_spec.spectrum()
         return {
@@ -128,17 +146,9 @@ class Diffusability:
             "equivariance_scales_skipped": [s for s in SCALES if s not in self.sums],  # latent too small for them
             "hf_fraction": self.latent_spec.high_frequency_fraction(),
             "image_hf_fraction": self.image_spec.high_frequency_fraction(),
-            self.name: self.fd.compute(),
+            self.name: self.interpolation_fd(),
             "spectrum": {"radius": radius, "latent": latent_power, "image_radius": image_radius, "image": image_power},
         }
-
-
-def diffusability(encode, decode, batches, lpips_model, features: tuple[str, torch.nn.Module], batch_size: int) -> dict:
-    """``Diffusability`` over an iterable of batches."""
-    acc = Diffusability(encode, decode, lpips_model, features)
-    for x in batches:
-        acc.update(x)
-    return acc.compute(batch_size)
 
 
 def save_spectrum_figure(report: dict, path, title: str) -> None:

@@ -171,6 +171,58 @@ class FrechetAccumulator:
         return max(0.0, float(self.metric.compute()))
 
 
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The Fréchet distance between two feature sets [N, D] (torchmetrics' formula, float64)."""
+    acc = FrechetAccumulator(real.shape[1])
+    acc.update(real, real=True)
+    acc.update(fake, real=False)
+    return acc.compute()
+
+
+class FeatureBank:
+    """The real evaluation images' features on each extractor: filled once per run, shared by every model.
+
+    An ``eval.engine`` metric for the first model's pass (later passes add nothing): ``update`` extracts and
+    gathers the features of each batch's images; ``real(name)`` is the [N, D] float64 set.
+    """
+
+    def __init__(self, accelerator, extractors: dict[str, nn.Module]):
+        self.accelerator, self.extractors = accelerator, extractors
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in extractors}
+        self.done = False
+
+    @torch.no_grad()
+    def update(self, out) -> None:
+        if self.done:
+            return
+        images = to_uint8(out.x)
+        for name, extractor in self.extractors.items():
+            self.parts[name].append(self.accelerator.gather_for_metrics(extractor(images)).double().cpu())
+
+    def compute(self) -> dict:
+        self.done = True  # the set is complete after one pass
+        return {}
+
+    def real(self, name: str) -> torch.Tensor:
+        return torch.cat(self.parts[name])
+
+
+class FrechetDistance:
+    """FD between the real images and the reconstructions on one extractor (``rfid``, ``fd_vgg16``): a metric."""
+
+    def __init__(self, accelerator, bank: FeatureBank, name: str):
+        self.accelerator, self.bank, self.name = accelerator, bank, name
+        self.fake: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self, out) -> None:
+        features = self.bank.extractors[self.name](to_uint8(out.recon))
+        self.fake.append(self.accelerator.gather_for_metrics(features).double().cpu())
+
+    def compute(self) -> dict:
+        return {"value": frechet_distance(self.bank.real(self.name), torch.cat(self.fake))}
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1,1] float images -> uint8 [0,255] (the 8-bit images the distance is defined on)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

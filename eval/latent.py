@@ -12,22 +12,25 @@ Definitions (each stated in ``report.md`` next to its numbers):
   z ~ q(z|x)): ||m||² + tr(S + I − 2 S^½).  0 when the aggregate matches the prior's first two moments.
 - **likelihood**: −ELBO and an importance-weighted bound (IWAE, Burda et al. 2016) with k posterior
   samples, in bits per dimension (3·H·W 8-bit values), under a discretised Laplace decoder
-  p(x|z) over the 256 levels with location the decoded mean and one scale b per model: the
-  maximum-likelihood Laplace scale of its posterior-mode reconstructions (mean |x − x̂| in levels), the
-  fixed-scale decoder that matches an L1 reconstruction loss.
+  p(x|z) over the 256 levels with location the decoded mean and one scale b per model: the fixed-scale
+  decoder that matches an L1 reconstruction loss.  b is the maximum-likelihood Laplace scale of the
+  posterior-mode reconstructions (mean |x − x̂| in levels), rounded to the nearest point of a fixed grid
+  (``SCALES``, steps of 2^¼): the pass computes the bounds at every grid scale at once, so both are
+  known in the same single pass over the images, and the bound reported is exact at the scale it names.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL
 
 from autoencoder.losses import rate_bits_per_pixel
+from autoencoder.models import seeded_noise
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: Var_x E_q[z_u] above this is an active unit
 COLLAPSED_FRACTION = 0.01  # a channel with fewer active positions than this fraction is collapsed
 LEVELS = 255.0  # 8-bit images: pixel values in [-1, 1] map to 0..255
+SCALES = 2.0 ** (torch.arange(-12, 33, dtype=torch.float64) / 4)  # 0.125 ... 256 levels: the decoder scales b
 
 
 def kl_elements(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -53,13 +56,11 @@ class LatentAccumulator:
         self.positions = 0  # samples in the aggregate: images × h × w
         self.image_hw: tuple[int, int] | None = None
 
-    def update(
-        self, mean: torch.Tensor, logvar: torch.Tensor, image_hw: tuple[int, int], generator: torch.Generator
-    ) -> None:
+    def update(self, mean: torch.Tensor, logvar: torch.Tensor, image_hw: tuple[int, int], noise: torch.Tensor) -> None:
         """Add a batch of posterior means and log-variances [B, C, h, w] of images of size ``image_hw``.
 
-        ``generator`` (a CPU generator) draws the posterior samples of the aggregate: never the global RNG,
-        which training replays exactly after a resume.
+        ``noise`` [B, C, h, w] (standard normal, e.g. ``seeded_noise``) makes the posterior samples of the
+        aggregate: never the global RNG, which training replays exactly after a resume.
         """
         mean, logvar = mean.detach().double().cpu(), logvar.detach().double().cpu()
         b, c = mean.shape[:2]
@@ -75,8 +76,7 @@ class LatentAccumulator:
         self.std_sum += (0.5 * logvar).exp().sum(dim=(0, 2, 3))
         self.mu_sum += mean.sum(0)
         self.mu_sq_sum += mean.pow(2).sum(0)
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64)
-        z = (mean + (0.5 * logvar).exp() * noise).permute(0, 2, 3, 1).reshape(-1, c)  # [B·h·w, C] samples
+        z = (mean + (0.5 * logvar).exp() * noise.double().cpu()).permute(0, 2, 3, 1).reshape(-1, c)  # [B·h·w, C]
         self.z_sum += z.sum(0)
         self.z_outer += z.T @ z
         self.positions += z.shape[0]
@@ -166,27 +166,53 @@ def normal_log_prob(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -
     return elem.flatten(1).sum(1)
 
 
+def laplace_log_likelihood(target: torch.Tensor, loc: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Σ over each image's values of log P(x) under a discretised Laplace(loc, b), for every b in ``scales``: [B, G].
+
+    ``target``: 8-bit levels [B, ...]; ``loc``: the decoder's mean on the level scale.  A value whose bin lies
+    wholly on one side of ``loc`` (|x − loc| ≥ ½, not an end level) has log P = log ½ + log(1 − e^(−1/b)) −
+    (|x − loc| − ½)/b, so those need only their count and Σ(|x − loc| − ½) per image; the others (within half a
+    level of ``loc``, or at level 0 or 255) go through ``discretized_laplace_log_prob`` once per scale.  Exact.
+    """
+    x, mu = target.flatten(1).double(), loc.flatten(1).double()
+    d = (x - mu).abs()
+    plain = (d >= 0.5) & (x > 0) & (x < LEVELS)  # [B, N]
+    count = plain.sum(1, keepdim=True).double()  # [B, 1]
+    excess = torch.where(plain, d - 0.5, 0.0).sum(1, keepdim=True)  # [B, 1]
+    b = scales.to(x.device, torch.float64)[None]  # [1, G]
+    out = count * (math.log(0.5) + torch.log(-torch.expm1(-1.0 / b))) - excess / b  # [B, G]
+    rows = torch.nonzero(~plain)[:, 0]  # image of each other value
+    rest_x, rest_mu = x[~plain], mu[~plain]
+    for g, scale in enumerate(scales.tolist()):
+        logp = discretized_laplace_log_prob(rest_x, rest_mu, scale)
+        out[:, g] += torch.zeros(len(x), dtype=torch.float64, device=x.device).index_add_(0, rows, logp)
+    return out
+
+
 @torch.no_grad()
-def log_weights(vae: AutoencoderKL, x: torch.Tensor, k: int, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """[k, B] importance log-weights log p(x|z_i) + log p(z_i) − log q(z_i|x), z_i ~ q(z|x), in nats."""
-    posterior = vae.encode(x).latent_dist
+def log_weights(
+    vae: AutoencoderKL, x: torch.Tensor, posterior, scales: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """[k, B, G] importance log-weights log p(x|z_i) + log p(z_i) − log q(z_i|x), z_i ~ q(z|x), in nats, at each
+    decoder scale of ``scales`` [G]; ``posterior`` is q(z|x) of the images ``x``, and ``noise`` [k, B, C, h, w]
+    (standard normal) draws the k posterior samples."""
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    k = noise.shape[0]
     target = to_levels(x.float())
     out = []
-    for _ in range(k):
-        noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
-        z = mean + (0.5 * logvar).exp() * noise
+    for i in range(k):
+        z = mean + (0.5 * logvar).exp() * noise[i].to(mean)
         decoded = vae.decode(z.to(vae.dtype)).sample.float()
         loc = (decoded + 1) * (LEVELS / 2)  # the decoder's mean on the level scale, not rounded
-        log_px = discretized_laplace_log_prob(target, loc, scale).flatten(1).sum(1)
+        log_px = laplace_log_likelihood(target, loc, scales)  # [B, G]
         log_pz = normal_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
         log_qz = normal_log_prob(z, mean, logvar)
-        out.append(log_px + log_pz - log_qz)
+        out.append(log_px + (log_pz - log_qz).double()[:, None])
     return torch.stack(out)
 
 
 def elbo_and_iwae(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: the ELBO (mean of the log-weights) and the IWAE bound (log of their mean), from [k, B] weights.
+    """Per image: the ELBO (mean of the log-weights) and the IWAE bound (log of their mean), from [k, B, ...] weights.
 
     Same samples for both, so IWAE ≥ ELBO (Jensen), with equality at k = 1.
     """
@@ -194,32 +220,83 @@ def elbo_and_iwae(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return weights.mean(0), torch.logsumexp(weights, 0) - math.log(k)
 
 
-@dataclass
 class LikelihoodAccumulator:
-    """Sums of −ELBO and −IWAE in nats over images, for bits per dimension."""
+    """Sums over images of −ELBO and −IWAE in nats at each decoder scale of ``SCALES``, and of |x − x̂|."""
 
-    neg_elbo: float = 0.0
-    neg_iwae: float = 0.0
-    n: int = 0
+    def __init__(self) -> None:
+        self.neg_elbo = torch.zeros(len(SCALES), dtype=torch.float64)
+        self.neg_iwae = torch.zeros(len(SCALES), dtype=torch.float64)
+        self.abs_error = 0.0  # Σ over images of the mean |x − x̂| (levels) of the mode reconstruction
+        self.n = 0
 
-    def update(self, weights: torch.Tensor) -> None:
-        """Add a batch's [k, B] log-weights."""
-        elbo, iwae = elbo_and_iwae(weights.double().cpu())
-        self.neg_elbo -= float(elbo.sum())
-        self.neg_iwae -= float(iwae.sum())
+    def update(self, weights: torch.Tensor, abs_error: torch.Tensor) -> None:
+        """Add a batch's [k, B, G] log-weights and [B] mean absolute errors of its mode reconstructions."""
+        elbo, iwae = elbo_and_iwae(weights.double().cpu())  # [B, G] each
+        self.neg_elbo -= elbo.sum(0)
+        self.neg_iwae -= iwae.sum(0)
+        self.abs_error += float(abs_error.double().sum())
         self.n += weights.shape[1]
 
-    def compute(self, image_hw: tuple[int, int], k: int, scale: float) -> dict:
-        """Bits per dimension (3·H·W values per image) of both bounds, with the likelihood stated."""
+    def compute(self, image_hw: tuple[int, int], k: int) -> dict:
+        """Bits per dimension (3·H·W values per image) of both bounds at the grid scale nearest the ML scale."""
         dims = 3 * image_hw[0] * image_hw[1] * math.log(2.0)
+        ml = max(self.abs_error / self.n, float(SCALES[0]))
+        g = int((SCALES.log() - math.log(ml)).abs().argmin())
+        scale = float(SCALES[g])
         return {
-            "neg_elbo_bpd": self.neg_elbo / self.n / dims,
-            "iwae_nll_bpd": self.neg_iwae / self.n / dims,
+            "neg_elbo_bpd": float(self.neg_elbo[g]) / self.n / dims,
+            "iwae_nll_bpd": float(self.neg_iwae[g]) / self.n / dims,
             "iwae_samples": k,
             "laplace_scale_levels": scale,
-            "likelihood": f"discretised Laplace over 256 levels, scale {scale:.3g} levels (ML fit to the mode "
-            "reconstructions); prior N(0, I)",
+            "laplace_ml_scale_levels": ml,
+            "likelihood": f"discretised Laplace over 256 levels, scale {scale:.3g} levels (the grid point nearest "
+            f"the ML fit {ml:.3g} to the mode reconstructions); prior N(0, I)",
         }
+
+
+class LatentReport:
+    """Rate, active units and prior gap of the posteriors (``LatentAccumulator``), gathered: an ``eval.engine``
+    metric.  Also keeps the first two posterior means, for the pictures."""
+
+    def __init__(self, accelerator, seed: int):
+        self.accelerator, self.seed = accelerator, seed
+        self.acc = LatentAccumulator()
+        self.first_means: list[torch.Tensor] = []
+
+    def update(self, out) -> None:
+        index = out.index.to(out.x.device)
+        moments = (out.posterior.mean.float(), out.posterior.logvar.float(), index)
+        mean, logvar, index = self.accelerator.gather_for_metrics(moments)
+        noise = seeded_noise(tuple(mean.shape[1:]), index.cpu(), self.seed)
+        self.acc.update(mean, logvar, tuple(out.x.shape[-2:]), noise)
+        self.first_means += list(mean[: max(0, 2 - len(self.first_means))].cpu())
+
+    def compute(self) -> dict:
+        return self.acc.compute() if self.acc.n > 1 else {}
+
+
+class Likelihood:
+    """−ELBO and the IWAE bound with ``k`` posterior samples per image (seeded per image): an ``eval.engine`` metric.
+
+    Costs k decodes per batch; the decoder scale is chosen at ``compute`` from the same pass (module docstring).
+    """
+
+    def __init__(self, accelerator, vae: AutoencoderKL, k: int, seed: int):
+        self.accelerator, self.vae, self.k, self.seed = accelerator, vae, k, seed
+        self.acc = LikelihoodAccumulator()
+        self.image_hw: tuple[int, int] | None = None
+
+    def update(self, out) -> None:
+        shape = tuple(out.posterior.mean.shape[1:])
+        noise = seeded_noise(shape, out.index, self.seed + 1, samples=self.k)  # [k, B, C, h, w]
+        weights = log_weights(self.vae, out.x, out.posterior, SCALES, noise)  # [k, B, G]
+        abs_error = (to_levels(out.x.float()) - (out.recon.float() + 1) * (LEVELS / 2)).abs().flatten(1).mean(1)
+        weights, abs_error = self.accelerator.gather_for_metrics((weights.transpose(0, 1).contiguous(), abs_error))
+        self.acc.update(weights.transpose(0, 1), abs_error)
+        self.image_hw = tuple(out.x.shape[-2:])
+
+    def compute(self) -> dict:
+        return self.acc.compute(self.image_hw, self.k)
 
 
 # ---- pictures -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Reconstruction metrics shared by training validation and the evaluation runner.
+"""Reconstruction metrics shared by training validation and the evaluation runner (``Reconstruction``).
 
 Images are compared as published VAE tables do: quantised to 8 bit, per-image scores, averaged
 over images.  PSNR and SSIM come from torchmetrics (SSIM: 11x11 Gaussian window, sigma 1.5);
@@ -85,3 +85,18 @@ class MeanAccumulator:
     def count(self, key: str) -> int:
         """Number of values seen for ``key``."""
         return self.counts.get(key, 0)
+
+
+class Reconstruction:
+    """Per-image PSNR/SSIM(/MS-SSIM)/LPIPS of the reconstructions, mean over images: an ``eval.engine`` metric."""
+
+    def __init__(self, accelerator, lpips_model: nn.Module | None = None):
+        self.accelerator, self.lpips_model = accelerator, lpips_model
+        self.means = MeanAccumulator()
+
+    def update(self, out) -> None:
+        values = reconstruction_metrics(out.recon, out.x, self.lpips_model)
+        self.means.update(self.accelerator.gather_for_metrics(values))
+
+    def compute(self) -> dict:
+        return {**self.means.compute(), "n_images": self.means.count("psnr")}

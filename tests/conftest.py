@@ -138,3 +138,31 @@ def record_batches(monkeypatch) -> list[tuple[list[int], bool]]:
 
     monkeypatch.setattr(train.loop, "train_step", recording)
     return seen
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """An Accelerator on the CPU, made after forgetting earlier ones (accelerate keeps process-wide state)."""
+    from accelerate import Accelerator
+
+    def make(**kwargs) -> Accelerator:
+        reset_accelerate()
+        return Accelerator(cpu=True, **kwargs)
+
+    yield make
+    reset_accelerate()
+
+
+def out_of_memory_at(monkeypatch, micro_batch: int) -> None:
+    """The training loss raises torch's out-of-memory error at its ``micro_batch``-th call (validation uncounted)."""
+    from autoencoder.losses import VAELoss
+
+    real_forward, calls = VAELoss.forward, {"train": 0}
+
+    def forward(self, *args, split="train", **kwargs):
+        calls[split] = calls.get(split, 0) + 1
+        if split == "train" and calls["train"] == micro_batch:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, split=split, **kwargs)
+
+    monkeypatch.setattr(VAELoss, "forward", forward)

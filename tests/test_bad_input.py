@@ -286,18 +286,12 @@ def test_two_ranks_end_together_with_one_message(places, lpips_dir, tmp_path):
 def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, lpips_dir, monkeypatch, capsys):
     """An OOM in step 6's forward: the run saves step 5, exits 3 with the failing batch, and its resume trains on
     the failed batch and then on exactly the batches the uninterrupted run trains on."""
-    from conftest import record_batches
+    from conftest import out_of_memory_at, record_batches
 
     from autoencoder.losses import VAELoss
 
     monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
-    real_forward, calls = VAELoss.forward, {"train": 0}
-
-    def forward(self, *args, split="train", **kwargs):
-        calls[split] = calls.get(split, 0) + 1
-        if split == "train" and calls["train"] == 6:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(self, *args, split=split, **kwargs)
+    real_forward = VAELoss.forward
 
     args = ["--config=tiny", "--max_train_steps=8", "--checkpointing_steps=4", "--validation_steps=0"]
     trained = record_batches(monkeypatch)
@@ -305,7 +299,7 @@ def test_out_of_memory_checkpoints_then_names_the_batch_and_remedies(tmp_path, l
     assert trainer.main([*args, f"--output_dir={tmp_path / 'plain'}"]) == 0
     uninterrupted = trained[:]
     trained.clear()
-    monkeypatch.setattr(VAELoss, "forward", forward)
+    out_of_memory_at(monkeypatch, 6)
     out = tmp_path / "oom"
     args.append(f"--output_dir={out}")
     reset_accelerate()

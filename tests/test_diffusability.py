@@ -10,12 +10,15 @@ from autoencoder.config import LossConfig
 from autoencoder.equivariance import downsample, draw, valid_scales
 from eval.diffusability import (
     HALF_NYQUIST,
+    Diffusability,
     SpectrumAccumulator,
-    diffusability,
     equivariance_batch,
     midpoints,
+    power_spectra,
     radial_frequency,
 )
+from eval.engine import Outputs
+from eval.fid import FeatureBank
 from eval.metrics import psnr_per_image
 
 
@@ -68,8 +71,8 @@ def test_white_noise_has_a_flat_spectrum_and_the_bin_share_above_half_nyquist():
     g = torch.Generator().manual_seed(0)
     for _ in range(8):
         noise = torch.randn(32, 4, 16, 16, generator=g)
-        acc.update(noise)
-        shifted.update(noise + 5.0)  # a mean offset is DC: removed, it changes nothing
+        acc.update(power_spectra(noise))
+        shifted.update(power_spectra(noise + 5.0))  # a mean offset is DC: removed, it changes nothing
     assert shifted.high_frequency_fraction() == pytest.approx(acc.high_frequency_fraction(), abs=1e-9)
     r = radial_frequency(16, 16)
     share = float((r > HALF_NYQUIST).sum() / (r.numel() - 1))  # of the non-DC bins
@@ -83,7 +86,7 @@ def test_a_single_frequency_puts_all_power_below_or_above_half_nyquist(k, expect
     pos = torch.arange(16, dtype=torch.float64)
     wave = torch.cos(2 * math.pi * k * pos / 16)[None, None, None, :].expand(2, 3, 16, 16)  # radius k/16
     acc = SpectrumAccumulator()
-    acc.update(wave)
+    acc.update(power_spectra(wave))
     assert acc.high_frequency_fraction() == pytest.approx(expected, abs=1e-9)
 
 
@@ -92,10 +95,10 @@ def test_a_smooth_latent_has_a_small_high_frequency_fraction():
     noise = torch.randn(16, 4, 16, 16, generator=g)
     low_pass = torch.fft.ifft2(torch.fft.fft2(noise) * (radial_frequency(16, 16) <= 0.2)).real  # band-limited
     acc = SpectrumAccumulator()
-    acc.update(low_pass)
+    acc.update(power_spectra(low_pass))
     assert acc.high_frequency_fraction() < 1e-9
     blurred = SpectrumAccumulator()  # an 8x8 box blur (not periodic: edges leak some power upwards)
-    blurred.update(F.avg_pool2d(torch.randn(16, 4, 23, 23, generator=g), 8, stride=1))
+    blurred.update(power_spectra(F.avg_pool2d(torch.randn(16, 4, 23, 23, generator=g), 8, stride=1)))
     assert blurred.high_frequency_fraction() < 0.25  # white noise: 0.80 (the bin share)
 
 
@@ -109,17 +112,41 @@ class _MomentFeatures(torch.nn.Module):
         return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
 
 
-def test_interpolation_fd_of_a_set_against_itself_with_identical_midpoints_is_zero():
+class _IdentityVAE:
+    """decode(z) = z: latents are the images themselves."""
+
+    @staticmethod
+    def decode(z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=z)
+
+
+def _diffusability(accelerator, images: torch.Tensor, batch: int = 8) -> dict:
+    """The engine's Diffusability metric over ``images`` as their own latents (posterior mode = the image)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    bank = FeatureBank(accelerator, {"moments": _MomentFeatures()})
+    metric = Diffusability(accelerator, _IdentityVAE(), _no_lpips, bank, "moments", "ifd_moments", batch)
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch]
+        posterior = DiagonalGaussianDistribution(torch.cat([x, torch.full_like(x, -30.0)], dim=1))
+        out = Outputs(x, torch.arange(start, start + len(x)), posterior, x)
+        bank.update(out)
+        metric.update(out)
+    bank.compute()
+    return metric.compute()
+
+
+def test_interpolation_fd_of_a_set_against_itself_with_identical_midpoints_is_zero(fresh_accelerator):
     x = _images(n=12)
     pairs = torch.cat([x, x])  # every image twice: its nearest other latent is its twin, the midpoint itself
     assert torch.equal(midpoints(pairs), pairs)
-    identity = lambda t: t
-    report = diffusability(identity, identity, pairs.split(8), _no_lpips, ("ifd_moments", _MomentFeatures()), 8)
+    report = _diffusability(fresh_accelerator(), pairs)
     assert report["ifd_moments"] == pytest.approx(0.0, abs=1e-3) and report["n_images"] == 24
     assert report["equivariance"]["2"]["psnr"] > 90  # identity: D(↓z) is ↓x exactly
     # and the midpoints of distinct images are not the images: the distance grows
-    report = diffusability(identity, identity, x.split(8), _no_lpips, ("ifd_moments", _MomentFeatures()), 8)
-    assert report["ifd_moments"] > 1.0
+    assert _diffusability(fresh_accelerator(), x)["ifd_moments"] > 1.0
 
 
 def test_midpoints_pair_each_latent_with_its_nearest_other():

@@ -10,12 +10,15 @@ from PIL import Image
 from autoencoder.config import ModelConfig
 from autoencoder.models import build_vae
 from eval.latent import (
+    SCALES,
     LatentAccumulator,
+    LikelihoodAccumulator,
     collapse_warning,
     discretized_laplace_log_prob,
     elbo_and_iwae,
     gaussian_fd_to_standard,
     kl_elements,
+    laplace_log_likelihood,
     log_weights,
     normal_log_prob,
 )
@@ -23,6 +26,10 @@ from eval.latent import (
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _noise(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed))
 
 
 def test_kl_rate_and_bits_per_pixel_match_closed_forms():
@@ -33,7 +40,7 @@ def test_kl_rate_and_bits_per_pixel_match_closed_forms():
     assert torch.allclose(kl_elements(mean, logvar), expected)
     # 3 images of 16x16 px with latents [2, 2, 2], every element N(1, 1): 0.5 nats per element
     acc = LatentAccumulator()
-    acc.update(torch.ones(3, 2, 2, 2), torch.zeros(3, 2, 2, 2), (16, 16), _gen())
+    acc.update(torch.ones(3, 2, 2, 2), torch.zeros(3, 2, 2, 2), (16, 16), _noise(3, 2, 2, 2))
     report = acc.compute()
     assert report["kl_per_latent_nats"] == pytest.approx(0.5)
     assert report["kl_per_image_nats"] == pytest.approx(4.0)  # 8 elements x 0.5
@@ -61,7 +68,8 @@ def test_discretised_laplace_is_a_distribution_over_the_256_levels():
 def test_prior_fd_is_zero_for_the_prior_and_grows_with_shift_and_scale():
     def fd_of(samples: torch.Tensor) -> float:  # samples [N, C] as point-mass posteriors [N, C, 1, 1]
         acc = LatentAccumulator()
-        acc.update(samples[:, :, None, None], torch.full((*samples.shape, 1, 1), -30.0), (8, 8), _gen())
+        point_mass = torch.full((*samples.shape, 1, 1), -30.0)
+        acc.update(samples[:, :, None, None], point_mass, (8, 8), _noise(*point_mass.shape))
         return acc.compute()["prior_fd"]
 
     z = torch.randn(40000, 4, generator=_gen(1))
@@ -92,7 +100,7 @@ def _report(vae, x: torch.Tensor) -> dict:
     acc = LatentAccumulator()
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
-    acc.update(posterior.mean, posterior.logvar, tuple(x.shape[-2:]), _gen())
+    acc.update(posterior.mean, posterior.logvar, tuple(x.shape[-2:]), _noise(*posterior.mean.shape))
     return acc.compute()
 
 
@@ -164,12 +172,16 @@ def test_elbo_and_iwae_match_a_model_whose_likelihood_is_known_in_closed_form():
     log_px = _laplace_log_px(((x + 1) * 127.5).round(), (decoded + 1) * 127.5, scale)  # [64]
     kl = dims * (0.5 * (s**2 + m**2 - 1) - math.log(s))
 
-    big = log_weights(vae, x, k=4000, scale=scale, generator=_gen(1)).double()  # [4000, 64]
+    def weights(k: int, seed: int) -> torch.Tensor:  # [k, 64] at the one decoder scale
+        noise = _noise(k, 64, 2, 1, 1, seed=seed)
+        return log_weights(vae, x, vae.encode(x).latent_dist, torch.tensor([scale]), noise)[..., 0].double()
+
+    big = weights(4000, 1)
     elbo, iwae = elbo_and_iwae(big)
     assert elbo.mean().item() == pytest.approx((log_px - kl).mean().item(), abs=0.01)
     assert torch.allclose(iwae, log_px, atol=0.1)  # each image's estimate, k = 4000
     assert iwae.mean().item() == pytest.approx(log_px.mean().item(), abs=0.01)
-    iwae_by_k = [elbo_and_iwae(log_weights(vae, x, k, scale, _gen(k)).double())[1].mean().item() for k in (1, 8, 64)]
+    iwae_by_k = [elbo_and_iwae(weights(k, k))[1].mean().item() for k in (1, 8, 64)]
     assert iwae_by_k[0] < iwae_by_k[1] < iwae_by_k[2] < log_px.mean().item()
     assert iwae_by_k[0] == pytest.approx((log_px - kl).mean().item(), abs=0.1)  # k = 1 is one ELBO sample
 
@@ -181,3 +193,31 @@ def test_sampled_kl_term_matches_the_closed_form():
     log_q = normal_log_prob(z, mean.expand_as(z), logvar.expand_as(z))
     log_p = normal_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
     assert (log_q - log_p).mean().item() == pytest.approx(kl_elements(mean, logvar).sum().item(), rel=0.01)
+
+
+def test_the_likelihood_at_every_grid_scale_equals_the_discretised_laplace_summed_value_by_value():
+    """``laplace_log_likelihood`` (values whose bin lies on one side of the mean summed in closed form) equals
+    ``discretized_laplace_log_prob`` summed value by value at every scale, for values inside, straddling and at the
+    ends; and torch's Laplace CDF differences where those keep their digits (a wide scale)."""
+    g = _gen(3)
+    target = torch.randint(0, 256, (4, 3, 8, 8), generator=g).double()
+    target[0, 0, 0, :4] = torch.tensor([0.0, 255.0, 0.0, 255.0])  # the open end bins
+    loc = target + torch.randn(target.shape, generator=g, dtype=torch.float64) * 6  # most values off by > ½
+    loc[1] = target[1] + torch.rand(target[1].shape, generator=g, dtype=torch.float64) - 0.5  # within ½: straddle
+    scales = torch.tensor([0.5, 2.0, 7.3, 40.0], dtype=torch.float64)
+    got = laplace_log_likelihood(target, loc, scales)  # [4, 4]
+    for g_i, b in enumerate(scales.tolist()):
+        by_value = discretized_laplace_log_prob(target, loc, b).flatten(1).sum(1)
+        assert torch.allclose(got[:, g_i], by_value, rtol=1e-12, atol=1e-9), b
+    assert torch.allclose(got[:, -1], _laplace_log_px(target, loc, 40.0), rtol=1e-9)
+
+
+def test_the_bound_is_reported_at_the_grid_scale_nearest_the_ml_scale():
+    acc = LikelihoodAccumulator()
+    weights = torch.arange(len(SCALES), dtype=torch.float64).expand(1, 2, -1) * -1.0  # [k=1, B=2, G]
+    acc.update(weights, torch.tensor([3.0, 3.4]))  # ML scale: mean |x − x̂| = 3.2 levels
+    report = acc.compute((2, 2), k=1)
+    g = int((SCALES - 3.2).abs().argmin())
+    assert report["laplace_ml_scale_levels"] == pytest.approx(3.2)
+    assert report["laplace_scale_levels"] == pytest.approx(float(SCALES[g])) == pytest.approx(2 ** (7 / 4))
+    assert report["neg_elbo_bpd"] == pytest.approx(g / (3 * 4 * math.log(2)))  # −(−g) nats per image

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import filter_repo_objects
 
 import diffusion_bridge.publish as publish
-import train.run
+import train.preflight
 import train.trainer as trainer
 from autoencoder.config import ModelConfig
 from autoencoder.folders import MARKER
@@ -248,14 +248,14 @@ def test_training_push_to_hub_uploads_the_export_with_its_held_out_metrics(tmp_p
         "--hub_model_id=me/tiny",
         "--hub_private",
     ]
-    monkeypatch.setattr(train.run, "get_token", lambda: None)
+    monkeypatch.setattr(train.preflight, "get_token", lambda: None)
     _reset()
     assert trainer.main(args) == 2
     assert "push_to_hub needs a Hugging Face token" in capsys.readouterr().err
     assert not (out / "vae").exists()  # refused before training
 
     api = FakeApi()
-    monkeypatch.setattr(train.run, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(train.preflight, "get_token", lambda: "hf_x")
     monkeypatch.setattr(publish, "get_token", lambda: "hf_x")
     monkeypatch.setattr(publish, "HfApi", lambda token: api)
     _reset()

@@ -426,19 +426,6 @@ def test_consecutive_nan_steps_stop_the_run(tmp_path, lpips_dir, monkeypatch, ca
 # the internal it relies on changes.
 
 
-@pytest.fixture
-def fresh_accelerator():
-    """An Accelerator on the CPU, made after forgetting earlier ones (accelerate keeps process-wide state)."""
-    from accelerate import Accelerator
-
-    def make(**kwargs) -> Accelerator:
-        reset_accelerate()
-        return Accelerator(cpu=True, **kwargs)
-
-    yield make
-    reset_accelerate()
-
-
 def test_fused_adamw_skips_its_update_and_step_count_where_found_inf_is_set(fresh_accelerator):
     """``guarded_step``: fused AdamW honours ``found_inf`` (no host sync); unset, it is a plain AdamW step."""
     from train.step import guarded_step
@@ -494,20 +481,14 @@ def test_out_of_memory_inside_an_accumulation_window_resumes_from_a_window_bound
     """With accumulation 2, an OOM in step 4's first micro-batch writes no checkpoint (it would split a window:
     accelerate has already counted the micro-batch); the resume from the periodic checkpoint-2 trains the same
     micro-batches in the same windows as the uninterrupted run."""
-    from conftest import record_batches
+    from conftest import out_of_memory_at, record_batches
 
     from autoencoder.errors import EXIT_OOM
     from autoencoder.losses import VAELoss
     from train import trainer
 
     monkeypatch.setenv("LPIPS_WEIGHTS", str(lpips_dir))
-    real_forward, calls = VAELoss.forward, {"train": 0}
-
-    def forward(self, *args, split="train", **kwargs):
-        calls[split] = calls.get(split, 0) + 1
-        if split == "train" and calls["train"] == 7:
-            raise torch.OutOfMemoryError("CPU out of memory")
-        return real_forward(self, *args, split=split, **kwargs)
+    real_forward = VAELoss.forward
 
     args = [*TINY_FAST, "--max_train_steps=4", "--checkpointing_steps=2", "--gradient_accumulation_steps=2"]
     trained = record_batches(monkeypatch)
@@ -516,7 +497,7 @@ def test_out_of_memory_inside_an_accumulation_window_resumes_from_a_window_bound
     uninterrupted = trained[:]
     assert [sync for _, sync in uninterrupted] == [False, True] * 4
     trained.clear()
-    monkeypatch.setattr(VAELoss, "forward", forward)
+    out_of_memory_at(monkeypatch, 7)
     out = tmp_path / "oom"
     reset_accelerate()
     assert trainer.main([*args, f"--output_dir={out}"]) == EXIT_OOM

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from test_lpips import _offline
 
-import train.run
+import train.preflight
 import train.trainer as trainer
 from autoencoder.config import DataConfig
 from autoencoder.data import ImageDataset, eval_transform, load_splits
@@ -112,8 +112,8 @@ def test_offline_without_lpips_weights_stops_before_training(run, monkeypatch, t
     def unreachable(*args, **kwargs):
         raise AssertionError("training work started before the LPIPS check")
 
-    monkeypatch.setattr(train.run, "load_splits", unreachable)
-    monkeypatch.setattr(train.run, "build_vae", unreachable)
+    monkeypatch.setattr(train.preflight, "load_splits", unreachable)
+    monkeypatch.setattr(train.preflight, "build_vae", unreachable)
     _offline(monkeypatch, tmp_path)
     code, _ = run("--max_train_steps=1")
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -173,7 +173,7 @@ def test_reported_lpips_is_the_alexnet_metric_of_the_exported_model(run, lpips_d
 
 
 def test_validation_warns_when_a_latent_channel_collapses(run, monkeypatch, caplog):
-    real_build = train.run.build_vae
+    real_build = train.preflight.build_vae
 
     def collapsed(cfg):  # channels 1 and 3 of the posterior mean no longer depend on the image
         vae = real_build(cfg)
@@ -182,7 +182,7 @@ def test_validation_warns_when_a_latent_channel_collapses(run, monkeypatch, capl
             vae.quant_conv.weight[3].zero_()
         return vae
 
-    monkeypatch.setattr(train.run, "build_vae", collapsed)
+    monkeypatch.setattr(train.preflight, "build_vae", collapsed)
     with caplog.at_level(logging.WARNING):
         code, out = run("--max_train_steps=1", "--validation_steps=0", "--checkpointing_steps=0")
     assert code == 0

@@ -1,4 +1,8 @@
-"""Held-out validation during training: PSNR/SSIM/LPIPS, loss terms and the latent report, gathered over ranks."""
+"""Held-out validation during training: ``python -m eval``'s engine with the figures training needs.
+
+PSNR/SSIM/LPIPS and the latent report are the evaluation runner's own metrics (``eval.engine``), so a figure
+means the same in a run's ``metrics.json`` and in an evaluation's; the loss terms are added here.
+"""
 
 import contextlib
 from collections.abc import Iterator
@@ -12,8 +16,9 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid, save_image
 
 from autoencoder.errors import agreement
-from eval.latent import LatentAccumulator, collapse_warning
-from eval.metrics import MeanAccumulator, quantize_01, reconstruction_metrics
+from eval.engine import Outputs, Samples, evaluate
+from eval.latent import LatentReport, collapse_warning
+from eval.metrics import MeanAccumulator, Reconstruction, quantize_01
 
 from . import checkpoints
 from .run import Run
@@ -49,54 +54,63 @@ def log_grid(accelerator: Accelerator, inputs: torch.Tensor, recons: torch.Tenso
             tracker.log_images({"val/reconstructions": [hwc]}, step=step)
 
 
+class LossTerms:
+    """The loss terms on the held-out images (batch means, one value per image), gathered: an ``eval.engine`` metric."""
+
+    def __init__(self, run: Run, step: int):
+        self.run, self.step = run, step
+        self.means = MeanAccumulator()
+
+    def update(self, out: Outputs) -> None:
+        _, logs = self.run.loss_fn(out.x, out.recon, out.posterior, step=self.step, split="val")
+        # batch means repeated per image, so gather_for_metrics drops the last batch's padding consistently
+        terms = {k.split("/", 1)[1]: v.expand(len(out.x)) for k, v in logs.items() if k != "val/beta"}
+        self.means.update(self.run.accelerator.gather_for_metrics(terms))
+
+    def compute(self) -> dict:
+        return self.means.compute()
+
+
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # --compile's regions run eager here: no recompiles for eval shapes
 def validate(run: Run, step: int) -> dict:
-    """Held-out PSNR/SSIM/LPIPS and loss terms, gathered over processes; saves the grid on main."""
+    """Held-out PSNR/SSIM/LPIPS, loss terms and the latent report, over every process; saves the grid on main."""
     acc, cfg = run.accelerator, run.cfg
     vae_model = acc.unwrap_model(run.model.module)
     # Invariant: autocast computes in bf16/fp16, but the master weights never leave fp32.
     assert all(p.dtype == torch.float32 for p in vae_model.parameters()), "master weights must stay fp32"
-    was_training = vae_model.training
-    vae_model.eval()
-    metrics, latent_acc = MeanAccumulator(), LatentAccumulator()
-    generator = torch.Generator().manual_seed(step)  # aggregate-posterior samples; the global RNG is untouched
-    grid_inputs, grid_recons = [], []
-    for batch in run.val_dl:
+
+    def forward(batch: dict) -> Outputs:
         x = batch["pixel_values"]  # [B,3,H,W] in [-1,1]
         with acc.autocast():
             recon, posterior = vae_model(x, sample_posterior=False)  # deterministic: decode the mode
-        recon = recon.float()
-        _, logs = run.loss_fn(x, recon, posterior, step=step, split="val")
-        per_image = reconstruction_metrics(recon, x, run.val_lpips)
-        # Batch-mean loss terms repeated per image so padding duplicates are dropped consistently.
-        terms = {k.split("/", 1)[1]: v.expand(x.shape[0]) for k, v in logs.items() if k != "val/beta"}
-        assert not terms.keys() & per_image.keys(), "loss log names must not shadow the metrics"
-        per_image.update(terms)
-        metrics.update(acc.gather_for_metrics(per_image))
-        mean, logvar = acc.gather_for_metrics((posterior.mean.float(), posterior.logvar.float()))
-        latent_acc.update(mean, logvar, tuple(x.shape[-2:]), generator)
-        if sum(t.shape[0] for t in grid_inputs) < cfg.train.num_grid_images:
-            grid_inputs.append(x)
-            grid_recons.append(recon)
+        return Outputs(x, batch["index"], posterior, recon.float())
+
+    metrics = {
+        "reconstruction": Reconstruction(acc, run.val_lpips),
+        "loss": LossTerms(run, step),
+        "latent": LatentReport(acc, seed=step),  # aggregate-posterior samples; the global RNG is untouched
+        "grid": Samples(acc, cfg.train.num_grid_images),
+    }
+    was_training = vae_model.training
+    vae_model.eval()
+    figures = evaluate(run.val_dl, forward, metrics)
     vae_model.train(was_training)
-    results = {f"val/{k}": v for k, v in metrics.compute().items()}
-    results["val/n_images"] = metrics.count("psnr")
-    results.update(latent_results(latent_acc, step))
+    assert not figures["loss"].keys() & figures["reconstruction"].keys(), "loss log names must not shadow the metrics"
+    results = {f"val/{k}": v for k, v in {**figures["reconstruction"], **figures["loss"]}.items()}
+    results.update(latent_results(figures["latent"], step))
     path = Path(cfg.train.output_dir) / "samples" / f"step_{step:07d}.png"
     with agreement(), run.folder.guard(path, lambda: checkpoints.survivors(run.folder.path)):
         if acc.is_main_process:  # a full disk here ends every rank, not only this one
-            n = cfg.train.num_grid_images
-            log_grid(acc, torch.cat(grid_inputs)[:n], torch.cat(grid_recons)[:n], path, step)
+            log_grid(acc, figures["grid"]["inputs"], figures["grid"]["recons"], path, step)
     acc.log({k: v for k, v in results.items() if k.startswith("val/")}, step=step)
     return results
 
 
-def latent_results(latent_acc: LatentAccumulator, step: int) -> dict:
+def latent_results(latent: dict, step: int) -> dict:
     """The latent report's per-channel KL, active units and prior gap (none for a single image)."""
-    if latent_acc.n < 2:  # active units are a variance over images
+    if not latent:  # active units are a variance over images
         return {}
-    latent = latent_acc.compute()
     results = {f"val/kl_ch{c}": kl for c, kl in enumerate(latent["kl_per_channel_nats"])}
     results["val/active_channels"] = latent["active_channels"]
     results["val/active_units_fraction"] = latent["active_units"] / latent["units"]

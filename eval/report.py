@@ -1,0 +1,182 @@
+"""report.md of ``python -m eval``: the side-by-side tables and how each figure was made."""
+
+
+def _fmt(value, digits: int) -> str:
+    """A table cell: a number, or '–' when absent."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _half_cell(check: dict | None) -> str:
+    """'finite (NN dB)' / 'NON-FINITE' / 'error' for the fp16/bf16 columns."""
+    if check is None:
+        return "–"
+    if check.get("finite") is None:
+        return "error"
+    return f"finite ({check['psnr_vs_fp32']:.0f} dB)" if check["finite"] else "**NON-FINITE**"
+
+
+def render_report(payload: dict) -> str:
+    """report.md: the side-by-side table and how the numbers were made."""
+    models = payload["models"]
+    fd_names = sorted({k for r in models.values() for k in r if k.startswith("fd_")})
+    head = [
+        "model",
+        "PSNR ↑",
+        "SSIM ↑",
+        "MS-SSIM ↑",
+        f"LPIPS-{payload['lpips_net']} ↓",
+        "rFID ↓",
+        *[f"{n} ↓" for n in fd_names],
+        "enc img/s",
+        "dec img/s",
+        "peak MB",
+        "fp16 decode",
+        "bf16 decode",
+        "tiled vs untiled (dB)",
+    ]
+    lines = [
+        "# VAE reconstruction report",
+        "",
+        f"- data: {payload['data']} — {payload['n_images']} images at {payload['resolution']} px "
+        f"(resize shorter side, bicubic antialiased, centre crop)",
+        "- PSNR/SSIM/MS-SSIM on 8-bit images (data range 255), mean over images; reconstructions use the "
+        "posterior mode",
+        f"- rFID: {payload['rfid_status']}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, r in models.items():
+        half = r.get("half_precision_decode", {})
+        tiling = r.get("tiling")
+        cells = [
+            f"`{name}`",
+            _fmt(r.get("psnr"), 2),
+            _fmt(r.get("ssim"), 4),
+            _fmt(r.get("ms_ssim"), 4),
+            _fmt(r.get("lpips"), 4),
+            _fmt(r.get("rfid"), 2),
+            *[_fmt(r.get(n), 2) for n in fd_names],
+            _fmt(r["encode_img_per_s"], 1),
+            _fmt(r["decode_img_per_s"], 1),
+            _fmt(r["peak_memory_mb"], 0),
+            _half_cell(half.get("float16")),
+            _half_cell(half.get("bfloat16")),
+            _fmt(tiling and tiling["decode_psnr"], 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(models.values()))
+    lines += [
+        "",
+        f"Throughput is per process ({first['num_processes']}), including host-to-device time; peak memory is "
+        f"{first['peak_memory_kind'].replace('_', ' ')}. fp16/bf16 decode: real latents of the first batch decoded "
+        "in that dtype (finite? PSNR vs fp32; on CPU one 8x8-latent crop, as CPUs emulate fp16 slowly). Tiled vs "
+        "untiled: one image at twice the resolution decoded with "
+        "`enable_tiling()` and without (PSNR between the two; higher = fewer seams).",
+        "",
+        "`reconstructions.png`: first row the originals, then one row per model in the order above.",
+        *latent_section(models),
+        *diffusability_section(models),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def diffusability_section(models: dict) -> list[str]:
+    """report.md's diffusability table: equivariance next to the plain reconstruction, HF fraction, iFD."""
+    reports = {m: r["diffusability"] for m, r in models.items() if r.get("diffusability")}
+    if not reports:
+        return []
+    fd = "ifid" if any("ifid" in d for d in reports.values()) else "ifd_vgg16"
+    head = ["model", "PSNR", "PSNR ↓2", "PSNR ↓4", "LPIPS", "LPIPS ↓2", "LPIPS ↓4", "HF fraction (image)", f"{fd} ↓"]
+    lines = ["", "## Diffusability", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, d in reports.items():
+        eq = d["equivariance"]
+        cells = [f"`{m}`", _fmt(models[m].get("psnr"), 2)]
+        cells += [_fmt(eq.get(s, {}).get("psnr"), 2) for s in ("2", "4")]
+        cells += [_fmt(models[m].get("lpips"), 4)] + [_fmt(eq.get(s, {}).get("lpips"), 4) for s in ("2", "4")]
+        cells += [f"{d['hf_fraction']:.4f} ({d['image_hf_fraction']:.4f})", _fmt(d.get(fd), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [
+        "",
+        "PSNR ↓s / LPIPS ↓s: D(↓ₛz) against ↓ₛx (z the posterior mode, the same antialiased bilinear downsampling "
+        "for both; LPIPS on both resized back to the evaluation size) next to the plain reconstruction: how far a "
+        "downsampled latent is from decoding to the downsampled image (scale equivariance, Skorokhodov et al. 2025). "
+        "HF fraction: share of the latents' power above half the Nyquist radius (DC removed; the images resized to "
+        f"the latent size in brackets). {fd}: Fréchet distance of decoded nearest-neighbour latent midpoints to the "
+        "real images (" + ("FID Inception" if fd == "ifid" else "VGG16 features, not FID") + "). `spectrum_N.png`: "
+        "both radial spectra on log axes.",
+    ]
+
+
+def _per_channel(values: list[float], digits: int = 3) -> str:
+    """A per-channel list as 'c0 v, c1 v, ...'."""
+    return ", ".join(f"{v:.{digits}g}" for v in values)
+
+
+def latent_section(models: dict) -> list[str]:
+    """report.md's latent-space part: rate, active units, prior gap, likelihood, per-channel detail, pictures."""
+    head = [
+        "model",
+        "rate (bits/px)",
+        "KL/elem (nats)",
+        "active units",
+        "active channels",
+        "collapsed",
+        "prior FD",
+        "−ELBO (bpd)",
+        "IWAE NLL (bpd)",
+    ]
+    lines = ["", "## Latent space", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in models.items():
+        lat = r["latent"]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{name}`",
+                    f"{lat['rate_bpp']:.4f}",
+                    f"{lat['kl_per_latent_nats']:.4f}",
+                    f"{lat['active_units']}/{lat['units']}",
+                    f"{lat['active_channels']}/{lat['latent_shape'][0]}",
+                    str(lat["collapsed_channels"] or "none"),
+                    f"{lat['prior_fd']:.3f}",
+                    _fmt(lat.get("neg_elbo_bpd"), 4),
+                    _fmt(lat.get("iwae_nll_bpd"), 4),
+                ]
+            )
+            + " |"
+        )
+    first = next(iter(models.values()))["latent"]
+    lines += [
+        "",
+        "- rate: KL(q(z|x) ‖ N(0, I)) per latent element, and per image in bits per input pixel (KL / (H·W·ln 2))",
+        "- active unit (Burda et al. 2016): Var over images of the posterior mean of one latent unit (channel, "
+        "row, column) > 0.01; a channel active at < 1 % of its positions is collapsed",
+        "- prior FD: Gaussian Fréchet distance between the aggregate posterior of the C-dim latent vector at a "
+        "position (posterior samples pooled over images and positions) and N(0, I); 0 = the prior's moments",
+        "- likelihood: "
+        + (
+            "discretised Laplace decoder over the 256 levels with each model's maximum-likelihood "
+            "scale (mean |x − x̂| of its mode reconstructions, listed below), prior N(0, I); IWAE with "
+            f"k = {first['iwae_samples']} posterior samples; bits per dimension over the 3·H·W 8-bit values"
+            if "iwae_samples" in first
+            else "not computed (--iwae_samples 0)"
+        ),
+        "",
+    ]
+    for name, r in models.items():
+        lat = r["latent"]
+        lines += [
+            f"`{name}` per channel: KL (nats/elem) {_per_channel(lat['kl_per_channel_nats'])}; active fraction "
+            f"{_per_channel(lat['active_fraction_per_channel'], 2)}; posterior std "
+            f"{_per_channel(lat['posterior_std_per_channel'])}; aggregate mean "
+            f"{_per_channel(lat['aggregate_mean_per_channel'])}, std {_per_channel(lat['aggregate_std_per_channel'])}"
+            + (f"; Laplace scale {lat['laplace_scale_levels']:.3g} levels" if "laplace_scale_levels" in lat else "")
+            + (f". Pictures: `{lat['figure']}`" if "figure" in lat else ""),
+            "",
+        ]
+    lines.append(
+        "Pictures: traversals (one row per channel, moved over ±2σ of its aggregate distribution), linear and "
+        "spherical interpolation between two held-out images, samples from the aggregate-matched prior."
+    )
+    return lines
