@@ -5,6 +5,7 @@ counted instead of crashing a run, and so that grayscale, palette, RGBA and 16-b
 converted to 8-bit RGB the same way.
 """
 
+import hashlib
 import io
 import logging
 import os
@@ -217,6 +218,20 @@ class ImageDataset(SharedEpoch, torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def fingerprint(self) -> str:
+        """sha256 of the images as stored: each one's bytes, or for a file on disk its path, size and mtime."""
+        digest = hashlib.sha256()
+        for batch in self.ds.select_columns([self.column]).iter(batch_size=1000):
+            for value in batch[self.column]:
+                if isinstance(value, dict) and value.get("bytes") is not None:
+                    digest.update(value["bytes"])
+                elif isinstance(value, dict) and value.get("path"):
+                    stat = os.stat(value["path"])
+                    digest.update(f"{value['path']}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                else:
+                    digest.update(repr(value).encode())
+        return digest.hexdigest()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(MAX_CONSECUTIVE_BAD):

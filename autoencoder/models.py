@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -233,17 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    """A random generator for one image: numpy's PCG64 seeded with the pair (seed, index) through its SeedSequence.
+
+    (torch's CPU generator keeps only the low 32 bits of a seed, so ``seed * 2**32 + index`` would ignore the seed.)
+    """
+    return np.random.default_rng([int(seed), int(index)])
+
+
 def seeded_noise(shape: tuple[int, ...], indices: torch.Tensor, seed: int, samples: int | None = None) -> torch.Tensor:
-    """Standard normal noise per image from a generator seeded by (seed, the image's index): [B, *shape], or
-    [samples, B, *shape].  A figure drawn from it does not depend on the batch size or the number of processes."""
-    draws = [
-        torch.randn(
-            *(() if samples is None else (samples,)),
-            *shape,
-            generator=torch.Generator().manual_seed(seed * 2**32 + int(i)),
-        )
-        for i in indices
-    ]
+    """Standard normal noise per image from ``image_rng(seed, index)``: [B, *shape], or [samples, B, *shape].
+    A figure drawn from it does not depend on the batch size or the number of processes."""
+    size = shape if samples is None else (samples, *shape)
+    draws = [torch.from_numpy(image_rng(seed, i).standard_normal(size, dtype=np.float32)) for i in indices]
     return torch.stack(draws, dim=0 if samples is None else 1)
 
 

@@ -9,9 +9,15 @@ Three figures per VAE (``python -m eval``: ``models.<m>.diffusability`` in metri
 * **latent spectrum**: the radial power spectrum of the latents (DC removed per image and channel,
   averaged over channels and images) against that of the images resized to the latent size; the
   summary figure is the fraction of power above half the Nyquist radius (0.25 cycles per position).
-* **interpolation FD** (iFID, 2026): decode the midpoint (linear in latent space) between each
-  latent and its nearest other latent, and take the Fréchet distance of those decodings to the real
-  images: ``ifid`` on the FID Inception, else ``ifd_vgg16`` on VGG16 features (never called FID).
+* **iFID** (Xu et al. 2026, "Making rFID predictive of diffusion gFID"; their ``evalvae.py``): for each
+  evaluation latent z (a posterior sample), its 10 nearest neighbours by cosine similarity among the latents
+  of a reference set, one neighbour n drawn with probability softmax(−MSE(z, ·)) over those 10, the
+  spherical interpolation slerp(z, n, ½) decoded, and the FID of those decodings against the real
+  evaluation images.  Search and draw use the latents normalised per channel with the reference set's
+  statistics (their ``--metric-norm bn_channel``, behind the published 22-tokenizer table); slerp and
+  decoding use the latents as they are.  The reference set is a split of other images when one is given,
+  else the evaluation images themselves with each image's own latent left out.  ``ifid`` on the FID
+  Inception, else ``ifd_vgg16`` on VGG16 features (never called FID).
 """
 
 import math
@@ -21,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from autoencoder.equivariance import downsample, valid_scales
+from autoencoder.models import image_rng, seeded_noise
 
 from .engine import gather_rows, split_rows
 from .fid import frechet_distance, to_uint8
+from .latent import slerp
 from .metrics import psnr_per_image
 
 SCALES = (2, 4)
@@ -83,12 +91,41 @@ def equivariance_batch(
     return {"psnr": psnr, "lpips": lpips_model(*up).flatten()}
 
 
-def midpoints(z: torch.Tensor) -> torch.Tensor:
-    """[N,C,h,w] -> midpoints (z_i + z_j) / 2 with j the nearest other latent of i (L2 over all values)."""
-    flat = z.flatten(1).double()
-    dist = torch.cdist(flat, flat)
-    dist.fill_diagonal_(math.inf)
-    return (z + z[dist.argmin(dim=1)]) / 2
+NEIGHBOURS = 10  # iFID's k: the draw is among this many nearest reference latents
+
+
+def channel_normalised(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """[N,C,h,w] -> [N, C·h·w]: flattened, each channel standardised with the reference set's mean and std."""
+    mean = reference.double().mean(dim=(0, 2, 3), keepdim=True)
+    std = reference.double().var(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6).sqrt()
+    return ((z.double() - mean) / std).flatten(1)
+
+
+def interpolation_partners(
+    z: torch.Tensor, index: torch.Tensor, seed: int, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """For each latent z [N,C,h,w], iFID's partner among the ``reference`` latents [M,C,h,w] (module docstring).
+
+    ``reference`` None: the latents ``z`` themselves, each one's own left out.  The draw of latent i comes from
+    a generator seeded by (seed, its image index ``index[i]``): the same whatever the batch or process.
+    """
+    self_excluded = reference is None
+    ref = z if self_excluded else reference
+    zn, rn = channel_normalised(z, ref), channel_normalised(ref, ref)
+    zu, ru = F.normalize(zn, dim=1), F.normalize(rn, dim=1)
+    k = min(NEIGHBOURS, len(ref) - self_excluded)
+    chosen = torch.empty(len(z), dtype=torch.long)
+    step = max(1, 2**24 // (k * zn.shape[1]))  # rows per chunk: [step, k, D] float64 stays under 128 MiB
+    for start in range(0, len(z), step):
+        rows = torch.arange(start, min(start + step, len(z)))
+        cosine = zu[rows] @ ru.T  # [r, M]
+        if self_excluded:
+            cosine[torch.arange(len(rows)), rows] = -math.inf
+        top = cosine.topk(k, dim=1).indices  # [r, k]
+        probs = torch.softmax(-(zn[rows, None] - rn[top]).pow(2).mean(-1), dim=1)  # softmax(−MSE) over the k
+        for r, i in enumerate(rows.tolist()):
+            chosen[i] = top[r, image_rng(seed, index[i]).choice(k, p=probs[r].numpy())]
+    return ref[chosen]
 
 
 class Diffusability:
@@ -100,12 +137,15 @@ class Diffusability:
     (``ifid`` on the FID Inception, ``ifd_vgg16`` on VGG16 features).
     """
 
-    def __init__(self, accelerator, vae, lpips_model, bank, features: str, name: str, batch_size: int):
+    def __init__(self, accelerator, vae, lpips_model, bank, features: str, name: str, batch_size: int, seed: int):
         self.accelerator, self.vae, self.lpips_model = accelerator, vae, lpips_model
         self.bank, self.features, self.name, self.batch_size = bank, features, name, batch_size
+        self.seed = seed
+        self.reference: torch.Tensor | None = None  # iFID's reference latents; None: the evaluation latents
         self.sums: dict[int, dict[str, float]] = {}  # per scale: summed PSNR and LPIPS
         self.latent_spec, self.image_spec = SpectrumAccumulator(), SpectrumAccumulator()
-        self.latents: list[torch.Tensor] = []
+        self.samples: list[torch.Tensor] = []  # posterior samples [B,C,h,w] (iFID's latents)
+        self.indices: list[torch.Tensor] = []
         self.n = 0
 
     @torch.no_grad()
@@ -118,16 +158,21 @@ class Diffusability:
             for key, values in gather(equivariance_batch(decode, x, z, s, self.lpips_model)).items():
                 acc[key] += float(values.double().sum())
         small = F.interpolate(x, size=tuple(z.shape[-2:]), mode="bilinear", antialias=True)
-        latent_power, image_power, z = gather((power_spectra(z), power_spectra(small), z.float()))
+        noise = seeded_noise(tuple(z.shape[1:]), out.index, self.seed).to(z)
+        sample = out.posterior.mean + out.posterior.std * noise  # the posterior sample iFID interpolates
+        index = out.index.to(x.device)
+        latent_power, image_power, sample, index = gather((power_spectra(z), power_spectra(small), sample, index))
         self.latent_spec.update(latent_power)
         self.image_spec.update(image_power)
-        self.latents.append(z.cpu())
-        self.n += len(z)
+        self.samples.append(sample.float().cpu())
+        self.indices.append(index.cpu())
+        self.n += len(sample)
 
     @torch.no_grad()
     def interpolation_fd(self) -> float:
-        """Decode the nearest-neighbour midpoints (each rank its share) and their FD to the real images."""
-        mid = midpoints(torch.cat(self.latents))
+        """Decode the interpolations (each rank its share) and their FD to the real images."""
+        z = torch.cat(self.samples)
+        mid = slerp(z, interpolation_partners(z, torch.cat(self.indices), self.seed + 1, self.reference), 0.5)
         extractor, device = self.bank.extractors[self.features], self.accelerator.device
         mine = split_rows(self.accelerator, mid)
         features = [
@@ -147,6 +192,9 @@ class Diffusability:
             "hf_fraction": self.latent_spec.high_frequency_fraction(),
             "image_hf_fraction": self.image_spec.high_frequency_fraction(),
             self.name: self.interpolation_fd(),
+            "ifid_reference": "the evaluation images, each one's own latent left out"
+            if self.reference is None
+            else f"{len(self.reference)} other images",
             "spectrum": {"radius": radius, "latent": latent_power, "image_radius": image_radius, "image": image_power},
         }
 

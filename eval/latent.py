@@ -22,6 +22,7 @@ Definitions (each stated in ``report.md`` next to its numbers):
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from autoencoder.losses import rate_bits_per_pixel
@@ -302,13 +303,18 @@ class Likelihood:
 # ---- pictures -----------------------------------------------------------------------------------
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation between two latents (flattened angle), linear when they are parallel."""
-    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).clamp(-1, 1)
-    omega = torch.arccos(cos)
-    if omega.abs() < 1e-4:
-        return (1 - t) * a + t * b
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation of each pair of latents a[i], b[i] [N, ...] by the angle of the flattened latents,
+    linear where they are parallel (iFID's formula: the weights multiply the latents as they are)."""
+    af, bf = a.flatten(1), b.flatten(1)
+    cos = (F.normalize(af, dim=1, eps=eps) * F.normalize(bf, dim=1, eps=eps)).sum(1).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    w_a, w_b = torch.sin((1 - t) * theta) / (sin + eps), torch.sin(t * theta) / (sin + eps)
+    out = w_a[:, None] * af + w_b[:, None] * bf
+    parallel = sin < 1e-6
+    out[parallel] = (1 - t) * af[parallel] + t * bf[parallel]
+    return out.view_as(a)
 
 
 @torch.no_grad()
@@ -331,7 +337,7 @@ def picture_rows(
         traversal.append(decode(zs))
     fractions = torch.linspace(0, 1, steps)
     linear = torch.stack([(1 - f) * z_a + f * z_b for f in fractions])
-    spherical = torch.stack([slerp(z_a, z_b, float(f)) for f in fractions])
+    spherical = torch.cat([slerp(z_a[None], z_b[None], float(f)) for f in fractions])
     g = torch.Generator().manual_seed(seed)
     prior = agg_mean.view(1, -1, 1, 1) + agg_std.view(1, -1, 1, 1) * torch.randn(
         steps, *z_a.shape, generator=g, dtype=z_a.dtype

@@ -15,25 +15,36 @@ def _half_cell(check: dict | None) -> str:
     return f"finite ({check['psnr_vs_fp32']:.0f} dB)" if check["finite"] else "**NON-FINITE**"
 
 
+def _kid_cell(kid: dict | None) -> str:
+    """'0.0123 ± 0.0004' (mean ± std over subsets), or '–'."""
+    return "–" if kid is None else f"{kid['mean']:.4f} ± {kid['std']:.4f}"
+
+
+def reconstruction_table(payload: dict) -> list[str]:
+    """The side-by-side table: reconstruction figures, rFID/KID, named FDs, speed, half precision, tiling."""
+    models = payload["models"]
+    fd_names = sorted({k for r in models.values() for k in r if k.startswith("fd_")})
+    head = ["model", "PSNR ↑", "SSIM ↑", "MS-SSIM ↑", f"LPIPS-{payload['lpips_net']} ↓", "rFID ↓", "KID ↓"]
+    head += [f"{n} ↓" for n in fd_names]
+    head += ["enc img/s", "dec img/s", "peak MB", "fp16 decode", "bf16 decode", "tiled vs untiled (dB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in models.items():
+        half, tiling = r.get("half_precision_decode", {}), r.get("tiling")
+        cells = [f"`{name}`", _fmt(r.get("psnr"), 2), _fmt(r.get("ssim"), 4), _fmt(r.get("ms_ssim"), 4)]
+        cells += [_fmt(r.get("lpips"), 4), _fmt(r.get("rfid"), 2), _kid_cell(r.get("kid"))]
+        cells += [_fmt(r.get(n), 2) for n in fd_names]
+        cells += [_fmt(r["encode_img_per_s"], 1), _fmt(r["decode_img_per_s"], 1), _fmt(r["peak_memory_mb"], 0)]
+        cells += [_half_cell(half.get("float16")), _half_cell(half.get("bfloat16"))]
+        cells.append(_fmt(tiling and tiling["decode_psnr"], 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_report(payload: dict) -> str:
     """report.md: the side-by-side table and how the numbers were made."""
     models = payload["models"]
-    fd_names = sorted({k for r in models.values() for k in r if k.startswith("fd_")})
-    head = [
-        "model",
-        "PSNR ↑",
-        "SSIM ↑",
-        "MS-SSIM ↑",
-        f"LPIPS-{payload['lpips_net']} ↓",
-        "rFID ↓",
-        *[f"{n} ↓" for n in fd_names],
-        "enc img/s",
-        "dec img/s",
-        "peak MB",
-        "fp16 decode",
-        "bf16 decode",
-        "tiled vs untiled (dB)",
-    ]
+    first = next(iter(models.values()))
+    warning = next((r["fid_warning"] for r in models.values() if "fid_warning" in r), None)
     lines = [
         "# VAE reconstruction report",
         "",
@@ -41,32 +52,10 @@ def render_report(payload: dict) -> str:
         f"(resize shorter side, bicubic antialiased, centre crop)",
         "- PSNR/SSIM/MS-SSIM on 8-bit images (data range 255), mean over images; reconstructions use the "
         "posterior mode",
-        f"- rFID: {payload['rfid_status']}",
+        f"- rFID and KID: {payload['rfid_status']}",
+        *([f"- **{warning}**"] if warning else []),
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for name, r in models.items():
-        half = r.get("half_precision_decode", {})
-        tiling = r.get("tiling")
-        cells = [
-            f"`{name}`",
-            _fmt(r.get("psnr"), 2),
-            _fmt(r.get("ssim"), 4),
-            _fmt(r.get("ms_ssim"), 4),
-            _fmt(r.get("lpips"), 4),
-            _fmt(r.get("rfid"), 2),
-            *[_fmt(r.get(n), 2) for n in fd_names],
-            _fmt(r["encode_img_per_s"], 1),
-            _fmt(r["decode_img_per_s"], 1),
-            _fmt(r["peak_memory_mb"], 0),
-            _half_cell(half.get("float16")),
-            _half_cell(half.get("bfloat16")),
-            _fmt(tiling and tiling["decode_psnr"], 1),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    first = next(iter(models.values()))
-    lines += [
+        *reconstruction_table(payload),
         "",
         f"Throughput is per process ({first['num_processes']}), including host-to-device time; peak memory is "
         f"{first['peak_memory_kind'].replace('_', ' ')}. fp16/bf16 decode: real latents of the first batch decoded "
@@ -102,9 +91,12 @@ def diffusability_section(models: dict) -> list[str]:
         "for both; LPIPS on both resized back to the evaluation size) next to the plain reconstruction: how far a "
         "downsampled latent is from decoding to the downsampled image (scale equivariance, Skorokhodov et al. 2025). "
         "HF fraction: share of the latents' power above half the Nyquist radius (DC removed; the images resized to "
-        f"the latent size in brackets). {fd}: Fréchet distance of decoded nearest-neighbour latent midpoints to the "
-        "real images (" + ("FID Inception" if fd == "ifid" else "VGG16 features, not FID") + "). `spectrum_N.png`: "
-        "both radial spectra on log axes.",
+        f"the latent size in brackets). {fd} (Xu et al. 2026): each evaluation latent (a posterior sample) is "
+        "interpolated (slerp at ½) with one of its 10 nearest reference latents (cosine similarity, drawn by "
+        "softmax(−MSE); channel-normalised), decoded, and the FD of the decodings to the real images is taken on "
+        + ("the FID Inception" if fd == "ifid" else "VGG16 features (not FID)")
+        + f"; reference: {next(iter(reports.values())).get('ifid_reference', 'the evaluation images')}. "
+        "`spectrum_N.png`: both radial spectra on log axes.",
     ]
 
 

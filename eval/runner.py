@@ -42,11 +42,21 @@ from autoencoder.models import (
     half_precision_decode_check,
     load_vae,
     load_vae_config,
+    seeded_noise,
 )
 
 from .diffusability import Diffusability, save_spectrum_figure
 from .engine import Metric, Samples, TimedVAE, evaluate
-from .fid import FeatureBank, FrechetDistance, InceptionFeatures, VGG16Features, resolve_fid_weights
+from .fid import (
+    FID_MIN_IMAGES,
+    FeatureBank,
+    FeatureCache,
+    FeatureDistances,
+    InceptionFeatures,
+    VGG16Features,
+    default_cache_folder,
+    resolve_fid_weights,
+)
 from .latent import LatentReport, Likelihood, collapse_warning, picture_rows, save_latent_figure
 from .metrics import Reconstruction, psnr_per_image, quantize_01
 from .report import render_report
@@ -69,9 +79,19 @@ class EvalOptions:
     batch_size: int | Literal["auto"] = opt("auto", "images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU")
     lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone; AlexNet as in the LPIPS paper")
     lpips_weights: str | None = opt(None, "local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
-    fid_weights: str | None = opt(None, "FID Inception weights file (else $FID_WEIGHTS, hub cache, download)")
-    no_fid: bool = opt(False, "skip rFID")
+    fid_weights: str | None = opt(
+        None,
+        "FID Inception weights: torch-fidelity's .pth or NVlabs' TorchScript (else $FID_WEIGHTS, hub cache, download)",
+    )
+    no_fid: bool = opt(False, "skip rFID and KID")
     no_fid_download: bool = opt(False, "never try to download the Inception weights")
+    no_feature_cache: bool = opt(False, "recompute the real images' features instead of reading them from the cache")
+    feature_cache_dir: str | None = opt(None, "where the real images' features are cached (default ~/.cache/...)")
+    ifid_reference_split: str | None = opt(
+        None,
+        "iFID's reference latents from this split (e.g. train); default: the evaluation images, each its own left out",
+    )
+    ifid_reference_images: int = opt(10000, "images of --ifid_reference_split (the first N)")
     fd: list[Literal["vgg16"]] = opt(
         [], "also a Fréchet distance on these features, reported as fd_<name> (never 'fid')"
     )
@@ -148,7 +168,7 @@ def build_extractors(args: EvalOptions, need_vgg: bool) -> tuple[dict[str, torch
         if weights.path is None:
             unavailable = weights.unavailable
         else:
-            extractors["inception"] = InceptionFeatures(weights.path)
+            extractors["inception"] = InceptionFeatures(weights)
     if "vgg16" in args.fd or need_vgg and "inception" not in extractors:  # offline-available ImageNet features
         extractors["vgg16"] = VGG16Features(backbone_features("vgg", args.lpips_weights))
     return extractors, unavailable
@@ -204,9 +224,10 @@ class Shared:
     accelerator: Accelerator
     loader: torch.utils.data.DataLoader  # prepared
     lpips_model: torch.nn.Module
-    bank: FeatureBank  # filled by the first model's pass
+    bank: FeatureBank  # read from the cache, or filled by the first model's pass
     large_image: torch.Tensor  # [1,3,2R,2R]: one image at twice the resolution, for the tiling check
     rfid_unavailable: str | None
+    reference: torch.utils.data.DataLoader | None  # prepared: iFID's reference images (--ifid_reference_split)
 
 
 def model_metrics(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> dict[str, Metric]:
@@ -219,15 +240,17 @@ def model_metrics(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> dict
         "grid": Samples(acc, args.grid_images),
     }
     if "inception" in bank.extractors:
-        metrics["rfid"] = FrechetDistance(acc, bank, "inception")
+        metrics["rfid"] = FeatureDistances(acc, bank, "inception")
     if "vgg16" in args.fd:
-        metrics["fd_vgg16"] = FrechetDistance(acc, bank, "vgg16")
+        metrics["fd_vgg16"] = FeatureDistances(acc, bank, "vgg16")
     if args.iwae_samples:
         metrics["likelihood"] = Likelihood(acc, vae, args.iwae_samples, args.seed)
     if not args.no_diffusability:
         features = "inception" if "inception" in bank.extractors else "vgg16"  # VGG16: an FD, never called FID
         name = "ifid" if features == "inception" else "ifd_vgg16"
-        metrics["diffusability"] = Diffusability(acc, vae, shared.lpips_model, bank, features, name, args.batch_size)
+        metrics["diffusability"] = Diffusability(
+            acc, vae, shared.lpips_model, bank, features, name, args.batch_size, args.seed
+        )
     return metrics
 
 
@@ -242,13 +265,16 @@ def evaluate_model(args: EvalOptions, shared: Shared, model_id: str) -> tuple[di
     first = shared.loader.dataset[0]["pixel_values"][None]  # not the prepared loader: see gather_for_metrics
     forward.warm_up(first.repeat(args.batch_size, 1, 1, 1))
     metrics = model_metrics(args, shared, vae)
+    if "diffusability" in metrics and shared.reference is not None:
+        metrics["diffusability"].reference = reference_latents(args, shared, vae)
     figures = evaluate(shared.loader, forward, metrics)
     result = {**figures["reconstruction"], "resolution": args.resolution, **forward.throughput()}
     result.update(zip(("peak_memory_mb", "peak_memory_kind"), peak_memory_mb(device)))
     result.update(num_processes=shared.accelerator.num_processes, latent_shape=figures["latent"]["latent_shape"])
-    for name in ("rfid", "fd_vgg16"):
-        if name in figures:
-            result[name] = figures[name]["value"]
+    if "rfid" in figures:
+        result.update(feature_figures(figures["rfid"]))
+    if "fd_vgg16" in figures:
+        result["fd_vgg16"] = figures["fd_vgg16"]["fd"]
     if shared.rfid_unavailable:
         result.update(rfid=None, rfid_unavailable=shared.rfid_unavailable)
     z_a, z_b = metrics["latent"].first_means  # posterior means [C,h,w] of the first two images
@@ -257,6 +283,28 @@ def evaluate_model(args: EvalOptions, shared: Shared, model_id: str) -> tuple[di
     if "diffusability" in figures:
         result["diffusability"] = figures["diffusability"]
     return result, figures["grid"], picture_rows(vae, z_a, z_b, result["latent"], seed=args.seed)
+
+
+def feature_figures(found: dict) -> dict:
+    """rFID and KID (mean ± std over subsets) on the FID Inception, the image count, and FID's small-N warning."""
+    out = {"rfid": found["fd"], "kid": found["kid"], "fid_images": found["n_fake"]}
+    if found["n_fake"] < FID_MIN_IMAGES:
+        out["fid_warning"] = (
+            f"FID from {found['n_fake']} images (< {FID_MIN_IMAGES}) is biased upward and not comparable with "
+            "FIDs of other image counts; compare KID, which is unbiased"
+        )
+    return out
+
+
+@torch.no_grad()
+def reference_latents(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> torch.Tensor:
+    """iFID's reference set: posterior samples [M,C,h,w] of --ifid_reference_split (seeded per image), gathered."""
+    acc, parts = shared.accelerator, []
+    for batch in shared.reference:
+        posterior = vae.encode(batch["pixel_values"].to(acc.device)).latent_dist
+        noise = seeded_noise(tuple(posterior.mean.shape[1:]), batch["index"], args.seed + 2).to(posterior.mean)
+        parts.append(acc.gather_for_metrics(posterior.mean + posterior.std * noise).float().cpu())
+    return torch.cat(parts)
 
 
 def model_checks(args: EvalOptions, vae: AutoencoderKL, latents: torch.Tensor, large_image: torch.Tensor) -> dict:
@@ -279,19 +327,51 @@ def prepare(args: EvalOptions, accelerator: Accelerator) -> tuple[Shared, str, I
         lpips_model = build_lpips(args.lpips_net, args.lpips_weights).to(accelerator.device)
         extractors, unavailable = build_extractors(args, need_vgg=not args.no_diffusability)
         dataset, source = eval_dataset(args)
+        reference = reference_dataset(args)
     extractors = {name: ex.to(accelerator.device) for name, ex in extractors.items()}
     # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
-    workers = loader_workers("auto", accelerator.device, accelerator.num_processes)  # decoding off the main process
-    loader = torch.utils.data.DataLoader(
+    cache = None if args.no_feature_cache or not extractors else feature_cache(args, dataset, source)
+    bank = FeatureBank(accelerator, extractors, cache)
+    loader, reference = (
+        None if d is None else accelerator.prepare(data_loader(args, d, accelerator)) for d in (dataset, reference)
+    )
+    return Shared(accelerator, loader, lpips_model, bank, large_image, unavailable, reference), source, dataset
+
+
+def data_loader(args: EvalOptions, dataset: ImageDataset, accelerator: Accelerator) -> torch.utils.data.DataLoader:
+    """Batches of --batch_size in order, decoded off the main process where there are cores for it."""
+    workers = loader_workers("auto", accelerator.device, accelerator.num_processes)
+    return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=workers, pin_memory=workers > 0
     )
-    bank = FeatureBank(accelerator, extractors)
-    return (
-        Shared(accelerator, accelerator.prepare(loader), lpips_model, bank, large_image, unavailable),
-        source,
-        dataset,
+
+
+def reference_dataset(args: EvalOptions) -> ImageDataset | None:
+    """iFID's reference images (--ifid_reference_split of the same source), or None: the evaluation images."""
+    if args.no_diffusability or args.ifid_reference_split is None:
+        return None
+    ds, column, _ = load_image_source(
+        args.dataset_name,
+        args.train_data_dir,
+        args.image_column,
+        args.ifid_reference_split,
+        args.resolution,
+        args.ifid_reference_images,
     )
+    return ImageDataset(ds, column, eval_transform(args.resolution))
+
+
+def feature_cache(args: EvalOptions, dataset: ImageDataset, source: str) -> FeatureCache:
+    """Where the real images' features are kept, keyed by the images as stored and how they are prepared."""
+    facts = {
+        "images": dataset.fingerprint(),
+        "source": source,
+        "count": len(dataset),
+        "resolution": args.resolution,
+        "preprocessing": "resize shorter side (bicubic, antialiased) + centre crop, 8-bit",
+    }
+    return FeatureCache(Path(args.feature_cache_dir) if args.feature_cache_dir else default_cache_folder(), facts)
 
 
 def evaluate_all(args: EvalOptions, shared: Shared) -> tuple[dict, list[torch.Tensor], dict]:
@@ -341,7 +421,11 @@ def rfid_status(args: EvalOptions, unavailable: str | None) -> str:
         return "skipped (--no_fid)"
     if unavailable:
         return f"unavailable — {unavailable}"
-    return "standard FID InceptionV3 (TF 2015-12-05 weights, sha256 verified), pool3 2048-d"
+    return (
+        "the FID InceptionV3 (TF inception-2015-12-05, sha256 verified; torch-fidelity's network and its "
+        "TF1-compatible bilinear resize to 299), pool3 2048-d; KID: unbiased MMD² with a cubic kernel, mean ± std "
+        "over 100 subsets"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,12 @@ def lpips_dir(shared: Path) -> Path:
     return shared / "weights" / "lpips"
 
 
+@pytest.fixture(scope="session")
+def fid_weights(shared: Path) -> Path:
+    """NVlabs' TorchScript of the FID Inception (one of the two files eval.fid accepts)."""
+    return shared / "weights" / "fid" / "inception-2015-12-05-torchscript.pt"
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

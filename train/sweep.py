@@ -187,7 +187,6 @@ def eval_argv(args: SweepArgs, runs: list[tuple[dict, Config]]) -> list[str]:
         f"--iwae_samples={args.iwae_samples}",
         f"--seed={cfg.train.seed}",
         f"--output_dir={args.sweep_dir / 'eval'}",
-        "--no_fid",
         "--no_tiling_check",
     ]
     if cfg.loss.lpips_weights:
@@ -210,6 +209,8 @@ def sweep_table(args: SweepArgs, runs: list[tuple[dict, Config]], evaluation: di
                 "psnr": m["psnr"],
                 "ssim": m["ssim"],
                 "lpips": m["lpips"],
+                "rfid": m.get("rfid"),  # None where the FID Inception was not found
+                "kid": (m.get("kid") or {}).get("mean"),
                 "rate_bpp": lat["rate_bpp"],
                 "kl_per_latent_nats": lat["kl_per_latent_nats"],
                 "active_units": lat["active_units"],
@@ -250,6 +251,8 @@ def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
         "PSNR ↑",
         "SSIM ↑",
         f"LPIPS-{evaluation['lpips_net']} ↓",
+        "rFID ↓",
+        "KID ↓",
         "rate (bits/px)",
         "KL/elem (nats)",
         "active units",
@@ -279,6 +282,8 @@ def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
             f"{r['psnr']:.2f}",
             f"{r['ssim']:.4f}",
             f"{r['lpips']:.4f}",
+            _cell(r.get("rfid"), 2),
+            _cell(r.get("kid"), 4),
             f"{r['rate_bpp']:.4f}",
             f"{r['kl_per_latent_nats']:.4f}",
             f"{r['active_units']}/{r['units']}",
