@@ -8,6 +8,7 @@ expected type and the fix.  Keys are unique across sections, so ``--resolution=1
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -605,10 +606,17 @@ def parse_options(cls: type, argv: list[str]) -> Any:
     return cls(**values)
 
 
+def plain_text(doc: str) -> str:
+    """A docstring for a terminal: reStructuredText's inline markup (``code``, :role:`name`, literal ``::``) removed."""
+    doc = re.sub(r":[a-z]+:`([^`]+)`", r"\1", doc)
+    doc = doc.replace("``", "").replace("`", "")
+    return re.sub(r"::$", ":", doc, flags=re.MULTILINE)
+
+
 def options_help(cls: type, usage: str, about: str) -> str:
     """``--help`` of an options dataclass: usage, what the command does, every option with type, default, help."""
     hints = typing.get_type_hints(cls)
-    lines = [f"usage: {usage}", "", about.strip(), "", "Options (--key=value or --key value):"]
+    lines = [f"usage: {usage}", "", plain_text(about.strip()), "", "Options (--key=value or --key value):"]
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if f.default is not dataclasses.MISSING:

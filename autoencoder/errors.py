@@ -335,5 +335,8 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
         return 128 + 2
     except SystemExit:
         raise  # argparse's usage errors (exit 2) and --help
+    except BrokenPipeError:  # the reader of our output went away (`| head`): nothing to report to anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented remedy
+        return EXIT_OK
     except Exception as exc:
         return report(exc, debug)

@@ -9,6 +9,7 @@ stop with a message naming the remedies.
 
 import inspect
 import os
+import warnings
 from pathlib import Path
 
 import lpips
@@ -92,7 +93,11 @@ def build_lpips(net: str = "vgg", weights: str | None = None) -> lpips.LPIPS:
     # Built on the meta device, then every tensor assigned from a file with a strict key check:
     # torchvision would otherwise random-initialise the whole network first, the classifier LPIPS
     # never uses included (1.5 s for VGG-16 on a CPU, in every run's start-up).
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # lpips builds its backbone with torchvision's deprecated ``pretrained=False``; we load the weights
+        # ourselves below, so torchvision's two deprecation warnings about that argument say nothing to a user.
+        warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
         model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
     features = backbone_features(net, weights)
     # lpips splits torchvision's `features` Sequential into slices keeping the original indices:

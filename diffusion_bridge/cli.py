@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
-from autoencoder.config import DataConfig, check_one_source, opt, options_help, parse_options, required
+from autoencoder.config import DataConfig, check_one_source, opt, options_help, parse_options, plain_text, required
 from autoencoder.data import (
     ImageDataset,
     check_enough_images,
@@ -293,7 +293,13 @@ COMMANDS = {  # name -> its options (whose docstring says what the command does)
 
 def usage() -> str:
     """The top-level ``--help``: the commands and how to get each one's options."""
-    lines = ["usage: python -m diffusion_bridge COMMAND [--key=value ...]", "", __doc__.strip(), "", "Commands:"]
+    lines = [
+        "usage: python -m diffusion_bridge COMMAND [--key=value ...]",
+        "",
+        plain_text(__doc__.strip()),
+        "",
+        "Commands:",
+    ]
     lines += [f"  {name}  {cls.__doc__.split(': ', 1)[1]}" for name, cls in COMMANDS.items()]
     lines += ["", "python -m diffusion_bridge COMMAND --help lists the command's options (--key=value or --key value)."]
     return "\n".join(lines)

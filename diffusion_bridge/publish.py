@@ -22,7 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from autoencoder.errors import UsageError
 from autoencoder.folders import MARKER, RunDir
-from autoencoder.models import count_parameters, downsampling_factor
+from autoencoder.models import cast, count_parameters, downsampling_factor
 
 from .stats import MIN_IMAGES, ci_text
 
@@ -482,7 +482,7 @@ def prepare_folder(
 def write_folder(tmp: Path, vae, model_dir: Path, repo_id: str, stats, entry, training_config, train_metrics, license):
     """Write the repo files into ``tmp``: fp32 + fp16 weights, config, statistics, evaluation, card (its marker,
     written by ``RunDir.rewrite``, is not uploaded: see ``upload``)."""
-    copy.deepcopy(vae).to(torch.float16).save_pretrained(tmp, variant="fp16", safe_serialization=True)
+    cast(copy.deepcopy(vae), torch.float16).save_pretrained(tmp, variant="fp16", safe_serialization=True)
     vae.save_pretrained(tmp, safe_serialization=True)  # fp32 weights; config.json is the same for both
     for name in ("latent_stats.json", "training_config.yaml"):
         if (model_dir / name).is_file():

@@ -199,6 +199,58 @@ class Diffusability:
         }
 
 
+def checkerboard(h: int, w: int) -> torch.Tensor:
+    """[h, w] of (−1)^(i+j): +1 and −1 in alternation, the highest spatial frequency on both axes."""
+    return 1.0 - 2.0 * ((torch.arange(h)[:, None] + torch.arange(w)[None, :]) % 2)
+
+
+def latent_shift(config) -> torch.Tensor:
+    """The VAE's latent mean as its config records it: [C,1,1] latents_mean (sdxl), or shift_factor, or 0."""
+    if config.get("latents_mean") is not None:
+        return torch.tensor(config["latents_mean"], dtype=torch.float32).view(-1, 1, 1)
+    return torch.tensor(float(config.get("shift_factor") or 0.0))
+
+
+class CheckerboardVAE(torch.nn.Module):
+    """A control for diffusability: the VAE's latents multiplied by a ±1 checkerboard around their mean m,
+    z' = m + c ⊙ (z − m) with c = (−1)^(i+j), undone before decoding (c ⊙ c = 1: exactly invertible).
+
+    It reconstructs exactly as the VAE does and holds the same information, but the latents' power moves to the
+    highest spatial frequencies: a latent space that should be harder to diffuse at equal reconstruction.
+    In the normalised latents (z − m)·s a diffusion model sees, it is the plain sign pattern c ⊙ u.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.register_buffer("shift", latent_shift(vae.config), persistent=False)
+
+    def flip(self, z: torch.Tensor) -> torch.Tensor:
+        """m + c ⊙ (z − m) on [..., h, w] latents: its own inverse."""
+        board = checkerboard(*z.shape[-2:]).to(z)
+        shift = self.shift.to(z)
+        return shift + board * (z - shift)
+
+    def encode(self, x: torch.Tensor):
+        from types import SimpleNamespace
+
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = self.vae.encode(x).latent_dist  # q(z'|x) = N(m + c ⊙ (μ − m), σ²): the variance is unchanged
+        return SimpleNamespace(
+            latent_dist=DiagonalGaussianDistribution(torch.cat([self.flip(posterior.mean), posterior.logvar], 1))
+        )
+
+    def decode(self, z: torch.Tensor):
+        return self.vae.decode(self.flip(z))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # config, dtype, device, tiling: the VAE's own
+            return getattr(super().__getattr__("vae"), name)
+
+
 def save_spectrum_figure(report: dict, path, title: str) -> None:
     """Both radial spectra on log axes, with the half-Nyquist line."""
     import matplotlib

@@ -46,16 +46,29 @@ def ms_ssim_per_image(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Ten
     return multiscale_structural_similarity_index_measure(pred01, target01, data_range=1.0, reduction="none")
 
 
+COLOUR_SHIFT = ("colour_shift_r", "colour_shift_g", "colour_shift_b")
+
+
+def colour_shift(pred01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """|mean over pixels of (reconstruction − image)| per image and channel, in 8-bit levels: [B,3,H,W] x2 -> [B,3].
+
+    A colour cast: a tinted reconstruction moves a channel's mean by the tint.  Per image, so casts of opposite
+    sign in different images do not cancel.
+    """
+    return ((pred01 - target01) * 255).mean(dim=(2, 3)).abs()
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     reconstructions: torch.Tensor, inputs: torch.Tensor, lpips_model: nn.Module | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per-image psnr/ssim(/ms_ssim/lpips) for [-1,1] batches [B,3,H,W]; each value is a [B] tensor.
+    """Per-image psnr/ssim(/ms_ssim/lpips) and colour shift (R, G, B) for [-1,1] batches [B,3,H,W]; [B] tensors.
 
     ``ms_ssim`` is included when both sides are at least ``MS_SSIM_MIN_SIZE`` pixels.
     """
     pred01, target01 = quantize_01(reconstructions), quantize_01(inputs)
     out = {"psnr": psnr_per_image(pred01, target01), "ssim": ssim_per_image(pred01, target01)}
+    out.update(zip(COLOUR_SHIFT, colour_shift(pred01, target01).unbind(1)))
     if min(inputs.shape[-2:]) >= MS_SSIM_MIN_SIZE:
         out["ms_ssim"] = ms_ssim_per_image(pred01, target01)
     if lpips_model is not None:

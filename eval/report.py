@@ -20,18 +20,25 @@ def _kid_cell(kid: dict | None) -> str:
     return "–" if kid is None else f"{kid['mean']:.4f} ± {kid['std']:.4f}"
 
 
+def colour_cell(r: dict) -> str:
+    """'3.1 / 2.0 / 4.4': the mean per-image |channel shift| in 8-bit levels, or '–'."""
+    shifts = [r.get(f"colour_shift_{c}") for c in "rgb"]
+    return "–" if None in shifts else " / ".join(f"{v:.1f}" for v in shifts)
+
+
 def reconstruction_table(payload: dict) -> list[str]:
     """The side-by-side table: reconstruction figures, rFID/KID, named FDs, speed, half precision, tiling."""
     models = payload["models"]
     fd_names = sorted({k for r in models.values() for k in r if k.startswith("fd_")})
-    head = ["model", "PSNR ↑", "SSIM ↑", "MS-SSIM ↑", f"LPIPS-{payload['lpips_net']} ↓", "rFID ↓", "KID ↓"]
+    head = ["model", "PSNR ↑", "SSIM ↑", "MS-SSIM ↑", f"LPIPS-{payload['lpips_net']} ↓", "colour shift R/G/B ↓"]
+    head += ["rFID ↓", "KID ↓"]
     head += [f"{n} ↓" for n in fd_names]
     head += ["enc img/s", "dec img/s", "peak MB", "fp16 decode", "bf16 decode", "tiled vs untiled (dB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in models.items():
         half, tiling = r.get("half_precision_decode", {}), r.get("tiling")
         cells = [f"`{name}`", _fmt(r.get("psnr"), 2), _fmt(r.get("ssim"), 4), _fmt(r.get("ms_ssim"), 4)]
-        cells += [_fmt(r.get("lpips"), 4), _fmt(r.get("rfid"), 2), _kid_cell(r.get("kid"))]
+        cells += [_fmt(r.get("lpips"), 4), colour_cell(r), _fmt(r.get("rfid"), 2), _kid_cell(r.get("kid"))]
         cells += [_fmt(r.get(n), 2) for n in fd_names]
         cells += [_fmt(r["encode_img_per_s"], 1), _fmt(r["decode_img_per_s"], 1), _fmt(r["peak_memory_mb"], 0)]
         cells += [_half_cell(half.get("float16")), _half_cell(half.get("bfloat16"))]
@@ -51,7 +58,8 @@ def render_report(payload: dict) -> str:
         f"- data: {payload['data']} — {payload['n_images']} images at {payload['resolution']} px "
         f"(resize shorter side, bicubic antialiased, centre crop)",
         "- PSNR/SSIM/MS-SSIM on 8-bit images (data range 255), mean over images; reconstructions use the "
-        "posterior mode",
+        "posterior mode; colour shift: per image and channel |mean(x̂ − x)| in 8-bit levels, mean over images "
+        "(a colour cast)",
         f"- rFID and KID: {payload['rfid_status']}",
         *([f"- **{warning}**"] if warning else []),
         "",

@@ -1,10 +1,12 @@
 """Evaluate diffusers VAEs side by side on the same images: ``python -m eval --model A [--model B ...]``.
 
-Every model sees identical inputs — the evaluation policy: resize the shorter side to the
-resolution (bicubic, antialiased), centre crop — and is scored with the metric code training
-validation uses (``eval.metrics``): PSNR/SSIM/MS-SSIM on 8-bit images, LPIPS, rFID (standard
-FID Inception, or "unavailable" with the reason) and optionally Fréchet distances on named
-extractors.  Writes ``metrics.json``, ``report.md`` and ``reconstructions.png`` to --output_dir.
+Every model sees identical inputs (the evaluation policy: resize the shorter side to the resolution,
+bicubic antialiased, centre crop), is loaded once and makes one pass over them (``eval.engine``), scored
+with the metric code training validation uses: PSNR/SSIM/MS-SSIM on 8-bit images, LPIPS, the colour
+shift, rFID and KID on the FID Inception (or "unavailable" with the reason), the latent space (rate,
+active units, prior gap, ELBO/IWAE), the diffusability figures (iFID, scale equivariance, spectrum) and,
+with ``--probe_labels``, a linear probe.  Writes ``metrics.json``, ``report.md`` and the pictures to
+--output_dir.
 """
 
 import contextlib
@@ -45,7 +47,7 @@ from autoencoder.models import (
     seeded_noise,
 )
 
-from .diffusability import Diffusability, save_spectrum_figure
+from .diffusability import CheckerboardVAE, Diffusability, save_spectrum_figure
 from .engine import Metric, Samples, TimedVAE, evaluate
 from .fid import (
     FID_MIN_IMAGES,
@@ -59,6 +61,7 @@ from .fid import (
 )
 from .latent import LatentReport, Likelihood, collapse_warning, picture_rows, save_latent_figure
 from .metrics import Reconstruction, psnr_per_image, quantize_01
+from .probe import LinearProbe
 from .report import render_report
 
 EVAL = "python -m eval"  # the marker of its --output_dir (autoencoder.folders)
@@ -137,6 +140,12 @@ def check_args(args: EvalOptions) -> None:
     for name in ("resolution", "batch_size", "grid_images"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}", f"set --{name} to 1 or more")
+    if args.probe_labels and not args.reference_split:
+        raise UsageError(
+            "--probe_labels needs --reference_split (the probe's training images)", "add --reference_split train"
+        )
+    if args.reference_images < 2:
+        raise UsageError(f"--reference_images must be >= 2, got {args.reference_images}", "set it to 2 or more")
     if args.num_images is not None and args.num_images < 1:
         raise UsageError(f"--num_images must be >= 1, got {args.num_images}", "set it to 1 or more, or leave it out")
     RunDir(args.output_dir, EVAL, "--output_dir").check()  # never a training run's, nor anyone's
@@ -227,7 +236,9 @@ class Shared:
     bank: FeatureBank  # read from the cache, or filled by the first model's pass
     large_image: torch.Tensor  # [1,3,2R,2R]: one image at twice the resolution, for the tiling check
     rfid_unavailable: str | None
-    reference: torch.utils.data.DataLoader | None  # prepared: iFID's reference images (--ifid_reference_split)
+    reference: torch.utils.data.DataLoader | None  # prepared: --reference_split's images
+    labels: torch.Tensor | None  # --probe_labels of the evaluation images, by index
+    reference_labels: torch.Tensor | None  # and of the reference images
 
 
 def model_metrics(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> dict[str, Metric]:
@@ -245,6 +256,8 @@ def model_metrics(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> dict
         metrics["fd_vgg16"] = FeatureDistances(acc, bank, "vgg16")
     if args.iwae_samples:
         metrics["likelihood"] = Likelihood(acc, vae, args.iwae_samples, args.seed)
+    if shared.labels is not None:
+        metrics["probe"] = LinearProbe(acc, shared.labels)
     if not args.no_diffusability:
         features = "inception" if "inception" in bank.extractors else "vgg16"  # VGG16: an FD, never called FID
         name = "ifid" if features == "inception" else "ifd_vgg16"
@@ -258,15 +271,20 @@ def model_metrics(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> dict
 def evaluate_model(args: EvalOptions, shared: Shared, model_id: str) -> tuple[dict, dict, dict]:
     """One model, loaded once, over one pass of the images: (its figures, its grid images, its latent pictures)."""
     device = shared.accelerator.device
-    vae = load_vae(model_id, args.subfolder).to(device).eval()
+    vae = load_vae(model_id, args.subfolder)
+    vae = (CheckerboardVAE(vae) if args.latent_control == "checkerboard" else vae).to(device).eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     forward = TimedVAE(vae, device)
     first = shared.loader.dataset[0]["pixel_values"][None]  # not the prepared loader: see gather_for_metrics
     forward.warm_up(first.repeat(args.batch_size, 1, 1, 1))
     metrics = model_metrics(args, shared, vae)
-    if "diffusability" in metrics and shared.reference is not None:
-        metrics["diffusability"].reference = reference_latents(args, shared, vae)
+    if shared.reference is not None:
+        samples, means = reference_latents(args, shared, vae)
+        if "diffusability" in metrics:
+            metrics["diffusability"].reference = samples
+        if "probe" in metrics:
+            metrics["probe"].train = (means, shared.reference_labels[: len(means)])
     figures = evaluate(shared.loader, forward, metrics)
     result = {**figures["reconstruction"], "resolution": args.resolution, **forward.throughput()}
     result.update(zip(("peak_memory_mb", "peak_memory_kind"), peak_memory_mb(device)))
@@ -280,6 +298,10 @@ def evaluate_model(args: EvalOptions, shared: Shared, model_id: str) -> tuple[di
     z_a, z_b = metrics["latent"].first_means  # posterior means [C,h,w] of the first two images
     result.update(model_checks(args, vae, torch.stack([z_a, z_b]).to(device), shared.large_image.to(device)))
     result["latent"] = {**figures["latent"], **figures.get("likelihood", {})}
+    if "probe" in figures:
+        result["linear_probe"] = figures["probe"]
+    if args.latent_control != "none":
+        result["latent_control"] = args.latent_control
     if "diffusability" in figures:
         result["diffusability"] = figures["diffusability"]
     return result, figures["grid"], picture_rows(vae, z_a, z_b, result["latent"], seed=args.seed)
@@ -297,14 +319,17 @@ def feature_figures(found: dict) -> dict:
 
 
 @torch.no_grad()
-def reference_latents(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> torch.Tensor:
-    """iFID's reference set: posterior samples [M,C,h,w] of --ifid_reference_split (seeded per image), gathered."""
-    acc, parts = shared.accelerator, []
+def reference_latents(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over --reference_split: posterior samples [M,C,h,w] (iFID's reference, seeded per image) and
+    posterior means [M, C·h·w] (the probe's training features), gathered, in dataset order."""
+    acc, samples, means = shared.accelerator, [], []
     for batch in shared.reference:
         posterior = vae.encode(batch["pixel_values"].to(acc.device)).latent_dist
         noise = seeded_noise(tuple(posterior.mean.shape[1:]), batch["index"], args.seed + 2).to(posterior.mean)
-        parts.append(acc.gather_for_metrics(posterior.mean + posterior.std * noise).float().cpu())
-    return torch.cat(parts)
+        sample, mean = acc.gather_for_metrics((posterior.mean + posterior.std * noise, posterior.mean))
+        samples.append(sample.float().cpu())
+        means.append(mean.float().flatten(1).cpu())
+    return torch.cat(samples), torch.cat(means)
 
 
 def model_checks(args: EvalOptions, vae: AutoencoderKL, latents: torch.Tensor, large_image: torch.Tensor) -> dict:
@@ -315,7 +340,7 @@ def model_checks(args: EvalOptions, vae: AutoencoderKL, latents: torch.Tensor, l
             str(dtype).removeprefix("torch."): half_precision_decode_check(vae, half_check_latents(latents), dtype)
             for dtype in (torch.float16, torch.bfloat16)
         }
-    if not args.no_tiling_check:
+    if not args.no_tiling_check and args.latent_control == "none":  # the control has no tiled decoder of its own
         checks["tiling"] = tiling_check(vae, large_image)
     return checks
 
@@ -328,15 +353,30 @@ def prepare(args: EvalOptions, accelerator: Accelerator) -> tuple[Shared, str, I
         extractors, unavailable = build_extractors(args, need_vgg=not args.no_diffusability)
         dataset, source = eval_dataset(args)
         reference = reference_dataset(args)
+        labels, reference_labels = label_column(args, dataset), label_column(args, reference)
     extractors = {name: ex.to(accelerator.device) for name, ex in extractors.items()}
     # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
     cache = None if args.no_feature_cache or not extractors else feature_cache(args, dataset, source)
     bank = FeatureBank(accelerator, extractors, cache)
-    loader, reference = (
-        None if d is None else accelerator.prepare(data_loader(args, d, accelerator)) for d in (dataset, reference)
+    loader = accelerator.prepare(data_loader(args, dataset, accelerator))
+    reference = None if reference is None else accelerator.prepare(data_loader(args, reference, accelerator))
+    shared = Shared(
+        accelerator, loader, lpips_model, bank, large_image, unavailable, reference, labels, reference_labels
     )
-    return Shared(accelerator, loader, lpips_model, bank, large_image, unavailable, reference), source, dataset
+    return shared, source, dataset
+
+
+def label_column(args: EvalOptions, dataset: ImageDataset | None) -> torch.Tensor | None:
+    """--probe_labels of ``dataset`` as integers by index (None without a probe), checked to exist."""
+    if dataset is None or args.probe_labels is None:
+        return None
+    if args.probe_labels not in dataset.ds.column_names:
+        raise UsageError(
+            f"--probe_labels column {args.probe_labels!r} is not in the data (columns: {dataset.ds.column_names})",
+            "give the column that holds the class labels, e.g. --probe_labels label",
+        )
+    return torch.tensor(dataset.ds[args.probe_labels], dtype=torch.long)
 
 
 def data_loader(args: EvalOptions, dataset: ImageDataset, accelerator: Accelerator) -> torch.utils.data.DataLoader:
@@ -348,8 +388,8 @@ def data_loader(args: EvalOptions, dataset: ImageDataset, accelerator: Accelerat
 
 
 def reference_dataset(args: EvalOptions) -> ImageDataset | None:
-    """iFID's reference images (--ifid_reference_split of the same source), or None: the evaluation images."""
-    if args.no_diffusability or args.ifid_reference_split is None:
+    """--reference_split of the same source (iFID's reference, the probe's training images), or None."""
+    if args.reference_split is None:
         return None
     ds, column, _ = load_image_source(
         args.dataset_name,

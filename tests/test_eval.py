@@ -49,6 +49,19 @@ def test_psnr_and_ssim_match_skimage_on_cbsd68(shared):
         assert abs(ours_ssim - sk_ssim) < 1e-3
 
 
+def test_a_known_tint_gives_its_colour_shift_exactly():
+    """Reconstructions tinted by (+12, −5, +3) levels (no value clipped): the colour shift is (12, 5, 3) per image,
+    and opposite tints in two images do not cancel."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(20, 230, (2, 3, 16, 16), generator=g).float()
+    tint = torch.tensor([12.0, -5.0, 3.0]).view(1, 3, 1, 1) * torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+    x, recon = levels / 127.5 - 1, (levels + tint) / 127.5 - 1
+    got = reconstruction_metrics(recon, x)
+    for key, want in zip(("colour_shift_r", "colour_shift_g", "colour_shift_b"), (12.0, 5.0, 3.0)):
+        assert torch.allclose(got[key], torch.full((2,), want), atol=1e-4), key
+    assert torch.equal(reconstruction_metrics(x, x)["colour_shift_r"], torch.zeros(2))
+
+
 def test_reconstruction_metrics_quantise_and_add_ms_ssim_only_when_large_enough():
     x = torch.rand(2, 3, MS_SSIM_MIN_SIZE, MS_SSIM_MIN_SIZE) * 2 - 1
     same = reconstruction_metrics(x, x)
@@ -312,9 +325,18 @@ def test_two_processes_give_the_figures_of_one(tmp_path, lpips_dir):
     assert {m["num_processes"] for m in two["models"].values()} == {2}
     a, b = _figures(one), _figures(two)
     assert a.keys() == b.keys() and len(a) > 100
-    quantised = ("psnr", "ssim", "ms_ssim", "lpips", "psnr_vs_fp32")
+    quantised = (
+        "psnr",
+        "ssim",
+        "ms_ssim",
+        "lpips",
+        "psnr_vs_fp32",
+        "colour_shift_r",
+        "colour_shift_g",
+        "colour_shift_b",
+    )
     loose = {k for k in a if k.rsplit(".", 1)[1] in quantised and ".diffusability." not in k}
     loose |= {k for k in a if k.endswith(".diffusability.ifd_vgg16")}
     differ = {k: (a[k], b[k]) for k in a if b[k] != pytest.approx(a[k], rel=5e-4 if k in loose else 1e-6, abs=1e-9)}
     assert not differ, differ
-    assert len(loose) == 2 * 6 and any(a[k] != b[k] for k in a)  # the same figures, not the same file
+    assert len(loose) == 2 * 9 and any(a[k] != b[k] for k in a)  # the same figures, not the same file

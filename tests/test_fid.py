@@ -171,7 +171,10 @@ def test_eval_reports_rfid_kid_and_ifid_and_reads_the_real_features_from_its_cac
         f"--feature_cache_dir={tmp_path / 'cache'}",
     ]
     runs = {}
-    for name, extra in (("first", []), ("cached", ["--ifid_reference_split=train", "--ifid_reference_images=16"])):
+    for name, extra in (
+        ("first", []),
+        ("cached", ["--reference_split=train", "--reference_images=16", "--probe_labels=label"]),
+    ):
         seen.clear()
         reset_accelerate()
         assert main([*args, *extra, f"--output_dir={tmp_path / name}"]) == 0
@@ -183,6 +186,8 @@ def test_eval_reports_rfid_kid_and_ifid_and_reads_the_real_features_from_its_cac
     assert a["kid"]["subset_size"] == 8 and a["kid"] == b["kid"]
     assert a["diffusability"]["ifid"] > 0 and "ifd_vgg16" not in a["diffusability"]
     assert b["diffusability"]["ifid_reference"] == "16 other images" != a["diffusability"]["ifid_reference"]
+    probe = b["linear_probe"]  # the plumbing: 16 labelled training latents, scored on the 8 evaluation images
+    assert probe["n_train"] == 16 and probe["n_test"] == 8 and probe["classes"] == 10 and 0 <= probe["top1"] <= 1
     report = (tmp_path / "first" / "report.md").read_text()
     assert "KID ↓" in report and "biased upward" in report and "sha256 verified" in report
     assert len(list((tmp_path / "cache").glob("inception_v3-*.pt"))) == 1

@@ -140,6 +140,14 @@ def test_trains_on_parquet_and_image_folder(run, shared):
         "--checkpointing_steps=0",
     )
     assert code == 0 and _metrics(out)["n_images"] == 4 and _metrics(out)["resolution"] == 64
+    # the export says what it was trained at (enable_tiling()'s tile size); a fine-tune at a lower resolution
+    # keeps the pretrained model's own, larger value
+    assert AutoencoderKL.load_config(out / "vae")["sample_size"] == 64
+    reset_accelerate()
+    finetuned = out.parent / "finetuned"
+    argv = ["--config=tiny", f"--pretrained_model_name_or_path={out / 'vae'}", "--resolution=32", "--max_train_steps=1"]
+    assert trainer.main([*argv, "--validation_steps=0", "--checkpointing_steps=0", f"--output_dir={finetuned}"]) == 0
+    assert AutoencoderKL.load_config(finetuned / "vae")["sample_size"] == 64
 
 
 def test_unwritable_output_dir_fails_at_start_up(run, tmp_path, capsys):

@@ -81,6 +81,7 @@ def run_metrics(run: Run, loop: Loop, results: dict, initial: dict) -> dict:
         "psnr": results["val/psnr"],
         "ssim": results["val/ssim"],
         "lpips": results["val/lpips"],
+        "colour_shift_rgb": [results[f"val/colour_shift_{c}"] for c in "rgb"],  # mean per-image |shift|, levels
         "val": {k: v for k, v in results.items() if k.startswith("val/")},
         "latent": results.get("latent"),  # rate, active units, prior gap of the held-out images (eval.latent)
         "initial": first,
@@ -146,6 +147,7 @@ def export(run: Run, metrics: dict) -> Path:
         if run.accelerator.is_main_process:
             vae = run.vae
             assert all(p.dtype == torch.float32 for p in vae.parameters()), "master weights must stay fp32"
+            vae.register_to_config(sample_size=exported_sample_size(run))
             shutil.rmtree(tmp, ignore_errors=True)
             vae.save_pretrained(tmp, safe_serialization=True)
             save_config(run.cfg, tmp / "training_config.yaml")
@@ -154,6 +156,15 @@ def export(run: Run, metrics: dict) -> Path:
             folder.replace(tmp, "vae")
             write_atomic(folder.path / "metrics.json", json.dumps(metrics, indent=2))
     return folder.path / "vae"
+
+
+def exported_sample_size(run: Run) -> int:
+    """``sample_size`` of the export: the training resolution, the tile size diffusers' ``enable_tiling()`` takes
+    from it (SD's VAEs carry 512, SDXL's 1024).  A fine-tune at a lower resolution keeps the pretrained model's
+    own, larger value: the model was trained at that size before."""
+    resolution, own = run.cfg.data.resolution, run.vae.config.sample_size
+    own = max(own) if isinstance(own, list | tuple) else own
+    return max(resolution, own) if run.cfg.model.pretrained_model_name_or_path else resolution
 
 
 def hardware(accelerator: Accelerator) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoencoder.config import Config, key_index, parse_config, split_argv
+from autoencoder.config import Config, key_index, parse_config, plain_text, split_argv
 from autoencoder.errors import UsageError, run_cli
 from autoencoder.folders import RunDir
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     """The body of ``main`` (errors are reported by ``run_cli``): train each point in its own process, then eval."""
     if "-h" in argv or "--help" in argv:
-        print(__doc__)
+        print(plain_text(__doc__))
         return 0
     args = parse_args(argv)
     runs = run_configs(args)

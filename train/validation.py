@@ -128,6 +128,8 @@ def summary(results: dict) -> str:
         value = results[key]
         parts.append(f"{key.split('/')[1]}={value:.4f}" if isinstance(value, float) else f"{key.split('/')[1]}={value}")
     line = ", ".join(parts)
+    if "val/colour_shift_r" in results:
+        line += ", colour shift R/G/B " + "/".join(f"{results[f'val/colour_shift_{c}']:.1f}" for c in "rgb") + " levels"
     if "latent" in results:
         lat = results["latent"]
         line += (
