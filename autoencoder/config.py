@@ -107,9 +107,9 @@ class DataConfig:
         None, "split used for validation; default: 'validation' or 'test' if present, else held out from train"
     )
     num_validation_images: int = opt(
-        64, "validation images: the first N of the validation split, else N held out of train (at most 10%)"
+        64, "validation images: N spread over the validation split, else N held out of train (at most 10%)"
     )
-    max_train_samples: int | None = opt(None, "truncate the training set (debugging)")
+    max_train_samples: int | None = opt(None, "keep N training images, spread evenly over the split (debugging)")
     resolution: int = opt(64, "training resolution (square crops, pixels)")
     train_crop: Literal["auto", "random", "center", "multiscale"] = opt(
         "auto",

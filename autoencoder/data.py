@@ -431,8 +431,8 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         )
     if val_name is not None and val_name != train_name:
         validation = dd[val_name].cast_column(cfg.image_column, datasets.Image(decode=False))
-        validation = validation.select(range(min(cfg.num_validation_images, len(validation))))
-        held = f"first {len(validation)} images of split '{val_name}'"
+        validation = validation.select(spread(len(validation), cfg.num_validation_images))
+        held = f"{len(validation)} images spread over split '{val_name}'"
     else:
         # Hold out num_validation_images, but never more than a tenth of a small dataset.
         n_val = min(cfg.num_validation_images, max(1, len(train) // 10))
@@ -448,7 +448,7 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> ImageSplits:
         if n_val < cfg.num_validation_images:  # said aloud: the held-out figures rest on these few
             held += f"; {cfg.num_validation_images} asked, but at most a tenth of the {total} images is held out"
     if cfg.max_train_samples is not None:
-        train = train.select(range(min(cfg.max_train_samples, len(train))))
+        train = train.select(spread(len(train), cfg.max_train_samples))
     description = f"{source}: {len(train)} training images of '{train_name}'; validation: {held}"
     return ImageSplits(train, validation, cfg.image_column, description, embedded=False)
 
@@ -492,7 +492,8 @@ def load_image_source(
     """(undecoded image dataset, its image column, a description) for evaluation and latent tools.
 
     A Hub dataset or local folder/parquet uses ``split`` (default: validation, then test, then train);
-    with neither, the embedded held-out photographs tiled at ``resolution``.
+    with neither, the embedded held-out photographs tiled at ``resolution``.  ``num_images`` picks that many
+    spread evenly over the split (image ``i·n // N``), so a split sorted by class keeps every class.
     """
     if dataset_name or train_data_dir:
         dd = load_hub_dataset(dataset_name) if dataset_name else load_local_dataset(train_data_dir, cache_dir=None)
@@ -514,8 +515,14 @@ def load_image_source(
         )
         source = "embedded held-out photographs"
     if num_images is not None:
-        ds = ds.select(range(min(num_images, len(ds))))
+        ds = ds.select(spread(len(ds), num_images))
     return ds, image_column, source
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``min(k, n)`` indices of ``range(n)`` spread evenly, ``i·n // k``: every class of a sorted split."""
+    k = min(k, n)
+    return [i * n // k for i in range(k)]
 
 
 def data_flag(dataset_name: str | None, train_data_dir: str | None) -> str:
@@ -526,7 +533,7 @@ def data_flag(dataset_name: str | None, train_data_dir: str | None) -> str:
 def count_readable(ds: ImageDataset, limit: int = PROBE_IMAGES) -> tuple[int, int, str | None]:
     """(readable, probed, first decode error) over up to ``limit`` images spread evenly over ``ds``."""
     n = len(ds)
-    picks = sorted({i * n // min(n, limit) for i in range(min(n, limit))}) if n else []
+    picks = spread(n, limit)
     readable, first_error = 0, None
     for i in picks:
         try:

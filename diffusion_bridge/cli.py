@@ -69,7 +69,7 @@ class DataOptions(InfoOptions):
     image_column: str = opt("image", "column holding the images")
     split: str | None = opt(None, "split (default: validation, test, then train)")
     resolution: int = opt(256, "image resolution (resize shorter side, then crop)")
-    num_images: int | None = opt(None, "first N images (default: all)")
+    num_images: int | None = opt(None, "N images spread evenly over the split (default: all)")
     batch_size: int = opt(16, "images per batch")
     crop: Literal["center", "random"] = opt(
         "center", "center: the evaluation policy (resize shorter side, antialiased, centre crop); random crops"

@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from autoencoder.equivariance import downsample, valid_scales
 from autoencoder.models import image_rng, seeded_noise
@@ -231,17 +233,14 @@ class CheckerboardVAE(torch.nn.Module):
         shift = self.shift.to(z)
         return shift + board * (z - shift)
 
-    def encode(self, x: torch.Tensor):
-        from types import SimpleNamespace
-
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        posterior = self.vae.encode(x).latent_dist  # q(z'|x) = N(m + c ⊙ (μ − m), σ²): the variance is unchanged
-        return SimpleNamespace(
-            latent_dist=DiagonalGaussianDistribution(torch.cat([self.flip(posterior.mean), posterior.logvar], 1))
-        )
+    def encode(self, x: torch.Tensor) -> AutoencoderKLOutput:
+        """The VAE's posterior with its mean flipped: q(z'|x) = N(m + c ⊙ (μ − m), σ²), the variance unchanged."""
+        posterior = self.vae.encode(x).latent_dist
+        flipped = torch.cat([self.flip(posterior.mean), posterior.logvar], 1)  # [B, 2C, h, w]: mean, log-variance
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(flipped))
 
     def decode(self, z: torch.Tensor):
+        """The VAE's decoding of the unflipped latents."""
         return self.vae.decode(self.flip(z))
 
     def __getattr__(self, name: str):

@@ -113,40 +113,42 @@ def _per_channel(values: list[float], digits: int = 3) -> str:
     return ", ".join(f"{v:.{digits}g}" for v in values)
 
 
+def latent_row(name: str, lat: dict) -> str:
+    """One model's row of the latent-space table."""
+    cells = [f"`{name}`", f"{lat['rate_bpp']:.4f}", f"{lat['kl_per_latent_nats']:.4f}"]
+    cells += [f"{lat['active_units']}/{lat['units']}", f"{lat['active_channels']}/{lat['latent_shape'][0]}"]
+    cells += [str(lat["collapsed_channels"] or "none"), f"{lat['prior_fd']:.3f}"]
+    cells += [_fmt(lat.get("neg_elbo_bpd"), 4), _fmt(lat.get("iwae_nll_bpd"), 4)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def per_channel_line(name: str, lat: dict) -> str:
+    """One model's per-channel detail, its decoder scale and its picture."""
+    return (
+        f"`{name}` per channel: KL (nats/elem) {_per_channel(lat['kl_per_channel_nats'])}; active fraction "
+        f"{_per_channel(lat['active_fraction_per_channel'], 2)}; posterior std "
+        f"{_per_channel(lat['posterior_std_per_channel'])}; aggregate mean "
+        f"{_per_channel(lat['aggregate_mean_per_channel'])}, std {_per_channel(lat['aggregate_std_per_channel'])}"
+        + (f"; Laplace scale {lat['laplace_scale_levels']:.3g} levels" if "laplace_scale_levels" in lat else "")
+        + (f". Pictures: `{lat['figure']}`" if "figure" in lat else "")
+    )
+
+
 def latent_section(models: dict) -> list[str]:
     """report.md's latent-space part: rate, active units, prior gap, likelihood, per-channel detail, pictures."""
-    head = [
-        "model",
-        "rate (bits/px)",
-        "KL/elem (nats)",
-        "active units",
-        "active channels",
-        "collapsed",
-        "prior FD",
-        "−ELBO (bpd)",
-        "IWAE NLL (bpd)",
-    ]
+    head = ["model", "rate (bits/px)", "KL/elem (nats)", "active units", "active channels", "collapsed"]
+    head += ["prior FD", "−ELBO (bpd)", "IWAE NLL (bpd)"]
     lines = ["", "## Latent space", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in models.items():
-        lat = r["latent"]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"`{name}`",
-                    f"{lat['rate_bpp']:.4f}",
-                    f"{lat['kl_per_latent_nats']:.4f}",
-                    f"{lat['active_units']}/{lat['units']}",
-                    f"{lat['active_channels']}/{lat['latent_shape'][0]}",
-                    str(lat["collapsed_channels"] or "none"),
-                    f"{lat['prior_fd']:.3f}",
-                    _fmt(lat.get("neg_elbo_bpd"), 4),
-                    _fmt(lat.get("iwae_nll_bpd"), 4),
-                ]
-            )
-            + " |"
-        )
+    lines += [latent_row(name, r["latent"]) for name, r in models.items()]
     first = next(iter(models.values()))["latent"]
+    likelihood = (
+        "discretised Laplace decoder over the 256 levels with one scale per model: the grid point (steps of 2^¼ "
+        "levels) nearest the maximum-likelihood scale of its mode reconstructions (mean |x − x̂|), listed below; "
+        f"prior N(0, I); IWAE with k = {first['iwae_samples']} posterior samples; bits per dimension over the "
+        "3·H·W 8-bit values"
+        if "iwae_samples" in first
+        else "not computed (--iwae_samples 0)"
+    )
     lines += [
         "",
         "- rate: KL(q(z|x) ‖ N(0, I)) per latent element, and per image in bits per input pixel (KL / (H·W·ln 2))",
@@ -154,27 +156,11 @@ def latent_section(models: dict) -> list[str]:
         "row, column) > 0.01; a channel active at < 1 % of its positions is collapsed",
         "- prior FD: Gaussian Fréchet distance between the aggregate posterior of the C-dim latent vector at a "
         "position (posterior samples pooled over images and positions) and N(0, I); 0 = the prior's moments",
-        "- likelihood: "
-        + (
-            "discretised Laplace decoder over the 256 levels with each model's maximum-likelihood "
-            "scale (mean |x − x̂| of its mode reconstructions, listed below), prior N(0, I); IWAE with "
-            f"k = {first['iwae_samples']} posterior samples; bits per dimension over the 3·H·W 8-bit values"
-            if "iwae_samples" in first
-            else "not computed (--iwae_samples 0)"
-        ),
+        f"- likelihood: {likelihood}",
         "",
     ]
     for name, r in models.items():
-        lat = r["latent"]
-        lines += [
-            f"`{name}` per channel: KL (nats/elem) {_per_channel(lat['kl_per_channel_nats'])}; active fraction "
-            f"{_per_channel(lat['active_fraction_per_channel'], 2)}; posterior std "
-            f"{_per_channel(lat['posterior_std_per_channel'])}; aggregate mean "
-            f"{_per_channel(lat['aggregate_mean_per_channel'])}, std {_per_channel(lat['aggregate_std_per_channel'])}"
-            + (f"; Laplace scale {lat['laplace_scale_levels']:.3g} levels" if "laplace_scale_levels" in lat else "")
-            + (f". Pictures: `{lat['figure']}`" if "figure" in lat else ""),
-            "",
-        ]
+        lines += [per_channel_line(name, r["latent"]), ""]
     lines.append(
         "Pictures: traversals (one row per channel, moved over ±2σ of its aggregate distribution), linear and "
         "spherical interpolation between two held-out images, samples from the aggregate-matched prior."

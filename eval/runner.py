@@ -9,11 +9,8 @@ with ``--probe_labels``, a linear probe.  Writes ``metrics.json``, ``report.md``
 --output_dir.
 """
 
-import contextlib
 import json
-import resource
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,14 +36,12 @@ from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_ba
 from autoencoder.lpips_weights import backbone_features, build_lpips
 from autoencoder.models import (
     check_resolution,
-    downsampling_factor,
-    half_check_latents,
-    half_precision_decode_check,
     load_vae,
     load_vae_config,
     seeded_noise,
 )
 
+from .checks import model_checks, peak_memory_mb
 from .diffusability import CheckerboardVAE, Diffusability, save_spectrum_figure
 from .engine import Metric, Samples, TimedVAE, evaluate
 from .fid import (
@@ -60,7 +55,7 @@ from .fid import (
     resolve_fid_weights,
 )
 from .latent import LatentReport, Likelihood, collapse_warning, picture_rows, save_latent_figure
-from .metrics import Reconstruction, psnr_per_image, quantize_01
+from .metrics import Reconstruction
 from .probe import LinearProbe
 from .report import render_report
 
@@ -78,7 +73,7 @@ class EvalOptions:
     image_column: str = opt("image", "column holding the images")
     split: str | None = opt(None, "split to evaluate (default: validation/test if present, else train)")
     resolution: int = opt(256, "evaluation resolution (resize shorter side, centre crop)")
-    num_images: int | None = opt(None, "evaluate the first N images (default: all)")
+    num_images: int | None = opt(None, "evaluate N images spread evenly over the split (default: all)")
     batch_size: int | Literal["auto"] = opt("auto", "images per batch; auto = 32 on a GPU (keeps it busy), 8 on a CPU")
     lpips_net: Literal["alex", "vgg"] = opt("alex", "LPIPS backbone; AlexNet as in the LPIPS paper")
     lpips_weights: str | None = opt(None, "local backbone file/folder (else $LPIPS_WEIGHTS/torchvision)")
@@ -90,11 +85,16 @@ class EvalOptions:
     no_fid_download: bool = opt(False, "never try to download the Inception weights")
     no_feature_cache: bool = opt(False, "recompute the real images' features instead of reading them from the cache")
     feature_cache_dir: str | None = opt(None, "where the real images' features are cached (default ~/.cache/...)")
-    ifid_reference_split: str | None = opt(
+    reference_split: str | None = opt(
         None,
-        "iFID's reference latents from this split (e.g. train); default: the evaluation images, each its own left out",
+        "reference images from this split (e.g. train): iFID's reference latents and the linear probe's training set;"
+        " default: iFID on the evaluation images, each its own left out, and no probe",
     )
-    ifid_reference_images: int = opt(10000, "images of --ifid_reference_split (the first N)")
+    reference_images: int = opt(10000, "images of --reference_split (N spread evenly over it)")
+    probe_labels: str | None = opt(None, "column of class labels: fit a linear probe on --reference_split's latents")
+    latent_control: Literal["none", "checkerboard"] = opt(
+        "none", "evaluate a control instead: 'checkerboard' flips the latents around their mean in a ±1 checkerboard"
+    )
     fd: list[Literal["vgg16"]] = opt(
         [], "also a Fréchet distance on these features, reported as fd_<name> (never 'fid')"
     )
@@ -183,49 +183,6 @@ def build_extractors(args: EvalOptions, need_vgg: bool) -> tuple[dict[str, torch
     return extractors, unavailable
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory and what it measures: CUDA max allocated, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
-
-
-@contextlib.contextmanager
-def tiles_of(vae: AutoencoderKL, tile: int) -> Iterator[None]:
-    """``enable_tiling()`` with ``tile``-pixel tiles (the config's ``sample_size`` may exceed the test image)."""
-    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
-    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // downsampling_factor(vae)
-    vae.enable_tiling()
-    try:
-        yield
-    finally:
-        vae.disable_tiling()
-        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
-
-
-@torch.no_grad()
-def tiling_check(vae: AutoencoderKL, image: torch.Tensor) -> dict:
-    """PSNR (dB, 8-bit) between tiled and untiled decoding — and full round trips — of one image [1,3,H,W].
-
-    The tiles are half the image's side (the VAE's own tile size when that is smaller), so the
-    image is always cut into several overlapping tiles and the figure measures real seams.
-    """
-    tile = min(vae.tile_sample_min_size, min(image.shape[-2:]) // 2)
-    assert tile < min(image.shape[-2:]), "the tiling check must tile"
-    z = vae.encode(image).latent_dist.mode()
-    plain = vae.decode(z).sample
-    with tiles_of(vae, tile):
-        tiled = vae.decode(z).sample
-        tiled_roundtrip = vae.decode(vae.encode(image).latent_dist.mode()).sample
-    q = quantize_01
-    return {
-        "image_size": list(image.shape[-2:]),
-        "tile_size": tile,
-        "decode_psnr": psnr_per_image(q(tiled), q(plain)).item(),
-        "roundtrip_psnr": psnr_per_image(q(tiled_roundtrip), q(plain)).item(),
-    }
-
-
 @dataclass
 class Shared:
     """What every model's evaluation shares: the data, LPIPS, the real images' features and the tiling image."""
@@ -296,7 +253,9 @@ def evaluate_model(args: EvalOptions, shared: Shared, model_id: str) -> tuple[di
     if shared.rfid_unavailable:
         result.update(rfid=None, rfid_unavailable=shared.rfid_unavailable)
     z_a, z_b = metrics["latent"].first_means  # posterior means [C,h,w] of the first two images
-    result.update(model_checks(args, vae, torch.stack([z_a, z_b]).to(device), shared.large_image.to(device)))
+    tiling = not args.no_tiling_check and args.latent_control == "none"  # the control has no tiled decoder
+    large = shared.large_image.to(device) if tiling else None
+    result.update(model_checks(vae, torch.stack([z_a, z_b]).to(device), large, half=not args.no_half_check))
     result["latent"] = {**figures["latent"], **figures.get("likelihood", {})}
     if "probe" in figures:
         result["linear_probe"] = figures["probe"]
@@ -330,19 +289,6 @@ def reference_latents(args: EvalOptions, shared: Shared, vae: AutoencoderKL) -> 
         samples.append(sample.float().cpu())
         means.append(mean.float().flatten(1).cpu())
     return torch.cat(samples), torch.cat(means)
-
-
-def model_checks(args: EvalOptions, vae: AutoencoderKL, latents: torch.Tensor, large_image: torch.Tensor) -> dict:
-    """Whether fp16/bf16 decoding of real latents stays finite (the SDXL-VAE problem), and the seams of tiling."""
-    checks = {}
-    if not args.no_half_check:
-        checks["half_precision_decode"] = {
-            str(dtype).removeprefix("torch."): half_precision_decode_check(vae, half_check_latents(latents), dtype)
-            for dtype in (torch.float16, torch.bfloat16)
-        }
-    if not args.no_tiling_check and args.latent_control == "none":  # the control has no tiled decoder of its own
-        checks["tiling"] = tiling_check(vae, large_image)
-    return checks
 
 
 def prepare(args: EvalOptions, accelerator: Accelerator) -> tuple[Shared, str, ImageDataset]:
@@ -395,9 +341,9 @@ def reference_dataset(args: EvalOptions) -> ImageDataset | None:
         args.dataset_name,
         args.train_data_dir,
         args.image_column,
-        args.ifid_reference_split,
+        args.reference_split,
         args.resolution,
-        args.ifid_reference_images,
+        args.reference_images,
     )
     return ImageDataset(ds, column, eval_transform(args.resolution))
 

@@ -13,6 +13,7 @@ from autoencoder.data import (
     collate,
     decode_image,
     eval_transform,
+    load_image_source,
     load_splits,
     loader_workers,
     to_rgb,
@@ -105,6 +106,15 @@ def test_validation_split_is_used_when_present(shared):
     splits = load_splits(cfg)
     assert len(splits.train) == 100 and len(splits.validation) == 10
     assert "split 'test'" in splits.description
+    # the parquet is sorted by class: subsets are spread over it, so 10 validation images are the 10 classes
+    assert sorted(splits.validation["label"]) == list(range(10)) and len(set(splits.train["label"])) == 10
+
+
+def test_an_evaluation_subset_spreads_over_a_class_sorted_split(shared):
+    ds, _, _ = load_image_source(None, str(shared / "data" / "cifar10"), split="train", num_images=20)
+    assert ds["label"] == [i // 2 for i in range(20)]  # images 0, 2500, 5000, ... of 50,000 sorted by class
+    whole, _, _ = load_image_source(None, str(shared / "data" / "cifar10"), split="test", num_images=10**6)
+    assert len(whole) == 10000
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
