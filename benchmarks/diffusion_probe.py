@@ -49,7 +49,7 @@ def parse_args(argv):
     p.add_argument("--num_samples", type=int, default=2000, help="generated images scored per seed")
     p.add_argument("--checkerboard", action="store_true", help="the control: latents times a ±1 checkerboard")
     p.add_argument("--cifar_dir", default=str(REPO.parent / "shared" / "data" / "cifar10"))
-    p.add_argument("--num_train_images", type=int, default=50000, help="training latents (the first N)")
+    p.add_argument("--num_train_images", type=int, default=50000, help="training latents (N spread over the split)")
     p.add_argument("--cache_dir", default=None, help="the latent cache (default OUTPUT_DIR/latent-cache)")
     p.add_argument("--fid_weights", default=None, help="FID Inception weights (else $FID_WEIGHTS, the hub cache)")
     p.add_argument("--batch_size", type=int, default=BATCH)
@@ -147,7 +147,7 @@ def sample(dit, ddpm, vae, seed: int, args) -> torch.Tensor:
 
 
 def cifar_images(args, split: str, n: int) -> torch.Tensor:
-    """The first ``n`` images of a CIFAR-10 split, [n,3,32,32] in [-1,1] (the evaluation transform)."""
+    """``n`` images spread over a CIFAR-10 split, [n,3,32,32] in [-1,1] (the evaluation transform)."""
     from autoencoder.data import ImageDataset, eval_transform, load_image_source
 
     ds, column, _ = load_image_source(None, str(Path(args.cifar_dir) / f"{split}.parquet"), num_images=n)
@@ -175,7 +175,7 @@ class Scorer:
         return torch.cat([self.inception(to_uint8(images[i : i + 100])).double() for i in range(0, len(images), 100)])
 
     def real(self, split: str, n: int) -> torch.Tensor:
-        """Features of the first ``n`` images of ``split``, from the cache when it has them."""
+        """Features of ``n`` images spread over ``split``, from the cache when it has them."""
         from autoencoder.data import ImageDataset, eval_transform, load_image_source
 
         ds, column, source = load_image_source(None, str(Path(self.args.cifar_dir) / f"{split}.parquet"), num_images=n)

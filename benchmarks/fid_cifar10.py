@@ -27,7 +27,10 @@ sys.path.insert(0, str(REPO))
 
 def images(parquet: Path, limit: int | None):
     """uint8 [N,3,32,32] of a CIFAR-10 parquet split (the stored JPEG re-encodes, decoded by PIL)."""
-    rows = pq.read_table(parquet, columns=["image"]).column("image").to_pylist()[:limit]
+    from autoencoder.data import spread
+
+    rows = pq.read_table(parquet, columns=["image"]).column("image").to_pylist()
+    rows = [rows[i] for i in spread(len(rows), limit or len(rows))]  # the parquet is sorted by class
     arrays = [np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB")) for r in rows]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--fid_weights", default=None, help="either accepted file (else $FID_WEIGHTS, the hub cache)")
     p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--limit", type=int, default=None, help="first N images of each split (a quick look)")
+    p.add_argument("--limit", type=int, default=None, help="N images of each split, spread over it (a quick look)")
     p.add_argument("--save", default=None, help="write the features and the result to this folder")
     args = p.parse_args(argv)
 

@@ -290,7 +290,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
     """KID (Bińkowski et al. 2018: the unbiased MMD² with a cubic polynomial kernel) between two feature sets:
-    torchmetrics' ``KernelInceptionDistance``, mean and std over ``KID_SUBSETS`` random subsets (seeded)."""
+    torchmetrics' ``KernelInceptionDistance``, mean and std over ``KID_SUBSETS`` random subsets (seeded); the std is
+    None when the subsets are the whole sets (fewer images than ``KID_SUBSET_SIZE`` on both sides)."""
     size = min(KID_SUBSET_SIZE, len(real), len(fake))
     with warnings.catch_warnings():  # "will save all extracted features in buffer": it holds what we give it
         warnings.filterwarnings("ignore", message=r".*will save all extracted features", category=UserWarning)
@@ -302,7 +303,8 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> di
     with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG: seeded, and left as it was
         torch.manual_seed(seed)
         mean, std = metric.compute()
-    return {"mean": float(mean), "std": float(std), "subsets": KID_SUBSETS, "subset_size": size}
+    whole = size == len(real) == len(fake)  # every subset is both whole sets: a spread of 0 would say nothing
+    return {"mean": float(mean), "std": None if whole else float(std), "subsets": KID_SUBSETS, "subset_size": size}
 
 
 def distances(real: torch.Tensor, fake: torch.Tensor) -> dict:

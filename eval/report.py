@@ -16,8 +16,11 @@ def _half_cell(check: dict | None) -> str:
 
 
 def _kid_cell(kid: dict | None) -> str:
-    """'0.0123 ± 0.0004' (mean ± std over subsets), or '–'."""
-    return "–" if kid is None else f"{kid['mean']:.4f} ± {kid['std']:.4f}"
+    """'0.0123 ± 0.0004' (mean ± std over subsets), '0.0123 (all 68)' when the subsets are the whole sets, or '–'."""
+    if kid is None:
+        return "–"
+    spread = f"(all {kid['subset_size']})" if kid["std"] is None else f"± {kid['std']:.4f}"
+    return f"{kid['mean']:.4f} {spread}"
 
 
 def colour_cell(r: dict) -> str:
@@ -78,33 +81,66 @@ def render_report(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Spearman's ρ with the generation FID of SiT-B/2 / SiT-XL/2 trained on 22 public tokenizers' latents, oriented so
+# that positive means "predicts gFID"; computed from the iFID paper's own data (Xu et al. 2026, assets/ifid_data.py).
+PUBLISHED_RHO = (
+    "Published evidence, across 22 public tokenizers (Spearman's ρ with the gFID of SiT-B/2 / SiT-XL/2 trained on "
+    "their latents, positive = predicts gFID; Xu et al. 2026): iFID +0.82 / +0.84, linear-probe accuracy +0.75 / "
+    "+0.82; scale-equivariance loss −0.56 / −0.53, PSNR −0.58 / −0.54, rFID −0.24 / −0.17 (across families these "
+    "point the wrong way). The columns are in that order: iFID and the probe rank latent spaces; PSNR ↓s and the "
+    "HF fraction are within-family diagnostics (one base VAE, fine-tuned), not rankings across VAEs. This project "
+    "has not yet measured on its own data which of them track a diffusion model trained on the latents."
+)
+
+
 def diffusability_section(models: dict) -> list[str]:
-    """report.md's diffusability table: equivariance next to the plain reconstruction, HF fraction, iFD."""
+    """report.md's diffusability table, the figures in the order of the evidence that they predict generation."""
     reports = {m: r["diffusability"] for m, r in models.items() if r.get("diffusability")}
     if not reports:
         return []
     fd = "ifid" if any("ifid" in d for d in reports.values()) else "ifd_vgg16"
-    head = ["model", "PSNR", "PSNR ↓2", "PSNR ↓4", "LPIPS", "LPIPS ↓2", "LPIPS ↓4", "HF fraction (image)", f"{fd} ↓"]
+    probe = any("linear_probe" in models[m] for m in reports)
+    head = [
+        "model",
+        f"{fd} ↓",
+        *(["probe top-1 ↑"] if probe else []),
+        "PSNR",
+        "PSNR ↓2",
+        "PSNR ↓4",
+        "LPIPS",
+        "LPIPS ↓2",
+        "LPIPS ↓4",
+        "HF fraction (image)",
+    ]
     lines = ["", "## Diffusability", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, d in reports.items():
         eq = d["equivariance"]
-        cells = [f"`{m}`", _fmt(models[m].get("psnr"), 2)]
-        cells += [_fmt(eq.get(s, {}).get("psnr"), 2) for s in ("2", "4")]
+        cells = [f"`{m}`", _fmt(d.get(fd), 2)]
+        cells += [_fmt(models[m].get("linear_probe", {}).get("top1"), 4)] if probe else []
+        cells += [_fmt(models[m].get("psnr"), 2)] + [_fmt(eq.get(s, {}).get("psnr"), 2) for s in ("2", "4")]
         cells += [_fmt(models[m].get("lpips"), 4)] + [_fmt(eq.get(s, {}).get("lpips"), 4) for s in ("2", "4")]
-        cells += [f"{d['hf_fraction']:.4f} ({d['image_hf_fraction']:.4f})", _fmt(d.get(fd), 2)]
+        cells.append(f"{d['hf_fraction']:.4f} ({d['image_hf_fraction']:.4f})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [
         "",
-        "PSNR ↓s / LPIPS ↓s: D(↓ₛz) against ↓ₛx (z the posterior mode, the same antialiased bilinear downsampling "
-        "for both; LPIPS on both resized back to the evaluation size) next to the plain reconstruction: how far a "
-        "downsampled latent is from decoding to the downsampled image (scale equivariance, Skorokhodov et al. 2025). "
-        "HF fraction: share of the latents' power above half the Nyquist radius (DC removed; the images resized to "
-        f"the latent size in brackets). {fd} (Xu et al. 2026): each evaluation latent (a posterior sample) is "
-        "interpolated (slerp at ½) with one of its 10 nearest reference latents (cosine similarity, drawn by "
-        "softmax(−MSE); channel-normalised), decoded, and the FD of the decodings to the real images is taken on "
+        PUBLISHED_RHO,
+        "",
+        f"{fd} (Xu et al. 2026): each evaluation latent (a posterior sample) is interpolated (slerp at ½) with one of "
+        "its 10 nearest reference latents (cosine similarity, drawn by softmax(−MSE); channel-normalised), decoded, "
+        "and the FD of the decodings to the real images is taken on "
         + ("the FID Inception" if fd == "ifid" else "VGG16 features (not FID)")
         + f"; reference: {next(iter(reports.values())).get('ifid_reference', 'the evaluation images')}. "
-        "`spectrum_N.png`: both radial spectra on log axes.",
+        + (
+            "Probe top-1: a linear classifier (L2-regularised logistic regression) fit on the reference split's "
+            "posterior means, scored on the evaluation images. "
+            if probe
+            else ""
+        )
+        + "PSNR ↓s / LPIPS ↓s: D(↓ₛz) against ↓ₛx (z the posterior mode, the same antialiased bilinear downsampling "
+        "for both; LPIPS on both resized back to the evaluation size) next to the plain reconstruction (scale "
+        "equivariance, Skorokhodov et al. 2025). HF fraction: share of the latents' power above half the Nyquist "
+        "radius (DC removed; the images resized to the latent size in brackets). `spectrum_N.png`: both radial "
+        "spectra on log axes.",
     ]
 
 

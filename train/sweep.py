@@ -260,10 +260,10 @@ def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
         "prior FD",
         "−ELBO (bpd)",
         "IWAE NLL (bpd)",
+        f"{fd} ↓",
         "PSNR ↓2 ↑",
         "PSNR ↓4 ↑",
-        "HF fraction ↓",
-        f"{fd} ↓",
+        "HF fraction",
     ]
     lines = [
         f"# Sweep over {', '.join(args.grid)}",
@@ -291,15 +291,18 @@ def render_markdown(rows: list[dict], evaluation: dict, args: SweepArgs) -> str:
             f"{r['prior_fd']:.3f}",
             "–" if r["neg_elbo_bpd"] is None else f"{r['neg_elbo_bpd']:.4f}",
             "–" if r["iwae_nll_bpd"] is None else f"{r['iwae_nll_bpd']:.4f}",
-            *[_cell(r.get(k), d) for k, d in (("psnr_down2", 2), ("psnr_down4", 2), ("hf_fraction", 4), ("ifd", 2))],
+            *[_cell(r.get(k), d) for k, d in (("ifd", 2), ("psnr_down2", 2), ("psnr_down4", 2), ("hf_fraction", 4))],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Definitions: `eval/report.md` (rate = KL in bits per input pixel; active units after Burda et al. "
         "2016; prior FD = Gaussian Fréchet distance of the aggregate posterior to N(0, I)). Picture: "
-        "`rate_distortion.png`; per-run latent pictures: `eval/latent_*.png`. Diffusability (`eval/report.md`): "
-        "PSNR ↓s of D(↓ₛz) against ↓ₛx, the latents' power share above half Nyquist, the interpolation FD.",
+        "`rate_distortion.png`; per-run latent pictures: `eval/latent_*.png`. Diffusability (`eval/report.md`), in "
+        "the order of the published evidence that it predicts generation: the interpolation FD (iFID, Xu et al. "
+        "2026: Spearman ρ ≈ +0.83 with the gFID of diffusion models over 22 tokenizers), then the within-family "
+        "diagnostics PSNR ↓s of D(↓ₛz) against ↓ₛx and the latents' power share above half Nyquist (across "
+        "tokenizers the equivariance loss correlates the wrong way, ρ ≈ −0.55).",
         "",
     ]
     return "\n".join(lines)

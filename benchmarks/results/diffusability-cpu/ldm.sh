@@ -1,5 +1,6 @@
 #!/bin/bash
 # Issue 26, must-show 2 (second half): latent diffusion on both fine-tuned latent spaces, 2 seeds each, alone on the machine.
+# A record of what ran at the time: benchmarks/latent_diffusion_cifar10.py is gone since (git show 994e818:benchmarks/latent_diffusion_cifar10.py); its successor is benchmarks/diffusion_probe.py.
 export LPIPS_WEIGHTS=/work/shared/weights/lpips PYTHONWARNINGS=ignore
 E=/work/exp26; C=/work/shared/data/cifar10
 cd /work/main
