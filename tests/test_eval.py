@@ -60,6 +60,10 @@ def test_a_known_tint_gives_its_colour_shift_exactly():
     for key, want in zip(("colour_shift_r", "colour_shift_g", "colour_shift_b"), (12.0, 5.0, 3.0)):
         assert torch.allclose(got[key], torch.full((2,), want), atol=1e-4), key
     assert torch.equal(reconstruction_metrics(x, x)["colour_shift_r"], torch.zeros(2))
+    # errors of ±8 levels that cancel within each channel (a checkerboard): large pixel errors, no cast at all
+    sign = (torch.arange(16).view(16, 1) + torch.arange(16)) % 2 * 2 - 1.0
+    noisy = reconstruction_metrics((levels + 8 * sign) / 127.5 - 1, x)
+    assert all(torch.allclose(noisy[f"colour_shift_{c}"], torch.zeros(2), atol=1e-4) for c in "rgb")
 
 
 def test_reconstruction_metrics_quantise_and_add_ms_ssim_only_when_large_enough():
