@@ -19,7 +19,8 @@ patch exactly, and the control would control nothing.
 Fixed DiT: patch 1 over the 8×8×4 latent (64 tokens), 6 layers, 4 heads × 64 (width 256), AdamW lr 3e-4 (100-step
 warm-up), batch 128, EMA 0.999, DDPM linear betas over 1,000 steps.  Seeded: the DiT's initialisation, its
 batches, noise and timesteps, and the sampler's noise come from the seed; a run with the same seed and budget
-gives the same samples.  Writes ``results.json``, ``results.md`` and ``samples.png`` (seed 0) to --output_dir.
+gives the same samples.  Writes ``results.json``, ``results.md`` and ``samples.png`` (the first seed) to
+--output_dir, refusing a folder another command or a person filled.
 """
 
 import argparse
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 DIT = dict(patch_size=1, num_layers=6, num_attention_heads=4, attention_head_dim=64)  # the fixed probe size
 BATCH, LEARNING_RATE, WARMUP, EMA_DECAY, SAMPLING_STEPS = 128, 3e-4, 100, 0.999, 50
+PROBE = "python benchmarks/diffusion_probe.py"  # the command named in its output folder's marker
 
 
 def parse_args(argv):
@@ -159,13 +161,13 @@ class Scorer:
     """KID and FID against the CIFAR-10 test set on the FID Inception; the real features cached on disk."""
 
     def __init__(self, args):
-        from eval.fid import FeatureCache, InceptionFeatures, default_cache_folder, resolve_fid_weights
+        from eval.fid import InceptionFeatures, default_cache_folder, resolve_fid_weights
 
         weights = resolve_fid_weights(args.fid_weights, download=False)
         if weights.path is None:
             raise SystemExit(f"error: {weights.unavailable}")
         self.inception = InceptionFeatures(weights).eval()
-        self.args, self.cache_folder, self.cache = args, default_cache_folder(), FeatureCache
+        self.args, self.cache_folder = args, default_cache_folder()
         self.test = self.real("test", 10000)
 
     @torch.inference_mode()
@@ -177,13 +179,15 @@ class Scorer:
     def real(self, split: str, n: int) -> torch.Tensor:
         """Features of ``n`` images spread over ``split``, from the cache when it has them."""
         from autoencoder.data import ImageDataset, eval_transform, load_image_source
+        from eval.fid import FeatureCache
 
         ds, column, source = load_image_source(None, str(Path(self.args.cifar_dir) / f"{split}.parquet"), num_images=n)
-        facts = {"images": ImageDataset(ds, column, eval_transform(32)).fingerprint(), "source": source, "count": n}
-        cache = self.cache(self.cache_folder, {**facts, "resolution": 32, "preprocessing": "8-bit, as stored"})
+        dataset = ImageDataset(ds, column, eval_transform(32))
+        facts = {"images": dataset.fingerprint(), "source": source, "count": n}
+        cache = FeatureCache(self.cache_folder, {**facts, "resolution": 32, "preprocessing": "8-bit, as stored"})
         found = cache.load(self.inception)
         if found is None:
-            found = self.features(cifar_images(self.args, split, n))
+            found = self.features(torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))]))
             cache.save(self.inception, found)
         return found
 
@@ -209,7 +213,7 @@ def floors(vae, scorer: Scorer, args) -> dict:
         )
     from eval.fid import distances
 
-    real_found = distances(scorer.test, scorer.real("train", args.num_samples))
+    real_found = distances(scorer.test, scorer.real("train", args.num_samples))  # cached across VAEs
     return {
         "real_train": {"kid": real_found["kid"]["mean"], "fid": real_found["fd"], "n": args.num_samples},
         "vae_reconstructions": scorer.score(recon.clamp(-1, 1)),
@@ -249,10 +253,19 @@ def main(argv=None) -> int:
     """Cache the latents, train and sample one DiT per seed, score them; write the results."""
     from diffusers import AutoencoderKL
 
+    from autoencoder.errors import UsageError
+    from autoencoder.folders import RunDir
+
     args = parse_args(argv)
     wall, cpu = time.perf_counter(), time.process_time()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunDir(out, PROBE, "--output_dir")
+    try:
+        folder.check()  # never a folder another command (or a person) filled
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    folder.claim()
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
     if vae.config.scaling_factor == 1.0:
         raise SystemExit(f"error: {args.vae} has no latent statistics; run `python -m diffusion_bridge stats --write`")
@@ -262,10 +275,10 @@ def main(argv=None) -> int:
     results.update(num_samples=args.num_samples, dit=DIT, num_train_latents=len(latents), seeds={})
     results["dit_parameters"] = sum(p.numel() for p in build_dit(0).parameters())
     results["floors"] = floors(vae, scorer, args)
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
         dit, ddpm, train = train_dit(latents, labels, seed, args)
         images = sample(dit, ddpm, vae, seed, args)
-        if not (out / "samples.png").exists():  # 10 x 10: column = class
+        if i == 0:  # the first seed's 10 x 10: column = class
             save_image(make_grid(images[:100] * 0.5 + 0.5, nrow=10, padding=1), out / "samples.png")
         results["seeds"][str(seed)] = {**scorer.score(images), "train": train}
         print(f"seed {seed}: {results['seeds'][str(seed)]}", file=sys.stderr, flush=True)
@@ -274,8 +287,8 @@ def main(argv=None) -> int:
     results.update(
         seconds=time.perf_counter() - wall, cpu_seconds=time.process_time() - cpu, threads=torch.get_num_threads()
     )
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
+    folder.write_text("results.json", json.dumps(results, indent=2))
+    folder.write_text("results.md", markdown(results))
     print(markdown(results))
     return 0
 

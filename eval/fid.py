@@ -372,7 +372,6 @@ class FeatureBank:
         if cache is not None and accelerator.num_processes > 1:
             broadcast_object_list(found)
         self.sets: dict[str, torch.Tensor] = {k: v for k, v in (found[0] or {}).items() if v is not None}
-        self.cached = set(self.sets)  # read from the cache
         self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in extractors if name not in self.sets}
         self.done = not self.parts
 

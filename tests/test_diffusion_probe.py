@@ -59,3 +59,10 @@ def test_the_checkerboard_is_exactly_invertible_and_undone_before_decoding():
     plain = probe.sample(_Zero(), ddpm, _Identity(), seed=0, args=_args())
     control = probe.sample(_Zero(), ddpm, _Identity(), seed=0, args=_args(checkerboard=True))
     assert torch.equal(control, plain * board) and not torch.equal(control, plain)  # clamp(±x) = ±clamp(x)
+
+
+def test_a_folder_the_probe_did_not_write_is_refused_untouched(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert probe.main(["--vae", str(tmp_path / "no-vae"), "--output_dir", str(tmp_path)]) == 2
+    assert "did not write (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no marker, nothing else written
