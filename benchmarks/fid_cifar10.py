@@ -56,8 +56,17 @@ def main(argv=None) -> int:
     p.add_argument("--save", default=None, help="write the features and the result to this folder")
     args = p.parse_args(argv)
 
+    from autoencoder.errors import UsageError
+    from autoencoder.folders import RunDir
     from eval.fid import InceptionFeatures, distances, resolve_fid_weights
 
+    folder = RunDir(args.save, "python benchmarks/fid_cifar10.py", "--save") if args.save else None
+    try:
+        if folder is not None:
+            folder.check()  # before the hours of feature passes: never a folder another command or a person filled
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     weights = resolve_fid_weights(args.fid_weights, download=False)
     if weights.path is None:
         print(f"error: {weights.unavailable}", file=sys.stderr)
@@ -72,11 +81,10 @@ def main(argv=None) -> int:
     result.update(distances(sets["train"], sets["test"]))  # fd = FID on these features
     result["fid"] = result.pop("fd")
     print(json.dumps(result, indent=2))
-    if args.save:
-        out = Path(args.save)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.float() for k, v in sets.items()}, out / "features.pt")
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+    if folder is not None:
+        folder.claim()
+        torch.save({k: v.float() for k, v in sets.items()}, folder.path / "features.pt")
+        folder.write_text("result.json", json.dumps(result, indent=2))
     return 0
 
 
