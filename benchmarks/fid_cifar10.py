@@ -6,7 +6,9 @@
 Published: 3.15 (the TF reference implementation gives 3.1508; PyTorch ports 3.145–3.153).  The images go
 through the project's one FID extractor (``eval.fid.InceptionFeatures``: torch-fidelity's InceptionV3 and its
 TF1-compatible resize to 299) as uint8, and the distance through the project's accumulator.  Prints the FID,
-the image counts, the wall time and the img/s of the feature pass; ``--save`` keeps the features.
+the image counts, the wall time and the img/s of the feature pass.  ``--save DIR`` keeps the features in chunks
+of ``CHUNK`` images as they are computed (``features-<split>-<start>.pt``, each written whole), so a killed run
+resumes from its last complete chunk, and the result in ``result.json``.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+CHUNK = 5000  # images per saved feature chunk: a kill loses at most this many passes (~6 min on 2 CPU cores)
 
 
 def images(parquet: Path, limit: int | None):
@@ -36,15 +39,39 @@ def images(parquet: Path, limit: int | None):
 
 
 @torch.inference_mode()
-def features(extractor, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
-    """Pool3 features [N,2048] (float64) and the seconds the pass took."""
+def features(extractor, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Pool3 features [N,2048] (float64) of uint8 images [N,3,H,W]."""
     t0, out = time.perf_counter(), []
     for i in range(0, len(x), batch):
         out.append(extractor(x[i : i + batch]).double())
         done = min(i + batch, len(x))
         if done % (20 * batch) == 0 or done == len(x):
             print(f"  {done}/{len(x)} images, {done / (time.perf_counter() - t0):.1f} img/s", file=sys.stderr)
-    return torch.cat(out), time.perf_counter() - t0
+    return torch.cat(out)
+
+
+def chunked_features(extractor, x: torch.Tensor, batch: int, folder, key: dict) -> tuple[torch.Tensor, dict]:
+    """Features of ``x`` chunk by chunk; with a folder, each chunk is saved and a saved one with the same
+    ``key`` (weights, split, count, position) is loaded instead.  Returns the features and the pass's timing
+    (computed images only)."""
+    parts, computed, seconds = [], 0, 0.0
+    for start in range(0, len(x), CHUNK):
+        stop = min(start + CHUNK, len(x))
+        tag = {**key, "start": start, "stop": stop}
+        path = folder.path / f"features-{key['split']}-{start:05d}.pt" if folder is not None else None
+        if path is not None and path.is_file() and (saved := torch.load(path))["key"] == tag:
+            print(f"  {key['split']} {start}-{stop}: from {path.name}", file=sys.stderr)
+            parts.append(saved["features"].double())
+            continue
+        t0 = time.perf_counter()
+        parts.append(features(extractor, x[start:stop], batch))
+        seconds, computed = seconds + time.perf_counter() - t0, computed + stop - start
+        if path is not None:
+            tmp = path.with_name(f".tmp-{path.name}")
+            torch.save({"key": tag, "features": parts[-1]}, tmp)
+            tmp.replace(path)  # whole or absent: a kill mid-write leaves no half chunk
+    timing = {"computed": computed, "seconds": seconds, "img_per_s": computed / seconds if seconds else None}
+    return torch.cat(parts), timing
 
 
 def main(argv=None) -> int:
@@ -53,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--fid_weights", default=None, help="either accepted file (else $FID_WEIGHTS, the hub cache)")
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--limit", type=int, default=None, help="N images of each split, spread over it (a quick look)")
-    p.add_argument("--save", default=None, help="write the features and the result to this folder")
+    p.add_argument("--save", default=None, help="keep features (resumable) and result.json in this folder")
     args = p.parse_args(argv)
 
     from autoencoder.errors import UsageError
@@ -64,6 +91,7 @@ def main(argv=None) -> int:
     try:
         if folder is not None:
             folder.check()  # before the hours of feature passes: never a folder another command or a person filled
+            folder.claim()
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -76,14 +104,13 @@ def main(argv=None) -> int:
     sets = {}
     for split in ("train", "test"):
         x = images(Path(args.data) / f"{split}.parquet", args.limit)
-        sets[split], seconds = features(extractor, x, args.batch_size)
-        result[split] = {"images": len(x), "seconds": seconds, "img_per_s": len(x) / seconds}
+        key = {"sha256": weights.file.sha256, "split": split, "images": len(x)}
+        sets[split], timing = chunked_features(extractor, x, args.batch_size, folder, key)
+        result[split] = {"images": len(x), **timing}
     result.update(distances(sets["train"], sets["test"]))  # fd = FID on these features
     result["fid"] = result.pop("fd")
     print(json.dumps(result, indent=2))
     if folder is not None:
-        folder.claim()
-        torch.save({k: v.float() for k, v in sets.items()}, folder.path / "features.pt")
         folder.write_text("result.json", json.dumps(result, indent=2))
     return 0
 
