@@ -29,7 +29,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from autoencoder.equivariance import downsample, valid_scales
-from autoencoder.models import image_rng, seeded_noise
+from autoencoder.models import image_rng
 
 from .engine import gather_rows, split_rows
 from .fid import frechet_distance, to_uint8
@@ -104,29 +104,31 @@ def channel_normalised(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 
 
 def interpolation_partners(
-    z: torch.Tensor, index: torch.Tensor, seed: int, reference: torch.Tensor | None = None
+    z: torch.Tensor, index: torch.Tensor, seed: int, reference: torch.Tensor | None = None, rows=None
 ) -> torch.Tensor:
-    """For each latent z [N,C,h,w], iFID's partner among the ``reference`` latents [M,C,h,w] (module docstring).
+    """For the latents ``z[rows]`` ([N,C,h,w], all N by default), iFID's partners among the ``reference`` latents
+    [M,C,h,w] (module docstring): [len(rows),C,h,w].
 
     ``reference`` None: the latents ``z`` themselves, each one's own left out.  The draw of latent i comes from
-    a generator seeded by (seed, its image index ``index[i]``): the same whatever the batch or process.
+    a generator seeded by (seed, its image index ``index[i]``): the same whatever the batch, process or ``rows``.
     """
     self_excluded = reference is None
     ref = z if self_excluded else reference
-    zn, rn = channel_normalised(z, ref), channel_normalised(ref, ref)
+    rows = torch.arange(len(z)) if rows is None else torch.as_tensor(rows)
+    zn, rn = channel_normalised(z[rows], ref), channel_normalised(ref, ref)
     zu, ru = F.normalize(zn, dim=1), F.normalize(rn, dim=1)
     k = min(NEIGHBOURS, len(ref) - self_excluded)
-    chosen = torch.empty(len(z), dtype=torch.long)
+    chosen = torch.empty(len(rows), dtype=torch.long)
     step = max(1, 2**24 // (k * zn.shape[1]))  # rows per chunk: [step, k, D] float64 stays under 128 MiB
-    for start in range(0, len(z), step):
-        rows = torch.arange(start, min(start + step, len(z)))
-        cosine = zu[rows] @ ru.T  # [r, M]
+    for start in range(0, len(rows), step):
+        part = torch.arange(start, min(start + step, len(rows)))  # positions in rows
+        cosine = zu[part] @ ru.T  # [r, M]
         if self_excluded:
-            cosine[torch.arange(len(rows)), rows] = -math.inf
+            cosine[torch.arange(len(part)), rows[part]] = -math.inf
         top = cosine.topk(k, dim=1).indices  # [r, k]
-        probs = torch.softmax(-(zn[rows, None] - rn[top]).pow(2).mean(-1), dim=1)  # softmax(−MSE) over the k
-        for r, i in enumerate(rows.tolist()):
-            chosen[i] = top[r, image_rng(seed, index[i]).choice(k, p=probs[r].numpy())]
+        probs = torch.softmax(-(zn[part, None] - rn[top]).pow(2).mean(-1), dim=1)  # softmax(−MSE) over the k
+        for r, i in enumerate(part.tolist()):
+            chosen[i] = top[r, image_rng(seed, index[rows[i]]).choice(k, p=probs[r].numpy())]
     return ref[chosen]
 
 
@@ -160,8 +162,7 @@ class Diffusability:
             for key, values in gather(equivariance_batch(decode, x, z, s, self.lpips_model)).items():
                 acc[key] += float(values.double().sum())
         small = F.interpolate(x, size=tuple(z.shape[-2:]), mode="bilinear", antialias=True)
-        noise = seeded_noise(tuple(z.shape[1:]), out.index, self.seed).to(z)
-        sample = out.posterior.mean + out.posterior.std * noise  # the posterior sample iFID interpolates
+        sample = out.posterior.mean + out.posterior.std * out.noise(self.seed)  # the sample iFID interpolates
         index = out.index.to(x.device)
         latent_power, image_power, sample, index = gather((power_spectra(z), power_spectra(small), sample, index))
         self.latent_spec.update(latent_power)
@@ -172,16 +173,17 @@ class Diffusability:
 
     @torch.no_grad()
     def interpolation_fd(self) -> float:
-        """Decode the interpolations (each rank its share) and their FD to the real images."""
-        z = torch.cat(self.samples)
-        mid = slerp(z, interpolation_partners(z, torch.cat(self.indices), self.seed + 1, self.reference), 0.5)
+        """Decode the interpolations and take their FD to the real images: each rank searches the neighbours of
+        its share of the latents and decodes them; the features are gathered."""
+        z, index = torch.cat(self.samples), torch.cat(self.indices)
+        rows = split_rows(self.accelerator, torch.arange(len(z)))  # this rank's share (padded: the last repeated)
+        mid = slerp(z[rows], interpolation_partners(z, index, self.seed + 1, self.reference, rows), 0.5)
         extractor, device = self.bank.extractors[self.features], self.accelerator.device
-        mine = split_rows(self.accelerator, mid)
         features = [
             extractor(to_uint8(self.vae.decode(chunk.to(device)).sample.clamp(-1, 1)))
-            for chunk in mine.split(self.batch_size)
+            for chunk in mid.split(self.batch_size)
         ]
-        fake = gather_rows(self.accelerator, torch.cat(features), len(mid))
+        fake = gather_rows(self.accelerator, torch.cat(features), len(z))
         return frechet_distance(self.bank.real(self.features), fake.double().cpu())
 
     def compute(self) -> dict:

@@ -9,12 +9,14 @@ the pass (decoding interpolations, say) is split between the ranks (``split_rows
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from accelerate import Accelerator
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from autoencoder.models import seeded_noise
 
 
 @dataclass
@@ -25,6 +27,15 @@ class Outputs:
     index: torch.Tensor  # [B] their dataset indices (CPU): per-image seeds, whatever the batch or rank
     posterior: DiagonalGaussianDistribution  # q(z|x): mean, logvar [B,C,h,w]
     recon: torch.Tensor  # [B,3,H,W] the decoded posterior mode, float32
+    noises: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # seed -> [B,C,h,w], drawn once
+
+    def noise(self, seed: int) -> torch.Tensor:
+        """Standard normal noise [B,C,h,w] (float32) per image from ``seeded_noise(..., index, seed)``, on the latents'
+        device: drawn once per batch and seed, however many metrics take posterior samples with it."""
+        if seed not in self.noises:
+            mean = self.posterior.mean
+            self.noises[seed] = seeded_noise(tuple(mean.shape[1:]), self.index, seed).to(mean.device)
+        return self.noises[seed]
 
 
 class Metric(Protocol):

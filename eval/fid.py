@@ -357,20 +357,18 @@ def default_cache_folder() -> Path:
 class FeatureBank:
     """The real evaluation images' features on each extractor: computed once per run and shared by every model.
 
-    Read from ``cache`` when it has them (the main process reads, every rank gets them); otherwise an
-    ``eval.engine`` metric of the first model's pass fills them (later passes add nothing) and the main
-    process writes them to ``cache``.  ``real(name)`` is the [N, D] float64 set.
+    Read from ``cache`` when it has them (``cache`` is the main process's; the others pass None and get what
+    it read); otherwise an ``eval.engine`` metric of the first model's pass fills them (later passes add
+    nothing) and the main process writes them to ``cache``.  ``real(name)`` is the [N, D] float64 set.
     """
 
     def __init__(self, accelerator, extractors: dict[str, nn.Module], cache: FeatureCache | None = None):
         from accelerate.utils import broadcast_object_list
 
         self.accelerator, self.extractors, self.cache = accelerator, extractors, cache
-        found = [
-            {name: cache.load(ex) for name, ex in extractors.items()} if cache and accelerator.is_main_process else None
-        ]
-        if cache is not None and accelerator.num_processes > 1:
-            broadcast_object_list(found)
+        found = [{name: cache.load(ex) for name, ex in extractors.items()} if cache is not None else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(found)  # the main process's finds (or None) to every rank
         self.sets: dict[str, torch.Tensor] = {k: v for k, v in (found[0] or {}).items() if v is not None}
         self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in extractors if name not in self.sets}
         self.done = not self.parts

@@ -265,10 +265,8 @@ class LatentReport:
         self.first_means: list[torch.Tensor] = []
 
     def update(self, out) -> None:
-        index = out.index.to(out.x.device)
-        moments = (out.posterior.mean.float(), out.posterior.logvar.float(), index)
-        mean, logvar, index = self.accelerator.gather_for_metrics(moments)
-        noise = seeded_noise(tuple(mean.shape[1:]), index.cpu(), self.seed)
+        moments = (out.posterior.mean.float(), out.posterior.logvar.float(), out.noise(self.seed).float())
+        mean, logvar, noise = self.accelerator.gather_for_metrics(moments)
         self.acc.update(mean, logvar, tuple(out.x.shape[-2:]), noise)
         self.first_means += list(mean[: max(0, 2 - len(self.first_means))].cpu())
 

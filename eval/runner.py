@@ -236,7 +236,7 @@ def evaluate_model(args: EvalOptions, shared: Shared, model_id: str) -> tuple[di
     first = shared.loader.dataset[0]["pixel_values"][None]  # not the prepared loader: see gather_for_metrics
     forward.warm_up(first.repeat(args.batch_size, 1, 1, 1))
     metrics = model_metrics(args, shared, vae)
-    if shared.reference is not None:
+    if shared.reference is not None and ("diffusability" in metrics or "probe" in metrics):  # else nothing reads it
         samples, means = reference_latents(args, shared, vae)
         if "diffusability" in metrics:
             metrics["diffusability"].reference = samples
@@ -300,10 +300,12 @@ def prepare(args: EvalOptions, accelerator: Accelerator) -> tuple[Shared, str, I
         dataset, source = eval_dataset(args)
         reference = reference_dataset(args)
         labels, reference_labels = label_column(args, dataset), label_column(args, reference)
+        # The main process alone reads and writes the cache (its key reads every image's bytes).
+        keep = accelerator.is_main_process and extractors and not args.no_feature_cache
+        cache = feature_cache(args, dataset, source) if keep else None
     extractors = {name: ex.to(accelerator.device) for name, ex in extractors.items()}
     # One image at 2x the resolution (at least 2 tiles per side for any tile size up to the resolution).
     large_image = ImageDataset(dataset.ds, dataset.column, eval_transform(2 * args.resolution))[0]["pixel_values"][None]
-    cache = None if args.no_feature_cache or not extractors else feature_cache(args, dataset, source)
     bank = FeatureBank(accelerator, extractors, cache)
     loader = accelerator.prepare(data_loader(args, dataset, accelerator))
     reference = None if reference is None else accelerator.prepare(data_loader(args, reference, accelerator))

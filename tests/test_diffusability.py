@@ -160,3 +160,16 @@ def test_the_training_draw_is_a_function_of_seed_and_step_within_the_valid_scale
         0.4 < len(taken) / 400 < 0.6 and {d.scale for d in taken} == {2, 4} and {d.turns for d in taken} == {0, 1, 2, 3}
     )
     assert draw(LossConfig(), valid, 0, 0) is None  # weight 0: off
+
+
+def test_the_per_image_noise_of_a_batch_is_drawn_once_per_seed():
+    """LatentReport and Diffusability both take posterior samples with the evaluation seed: one draw serves both."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from autoencoder.models import seeded_noise
+
+    posterior = DiagonalGaussianDistribution(torch.zeros(3, 8, 2, 2))  # [B, 2C, h, w]: mean 0, logvar 0
+    out = Outputs(torch.zeros(3, 3, 8, 8), torch.tensor([4, 9, 2]), posterior, torch.zeros(3, 3, 8, 8))
+    first = out.noise(7)
+    assert out.noise(7) is first and out.noise(8) is not first
+    torch.testing.assert_close(first, seeded_noise((4, 2, 2), torch.tensor([4, 9, 2]), 7), rtol=0, atol=0)

@@ -344,3 +344,32 @@ def test_two_processes_give_the_figures_of_one(tmp_path, lpips_dir):
     differ = {k: (a[k], b[k]) for k in a if b[k] != pytest.approx(a[k], rel=5e-4 if k in loose else 1e-6, abs=1e-9)}
     assert not differ, differ
     assert len(loose) == 2 * 9 and any(a[k] != b[k] for k in a)  # the same figures, not the same file
+
+
+def test_a_reference_split_is_encoded_only_when_a_figure_reads_it(shared, lpips_dir, tmp_path, monkeypatch):
+    """--reference_split feeds iFID and the probe; with neither, its images are not encoded."""
+    import eval.runner as runner
+
+    torch.manual_seed(0)
+    build_vae(ModelConfig(preset="tiny")).save_pretrained(tmp_path / "vae")
+    calls, original = [], runner.reference_latents
+    monkeypatch.setattr(runner, "reference_latents", lambda *a: calls.append(1) or original(*a))
+    args = [
+        f"--model={tmp_path / 'vae'}",
+        f"--train_data_dir={shared / 'data' / 'cifar10'}",
+        "--num_images=4",
+        "--resolution=32",
+        "--batch_size=4",
+        "--iwae_samples=0",
+        "--no_tiling_check",
+        "--no_fid",
+        "--no_diffusability",
+        "--reference_split=train",
+        "--reference_images=8",
+        f"--lpips_weights={lpips_dir}",
+    ]
+    for name, extra, encoded in (("unread", [], 0), ("probe", ["--probe_labels=label"], 1)):
+        calls.clear()
+        reset_accelerate()
+        assert runner.main([*args, *extra, f"--output_dir={tmp_path / name}"]) == 0
+        assert (name, len(calls)) == (name, encoded)

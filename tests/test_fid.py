@@ -143,6 +143,18 @@ def test_ifid_partners_are_drawn_among_the_ten_nearest_by_softmax_of_the_mse():
     assert not any(torch.equal(p, q) for p, q in zip(interpolation_partners(z, torch.arange(3), 0), z))
 
 
+def test_ifid_partners_of_a_share_of_the_latents_are_those_the_whole_search_draws():
+    """Each rank searches the neighbours of its share only (``rows``): the same partners as the search over all,
+    with the evaluation latents as their own reference (each one's own left out) and with a reference set."""
+    g = torch.Generator().manual_seed(0)
+    z, reference = torch.randn(9, 2, 3, 3, generator=g), torch.randn(14, 2, 3, 3, generator=g)
+    index = torch.arange(100, 109)  # dataset indices: the draws' seeds
+    rows = torch.tensor([7, 2, 8, 8])  # a share, padded with its last row as split_rows pads
+    for ref in (None, reference):
+        whole = interpolation_partners(z, index, 5, ref)
+        torch.testing.assert_close(interpolation_partners(z, index, 5, ref, rows), whole[rows], rtol=0, atol=0)
+
+
 def test_eval_reports_rfid_kid_and_ifid_and_reads_the_real_features_from_its_cache(
     shared, fid_weights, lpips_dir, tmp_path, monkeypatch
 ):
