@@ -52,7 +52,9 @@ def parse_args(argv):
     p.add_argument("--checkerboard", action="store_true", help="the control: latents times a ±1 checkerboard")
     p.add_argument("--cifar_dir", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--num_train_images", type=int, default=50000, help="training latents (N spread over the split)")
-    p.add_argument("--cache_dir", default=None, help="the latent cache (default OUTPUT_DIR/latent-cache)")
+    p.add_argument(
+        "--cache_dir", default=None, help="latent cache (default OUTPUT_DIR/latent-cache; resumed by the same VAE only)"
+    )
     p.add_argument("--fid_weights", default=None, help="FID Inception weights (else $FID_WEIGHTS, the hub cache)")
     p.add_argument("--batch_size", type=int, default=BATCH)
     return p.parse_args(argv)
@@ -74,7 +76,9 @@ def training_latents(args) -> tuple[torch.Tensor, torch.Tensor]:
     argv = ["encode", f"--model={args.vae}", f"--train_data_dir={Path(args.cifar_dir) / 'train.parquet'}"]
     argv += ["--resolution=32", f"--num_images={args.num_train_images}", "--batch_size=250", "--shard_size=5000"]
     argv += ["--convention=sd3", "--seed=0", f"--output_dir={cache}"]
-    assert bridge_main(argv) == 0, "encoding the training latents failed"
+    code = bridge_main(argv)  # a cache another VAE or setting wrote is refused (its error line is printed)
+    if code:
+        raise SystemExit(code)
     rows = load_latent_cache(cache)[:]
     latents = rows["latents"]
     return (latents * board(latents) if args.checkerboard else latents), rows["label"].long()

@@ -5,6 +5,8 @@ Layout of ``output_dir``::
     data/shard-00000-of-00010.parquet   index, latents [C,h,w] (scaled), other source columns,
     ...                                 optionally posterior_mean / posterior_logvar (unscaled)
     cache_info.json                     model, resolution, convention, scaling/shift used, shapes
+    encode_settings.json                what determines the shards (weights, images, scaling, seed, ...):
+                                        a rerun with other settings is refused, never mixed in
 
 ``datasets.load_dataset("parquet", data_files="DIR/data/*.parquet", split="train")`` loads it (the
 feature types, e.g. ``Array3D``, travel in the parquet schema).  Shards are assigned round-robin
@@ -14,6 +16,7 @@ by skipping finished shards.  Posterior samples are drawn per image from a gener
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -88,6 +91,37 @@ def encode_shard(
         arrays[name] = extra[name]
         features[name] = extra.features[name]
     return datasets.Dataset.from_dict(arrays, features=datasets.Features(features))
+
+
+SETTINGS = "encode_settings.json"
+
+
+def weights_sha256(vae: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes): which weights encoded a cache."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_settings(folder: RunDir, settings: dict) -> None:
+    """Refuse to add shards to a cache another model, data or scaling wrote: a rerun only resumes its own.
+
+    ``settings`` (JSON-typed) is what determines the shards' contents; a folder of shards without a record of
+    its settings (written before the record existed) is refused too."""
+    where = f"--output_dir {str(folder.path)!r}"
+    if (folder.path / SETTINGS).is_file():
+        saved = json.loads((folder.path / SETTINGS).read_text())
+        differ = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+        if differ:
+            raise UsageError(
+                f"{where} holds latents encoded with other settings ({', '.join(differ)} differ); adding to it "
+                "would mix the two",
+                "give a new --output_dir, or the settings it was written with to resume it",
+            )
+    elif any((folder.path / "data").glob("shard-*.parquet")):
+        raise UsageError(f"{where} holds latent shards of unknown settings (no {SETTINGS})", "give a new --output_dir")
 
 
 def encode_dataset(

@@ -5,6 +5,7 @@ scaling/shift factors, optionally written into the config), ``encode`` (a latent
 diffusion training), ``publish`` (a Hub repo with model card).
 """
 
+import dataclasses
 import json
 import sys
 import types
@@ -31,7 +32,7 @@ from autoencoder.folders import RunDir
 from autoencoder.launch import relaunch_cpu, requested_cpu_processes, use_cpu_backend
 from autoencoder.models import check_resolution, count_parameters, downsampling_factor, is_training_checkpoint, load_vae
 
-from .cache import encode_dataset
+from .cache import SETTINGS, check_settings, encode_dataset, weights_sha256
 from .publish import prepare_folder, upload
 from .stats import LatentScaling, collect_latent_stats, describe, process_shard, too_few_images, write_stats
 
@@ -205,6 +206,40 @@ def cmd_stats(args: StatsOptions) -> int:
 ENCODE = "python -m diffusion_bridge encode"  # the marker of a latent cache folder (autoencoder.folders)
 
 
+def encode_scaling(args: EncodeOptions, vae: AutoencoderKL) -> LatentScaling:
+    """The scaling the cache applies: the VAE config's under --convention, with --scaling_factor/--shift_factor."""
+    keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    config = types.SimpleNamespace(**{k: vae.config[k] for k in keys})
+    config.scaling_factor = args.scaling_factor if args.scaling_factor is not None else config.scaling_factor
+    config.shift_factor = args.shift_factor if args.shift_factor is not None else config.shift_factor
+    scaling = LatentScaling.from_config(config, args.convention)
+    if args.convention != "sdxl" and scaling.scaling_factor == 1.0 and args.scaling_factor is None:
+        raise UsageError(
+            f"{args.model} has scaling_factor 1.0 (no latent statistics)",
+            "run `python -m diffusion_bridge stats --model DIR --write` first, or pass --scaling_factor explicitly",
+        )
+    return scaling
+
+
+def encode_settings(args: EncodeOptions, vae, dataset: ImageDataset, source: str, scaling: LatentScaling) -> dict:
+    """What determines the cache's shards (``diffusion_bridge.cache.check_settings``), JSON-typed."""
+    settings = {
+        "model": args.model,
+        "weights_sha256": weights_sha256(vae),
+        "images": dataset.fingerprint(),
+        "source": source,
+        "num_images": len(dataset),
+        "resolution": args.resolution,
+        "crop": args.crop,
+        "scaling": dataclasses.asdict(scaling),
+        "latents": "posterior mean" if args.mode else "posterior sample",
+        "seed": args.seed,
+        "store_moments": args.store_moments,
+        "shard_size": args.shard_size,
+    }
+    return json.loads(json.dumps(settings))  # tuples as lists: equal to what the file reads back
+
+
 def cmd_encode(args: EncodeOptions) -> int:
     """``encode``: write the latent cache a diffusion trainer consumes."""
     if args.shift_factor is not None and args.convention != "sd3":
@@ -216,19 +251,14 @@ def cmd_encode(args: EncodeOptions) -> int:
     with agreement():  # no collective in here: a failure on one rank ends every rank
         folder.check()  # a cache folder of its own, or a new one
         vae, dataset, source = load_checked(args)
+        scaling = encode_scaling(args, vae)
+        if accelerator.is_main_process:  # the settings read every image's bytes: one process is enough
+            settings = encode_settings(args, vae, dataset, source, scaling)
+            check_settings(folder, settings)  # resume only a cache of these settings
     vae.to(accelerator.device)
-    keys = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
-    config = types.SimpleNamespace(**{k: vae.config[k] for k in keys})
-    config.scaling_factor = args.scaling_factor if args.scaling_factor is not None else config.scaling_factor
-    config.shift_factor = args.shift_factor if args.shift_factor is not None else config.shift_factor
-    scaling = LatentScaling.from_config(config, args.convention)
-    if args.convention != "sdxl" and scaling.scaling_factor == 1.0 and args.scaling_factor is None:
-        raise UsageError(
-            f"{args.model} has scaling_factor 1.0 (no latent statistics)",
-            "run `python -m diffusion_bridge stats --model DIR --write` first, or pass --scaling_factor explicitly",
-        )
     if accelerator.is_main_process:  # only now: a refused command leaves the folder as it was
         folder.claim()
+        folder.write_text(SETTINGS, json.dumps(settings, indent=2))
     info = {"model": args.model, "source": source, "resolution": args.resolution, "crop": args.crop}
     done = encode_dataset(
         vae,

@@ -256,6 +256,45 @@ def test_latent_cache_loads_with_datasets_and_resumes(tiny_model, shared, tmp_pa
     assert torch.equal(load_latent_cache(out)[:]["latents"], before)
 
 
+def test_a_latent_cache_resumes_only_with_the_settings_that_wrote_it(tiny_model, shared, tmp_path, capsys):
+    """A rerun into a cache folder adds the missing shards only when it would write what is there: another seed,
+    or new weights at the same path, is refused (exit 2, one error line naming what differs) and the shards
+    stay as they were; so is a folder of shards with no record of their settings."""
+    vae = AutoencoderKL.from_pretrained(tiny_model)
+    vae.register_to_config(scaling_factor=2.0)
+    vae.save_pretrained(tiny_model)
+    out = tmp_path / "cache"
+
+    def encode(*extra: str) -> tuple[int, str]:
+        capsys.readouterr()
+        reset_accelerate()
+        code = bridge_main(_encode_args(tiny_model, shared, out, *extra))
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == (code != 0)  # one line when refused (tqdm's bars are not ours)
+        return code, "".join(errors)
+
+    assert encode() == (0, "")
+    (out / "data" / "shard-00001-of-00003.parquet").unlink()  # an interrupted run
+    shards = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    code, err = encode("--seed", "1")
+    assert code == 2 and "(seed differ)" in err
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == shards
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(0.01)
+    vae.save_pretrained(tmp_path / "retrained")
+    code, err = encode("--model", str(tmp_path / "retrained"))
+    assert code == 2 and "(model, weights_sha256 differ)" in err
+    assert encode() == (0, "")  # the settings that wrote it: resumed, shard 1 added
+    assert len(list((out / "data").glob("shard-*"))) == 3
+    vae.save_pretrained(tiny_model)  # retrained in place: the same path, other weights
+    code, err = encode()
+    assert code == 2 and "(weights_sha256 differ)" in err
+    (out / "encode_settings.json").unlink()  # a cache written before the record existed
+    code, err = encode()
+    assert code == 2 and "unknown settings" in err
+
+
 def test_latent_cache_sd3_convention_and_unscaled_model_refusal(tiny_model, shared, tmp_path, capsys):
     from diffusion_bridge.cache import load_latent_cache
 
