@@ -12,8 +12,10 @@ resumes from its last complete chunk, and the result in ``result.json``.
 """
 
 import argparse
+import hashlib
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,12 +54,13 @@ def features(extractor, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 def chunked_features(extractor, x: torch.Tensor, batch: int, folder, key: dict) -> tuple[torch.Tensor, dict]:
     """Features of ``x`` chunk by chunk; with a folder, each chunk is saved and a saved one with the same
-    ``key`` (weights, split, count, position) is loaded instead.  Returns the features and the pass's timing
+    ``key`` (weights, split, count), position and images is loaded instead.  Returns the features and the pass's timing
     (computed images only)."""
     parts, computed, seconds = [], 0, 0.0
     for start in range(0, len(x), CHUNK):
         stop = min(start + CHUNK, len(x))
-        tag = {**key, "start": start, "stop": stop}
+        images = hashlib.sha256(x[start:stop].contiguous().numpy()).hexdigest()  # another --data: recomputed
+        tag = {**key, "start": start, "stop": stop, "images_sha256": images}
         path = folder.path / f"features-{key['split']}-{start:05d}.pt" if folder is not None else None
         if path is not None and path.is_file() and (saved := torch.load(path))["key"] == tag:
             print(f"  {key['split']} {start}-{stop}: from {path.name}", file=sys.stderr)
@@ -67,7 +70,7 @@ def chunked_features(extractor, x: torch.Tensor, batch: int, folder, key: dict) 
         parts.append(features(extractor, x[start:stop], batch))
         seconds, computed = seconds + time.perf_counter() - t0, computed + stop - start
         if path is not None:
-            tmp = path.with_name(f".tmp-{path.name}")
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
             torch.save({"key": tag, "features": parts[-1]}, tmp)
             tmp.replace(path)  # whole or absent: a kill mid-write leaves no half chunk
     timing = {"computed": computed, "seconds": seconds, "img_per_s": computed / seconds if seconds else None}
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
         if folder is not None:
             folder.check()  # before the hours of feature passes: never a folder another command or a person filled
             folder.claim()
+            folder.lock()  # one run per folder: two would write the same chunks
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -112,6 +116,7 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=2))
     if folder is not None:
         folder.write_text("result.json", json.dumps(result, indent=2))
+        folder.release()
     return 0
 
 

@@ -106,22 +106,23 @@ def weights_sha256(vae: torch.nn.Module) -> str:
 
 
 def check_settings(folder: RunDir, settings: dict) -> None:
-    """Refuse to add shards to a cache another model, data or scaling wrote: a rerun only resumes its own.
+    """Refuse to add shards to a cache that other weights, images or scaling wrote: a rerun resumes only its own.
 
-    ``settings`` (JSON-typed) is what determines the shards' contents; a folder of shards without a record of
-    its settings (written before the record existed) is refused too."""
+    ``settings`` (JSON-typed) is what determines the shards' contents.  A folder of shards without a record of
+    its settings (written before the record existed) is refused too; a folder with no shard yet is anyone's."""
     where = f"--output_dir {str(folder.path)!r}"
-    if (folder.path / SETTINGS).is_file():
-        saved = json.loads((folder.path / SETTINGS).read_text())
-        differ = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
-        if differ:
-            raise UsageError(
-                f"{where} holds latents encoded with other settings ({', '.join(differ)} differ); adding to it "
-                "would mix the two",
-                "give a new --output_dir, or the settings it was written with to resume it",
-            )
-    elif any((folder.path / "data").glob("shard-*.parquet")):
+    if not any((folder.path / "data").glob("shard-*.parquet")):
+        return
+    if not (folder.path / SETTINGS).is_file():
         raise UsageError(f"{where} holds latent shards of unknown settings (no {SETTINGS})", "give a new --output_dir")
+    saved = json.loads((folder.path / SETTINGS).read_text())
+    differ = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+    if differ:
+        raise UsageError(
+            f"{where} holds latents encoded with other settings ({', '.join(differ)} differ); adding to it "
+            "would mix the two",
+            "give a new --output_dir, or the settings it was written with to resume it",
+        )
 
 
 def encode_dataset(

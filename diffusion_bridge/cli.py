@@ -221,14 +221,16 @@ def encode_scaling(args: EncodeOptions, vae: AutoencoderKL) -> LatentScaling:
     return scaling
 
 
-def encode_settings(args: EncodeOptions, vae, dataset: ImageDataset, source: str, scaling: LatentScaling) -> dict:
-    """What determines the cache's shards (``diffusion_bridge.cache.check_settings``), JSON-typed."""
+def encode_settings(args: EncodeOptions, vae, dataset: ImageDataset, scaling: LatentScaling) -> dict:
+    """What determines the cache's shards (``diffusion_bridge.cache.check_settings``), JSON-typed.
+
+    The weights by their sha256 (not the path they were given by); the images by their source, split and count
+    (a local folder or file resolved to its absolute path), not their bytes: those of a large dataset take
+    minutes to read, while every other rank waits."""
+    data = str(Path(args.train_data_dir).resolve()) if args.train_data_dir else args.dataset_name
     settings = {
-        "model": args.model,
         "weights_sha256": weights_sha256(vae),
-        "images": dataset.fingerprint(),
-        "source": source,
-        "num_images": len(dataset),
+        "images": {"data": data, "split": args.split, "column": args.image_column, "count": len(dataset)},
         "resolution": args.resolution,
         "crop": args.crop,
         "scaling": dataclasses.asdict(scaling),
@@ -252,9 +254,8 @@ def cmd_encode(args: EncodeOptions) -> int:
         folder.check()  # a cache folder of its own, or a new one
         vae, dataset, source = load_checked(args)
         scaling = encode_scaling(args, vae)
-        if accelerator.is_main_process:  # the settings read every image's bytes: one process is enough
-            settings = encode_settings(args, vae, dataset, source, scaling)
-            check_settings(folder, settings)  # resume only a cache of these settings
+        settings = encode_settings(args, vae, dataset, scaling)
+        check_settings(folder, settings)  # resume only a cache of these settings (every rank: it reads files)
     vae.to(accelerator.device)
     if accelerator.is_main_process:  # only now: a refused command leaves the folder as it was
         folder.claim()

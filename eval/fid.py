@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,8 +334,16 @@ class FeatureCache:
         return self.folder / f"{extractor.name}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
     def load(self, extractor: nn.Module) -> torch.Tensor | None:
+        """The cached features, or None: none cached, or a file that does not load (recomputed and rewritten,
+        never raised: the main process reads the cache while the other ranks wait for what it found)."""
         path = self.path(extractor)
-        return torch.load(path, weights_only=True).double() if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, weights_only=True).double()
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            warnings.warn(f"feature cache {path} does not load ({exc}); computing the features again", stacklevel=2)
+            return None
 
     def save(self, extractor: nn.Module, features: torch.Tensor) -> None:
         """Write whole or not at all (a temporary file and a rename); only files of our own naming are written."""

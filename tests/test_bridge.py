@@ -259,16 +259,20 @@ def test_latent_cache_loads_with_datasets_and_resumes(tiny_model, shared, tmp_pa
 def test_a_latent_cache_resumes_only_with_the_settings_that_wrote_it(tiny_model, shared, tmp_path, capsys):
     """A rerun into a cache folder adds the missing shards only when it would write what is there: another seed,
     or new weights at the same path, is refused (exit 2, one error line naming what differs) and the shards
-    stay as they were; so is a folder of shards with no record of their settings."""
+    stay as they were; so is a folder of shards with no record of their settings.  The same weights under
+    another path resume it; a folder with no shard yet takes any settings."""
+    import shutil
+
     vae = AutoencoderKL.from_pretrained(tiny_model)
     vae.register_to_config(scaling_factor=2.0)
     vae.save_pretrained(tiny_model)
+    shutil.copytree(tiny_model, tmp_path / "copy")
     out = tmp_path / "cache"
 
-    def encode(*extra: str) -> tuple[int, str]:
+    def encode(*extra: str, folder=out) -> tuple[int, str]:
         capsys.readouterr()
         reset_accelerate()
-        code = bridge_main(_encode_args(tiny_model, shared, out, *extra))
+        code = bridge_main(_encode_args(tiny_model, shared, folder, *extra))
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == (code != 0)  # one line when refused (tqdm's bars are not ours)
         return code, "".join(errors)
@@ -284,15 +288,19 @@ def test_a_latent_cache_resumes_only_with_the_settings_that_wrote_it(tiny_model,
             parameter.add_(0.01)
     vae.save_pretrained(tmp_path / "retrained")
     code, err = encode("--model", str(tmp_path / "retrained"))
-    assert code == 2 and "(model, weights_sha256 differ)" in err
-    assert encode() == (0, "")  # the settings that wrote it: resumed, shard 1 added
+    assert code == 2 and "(weights_sha256 differ)" in err
+    assert encode("--model", str(tmp_path / "copy")) == (0, "")  # the same weights elsewhere: resumed
     assert len(list((out / "data").glob("shard-*"))) == 3
     vae.save_pretrained(tiny_model)  # retrained in place: the same path, other weights
     code, err = encode()
     assert code == 2 and "(weights_sha256 differ)" in err
     (out / "encode_settings.json").unlink()  # a cache written before the record existed
-    code, err = encode()
+    code, err = encode("--model", str(tmp_path / "copy"))
     assert code == 2 and "unknown settings" in err
+    assert encode(folder=tmp_path / "killed") == (0, "")
+    for shard in (tmp_path / "killed" / "data").glob("shard-*"):
+        shard.unlink()  # killed before its first shard: no latents to mix with
+    assert encode("--seed", "1", folder=tmp_path / "killed") == (0, "")
 
 
 def test_latent_cache_sd3_convention_and_unscaled_model_refusal(tiny_model, shared, tmp_path, capsys):

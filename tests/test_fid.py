@@ -204,3 +204,20 @@ def test_eval_reports_rfid_kid_and_ifid_and_reads_the_real_features_from_its_cac
     report = (tmp_path / "first" / "report.md").read_text()
     assert "KID ↓" in report and "biased upward" in report and "sha256 verified" in report and "(all 8)" in report
     assert len(list((tmp_path / "cache").glob("inception_v3-*.pt"))) == 1
+
+
+def test_a_damaged_feature_cache_file_is_recomputed_not_raised(tmp_path):
+    """A cache file cut short (a disk that filled, a copy that broke) reads as a miss with a warning, and the
+    next save replaces it: under several processes a raise on the main process would leave the others waiting."""
+    from types import SimpleNamespace
+
+    cache = fid.FeatureCache(tmp_path, {"images": "abc", "count": 3})
+    extractor = SimpleNamespace(name="inception_v3", sha256="0" * 64)
+    features = torch.arange(6.0).view(3, 2)
+    cache.save(extractor, features)
+    path = cache.path(extractor)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="does not load"):
+        assert cache.load(extractor) is None
+    cache.save(extractor, features)
+    assert torch.equal(cache.load(extractor), features.double())

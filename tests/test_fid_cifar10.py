@@ -46,3 +46,8 @@ def test_a_killed_run_recomputes_only_the_chunks_it_had_not_saved(tmp_path, monk
     other = CountingExtractor()  # other weights: nothing saved is theirs
     fid_cifar10.chunked_features(other, x, 3, folder, {**key, "sha256": "def"})
     assert other.seen == 10
+    changed = x.clone()
+    changed[5] = 255 - changed[5]  # another copy of the data, one image different: its chunk is recomputed
+    fresh = CountingExtractor()
+    features, _ = fid_cifar10.chunked_features(fresh, changed, 3, folder, {**key, "sha256": "def"})
+    assert fresh.seen == 4 and torch.equal(features, changed.double().mean(dim=(2, 3)))
