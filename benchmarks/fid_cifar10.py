@@ -3,7 +3,8 @@
     python benchmarks/fid_cifar10.py --data ../shared/data/cifar10 \
         --fid_weights ../shared/weights/fid/inception-2015-12-05-torchscript.pt
 
-Published: 3.15 (the TF reference implementation gives 3.1508; PyTorch ports 3.145–3.153).  The images go
+Published: 3.15 (the TF reference implementation gives 3.1508; PyTorch ports 3.145–3.153); measured on the
+shared JPEG copy: 3.1163 (docs/benchmarks.md, "FID on CIFAR-10").  The images go
 through the project's one FID extractor (``eval.fid.InceptionFeatures``: torch-fidelity's InceptionV3 and its
 TF1-compatible resize to 299) as uint8, and the distance through the project's accumulator.  Prints the FID,
 the image counts, the wall time and the img/s of the feature pass.  ``--save DIR`` keeps the features in chunks

@@ -1,4 +1,4 @@
-"""How far one JPEG round moves the CIFAR-10 train/test FID: the measure behind fid_cifar10.py's gap to 3.15.
+"""How far one more JPEG round moves the CIFAR-10 train/test FID that fid_cifar10.py measures on the JPEG copy.
 
     python benchmarks/fid_cifar10_jpeg.py --features outputs/fid-cifar10 \
         --fid_weights ../shared/weights/fid/inception-2015-12-05-torchscript.pt
