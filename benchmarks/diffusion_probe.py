@@ -152,12 +152,16 @@ def sample(dit, ddpm, vae, seed: int, args) -> torch.Tensor:
     return torch.cat(images)
 
 
-def cifar_images(args, split: str, n: int) -> torch.Tensor:
-    """``n`` images spread over a CIFAR-10 split, [n,3,32,32] in [-1,1] (the evaluation transform)."""
+def cifar_dataset(args, split: str, n: int):
+    """(``n`` images spread over a CIFAR-10 split under the evaluation transform, their source's description)."""
     from autoencoder.data import ImageDataset, eval_transform, load_image_source
 
-    ds, column, _ = load_image_source(None, str(Path(args.cifar_dir) / f"{split}.parquet"), num_images=n)
-    dataset = ImageDataset(ds, column, eval_transform(32))
+    ds, column, source = load_image_source(None, str(Path(args.cifar_dir) / f"{split}.parquet"), num_images=n)
+    return ImageDataset(ds, column, eval_transform(32)), source
+
+
+def stacked(dataset) -> torch.Tensor:
+    """A dataset's images as one tensor [n,3,32,32] in [-1,1]."""
     return torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
 
 
@@ -182,16 +186,14 @@ class Scorer:
 
     def real(self, split: str, n: int) -> torch.Tensor:
         """Features of ``n`` images spread over ``split``, from the cache when it has them."""
-        from autoencoder.data import ImageDataset, eval_transform, load_image_source
         from eval.fid import FeatureCache
 
-        ds, column, source = load_image_source(None, str(Path(self.args.cifar_dir) / f"{split}.parquet"), num_images=n)
-        dataset = ImageDataset(ds, column, eval_transform(32))
+        dataset, source = cifar_dataset(self.args, split, n)
         facts = {"images": dataset.fingerprint(), "source": source, "count": n}
         cache = FeatureCache(self.cache_folder, {**facts, "resolution": 32, "preprocessing": "8-bit, as stored"})
         found = cache.load(self.inception)
         if found is None:
-            found = self.features(torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))]))
+            found = self.features(stacked(dataset))
             cache.save(self.inception, found)
         return found
 
@@ -210,7 +212,7 @@ class Scorer:
 
 def floors(vae, scorer: Scorer, args) -> dict:
     """KID/FID of real training images and of the VAE's reconstructions of them, against the test set."""
-    real = cifar_images(args, "train", args.num_samples)
+    real = stacked(cifar_dataset(args, "train", args.num_samples)[0])
     with torch.no_grad():
         recon = torch.cat(
             [vae.decode(vae.encode(real[i : i + 250]).latent_dist.mode()).sample for i in range(0, len(real), 250)]
